@@ -1,0 +1,2 @@
+//! sms-agent: placeholder
+fn main() {}
