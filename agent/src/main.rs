@@ -1,2 +1,67 @@
-//! sms-agent: placeholder
-fn main() {}
+//! `sms-agent`: the source-side migration agent. This file only parses the command line, sets
+//! up logging and picks the exit code; each subcommand lives in its own module.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod probe_cmd;
+
+/// Source-side server migration agent for the Huawei Cloud SMS API v3.
+#[derive(Debug, Parser)]
+#[command(name = "sms-agent", version, about, long_about = None)]
+struct Cli {
+    /// More log output on stderr (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print this host's inventory as the SMS registration body (JSON) and exit.
+    ///
+    /// Reads only: sysfs, procfs, /etc, partition tables and superblocks, and read-only
+    /// `lvm fullreport` / `btrfs subvolume list` reports. Writes nothing, mounts nothing, needs no
+    /// network. What cannot be read is reported as `warning: DEVICE: REASON` on stderr and the
+    /// rest of the report still comes out (exit status 0).
+    Probe(probe_cmd::ProbeArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Probe(args) => probe_cmd::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed pipe (`sms-agent probe | head`) is the reader's choice, not a failure.
+            if e
+                .chain()
+                .filter_map(|c| c.downcast_ref::<std::io::Error>())
+                .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("sms-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -69,3 +69,48 @@ impl ReadAt for Vec<u8> {
         self.as_slice().read_at(buf, offset)
     }
 }
+
+/// A window `[start, start + len)` of another reader: a partition read through its disk.
+#[derive(Debug)]
+pub struct Slice<'a, R: ?Sized> {
+    inner: &'a R,
+    start: u64,
+    len: u64,
+}
+
+impl<'a, R: ReadAt + ?Sized> Slice<'a, R> {
+    /// The window of `inner` starting at byte `start`, `len` bytes long.
+    pub fn new(inner: &'a R, start: u64, len: u64) -> Self {
+        Self { inner, start, len }
+    }
+}
+
+impl<R: ReadAt + ?Sized> ReadAt for Slice<'_, R> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let room = usize::try_from(self.len - offset).unwrap_or(usize::MAX);
+        let n = buf.len().min(room);
+        let Some(pos) = self.start.checked_add(offset) else {
+            return Ok(0);
+        };
+        self.inner.read_at(&mut buf[..n], pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_clip_reads() {
+        let data: Vec<u8> = (0..100).collect();
+        let s = Slice::new(&data, 10, 20);
+        assert_eq!(s.read_vec(0, 5).unwrap(), vec![10, 11, 12, 13, 14]);
+        assert_eq!(s.read_vec(15, 5).unwrap(), vec![25, 26, 27, 28, 29]);
+        assert!(s.read_vec(15, 6).is_err());
+        assert!(s.read_vec(u64::MAX - 1, 1).is_err());
+        assert!(data.read_vec(0, MAX_READ + 1).is_err());
+    }
+}

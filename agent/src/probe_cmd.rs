@@ -1,0 +1,57 @@
+//! `sms-agent probe`: the inventory of this host, as JSON for SMS or as a tree for people.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+/// Options of `sms-agent probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Indent the JSON.
+    #[arg(long)]
+    pretty: bool,
+    /// Print a readable tree (like lsblk) instead of JSON.
+    #[arg(long, conflicts_with = "pretty")]
+    human: bool,
+    /// Also report this loop or nbd device (repeatable); they are skipped otherwise.
+    #[arg(long = "device", value_name = "PATH")]
+    devices: Vec<PathBuf>,
+    /// Name to register the source under [default: the hostname].
+    #[arg(long)]
+    name: Option<String>,
+    /// Also report this interface although it would be skipped (tun/tap, bridges; repeatable).
+    #[arg(long = "interface", value_name = "NAME")]
+    interfaces: Vec<String>,
+}
+
+/// Probes the host and prints the result on stdout; warnings go to stderr.
+pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
+    let opts = probe::Options {
+        devices: args.devices.clone(),
+        name: args.name.clone(),
+        interfaces: args.interfaces.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        ..probe::Options::default()
+    };
+    let report = probe::probe(&opts);
+    {
+        let mut err = std::io::stderr().lock();
+        for w in &report.warnings {
+            let _ = writeln!(err, "warning: {w}");
+        }
+    }
+    let text = if args.human {
+        probe::human::render(&report.body)
+    } else if args.pretty {
+        serde_json::to_string_pretty(&report.body).context("encoding the report")? + "\n"
+    } else {
+        serde_json::to_string(&report.body).context("encoding the report")? + "\n"
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing the report to stdout")?;
+    Ok(())
+}
