@@ -157,7 +157,7 @@ pub fn list(root: &Path, named: &[PathBuf], warnings: &mut Warnings) -> Vec<Disk
     disks
 }
 
-/// Orders `sdb` before `sdaa` and `vda2` before `vda10`, as people read them.
+/// Orders `sdz` before `sdaa` and `loop2` before `loop10`, as people read them.
 fn natural_key(s: &str) -> (usize, String) {
     (s.len(), s.to_string())
 }
@@ -204,6 +204,14 @@ fn read_disk(dir: &Path, name: &str) -> Result<Disk, String> {
     })
 }
 
+/// Splits a `st_rdev` into (major, minor).
+pub fn split_rdev(rdev: u64) -> Option<(u32, u32)> {
+    Some((
+        u32::try_from(nix::sys::stat::major(rdev)).ok()?,
+        u32::try_from(nix::sys::stat::minor(rdev)).ok()?,
+    ))
+}
+
 /// Turns a `--device` path into its kernel name, warning when it is not a whole block device.
 fn resolve_named(root: &Path, p: &Path, warnings: &mut Warnings) -> Option<String> {
     let shown = p.display().to_string();
@@ -220,7 +228,10 @@ fn resolve_named(root: &Path, p: &Path, warnings: &mut Warnings) -> Option<Strin
     }
     use std::os::unix::fs::MetadataExt;
     let rdev = meta.rdev();
-    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let Some((major, minor)) = split_rdev(rdev) else {
+        warnings.push(shown, "has a device number out of range");
+        return None;
+    };
     let link = root.join(format!("sys/dev/block/{major}:{minor}"));
     let target = match fs::read_link(&link) {
         Ok(t) => t,

@@ -53,13 +53,24 @@ pub enum LvmError {
     Parse(String),
 }
 
-/// Runs `lvm fullreport` read-only and returns every VG it sees.
+/// Runs `lvm fullreport` read-only and returns every VG it sees; LVM older than 2.02.158
+/// (CentOS 6, SLES 11) has neither `fullreport` nor JSON, so it falls back to `vgs`/`pvs`/`lvs`.
 pub fn volume_groups() -> Result<Vec<Vg>, LvmError> {
+    match fullreport() {
+        Ok(v) => Ok(v),
+        Err(first) => legacy().map_err(|_| first),
+    }
+}
+
+fn fullreport() -> Result<Vec<Vg>, LvmError> {
     let out = tools::run(
         "lvm",
         &[
             "fullreport",
             "--readonly",
+            // Scanning may otherwise rewrite /run/lvm/hints; the probe writes nothing.
+            "--config",
+            "devices { hints = \"none\" }",
             "--reportformat",
             "json",
             "--units",
@@ -88,6 +99,82 @@ pub fn volume_groups() -> Result<Vec<Vg>, LvmError> {
         ],
     )?;
     parse_fullreport(&out)
+}
+
+/// Separator for the legacy column reports: never part of a device, VG or LV name.
+const SEP: &str = "|";
+
+fn legacy_report(cmd: &str, fields: &str) -> Result<Vec<Vec<String>>, LvmError> {
+    let out = tools::run(
+        "lvm",
+        &[
+            cmd, "--readonly", "--noheadings", "--nosuffix", "--units", "b", "--separator", SEP,
+            "-o", fields,
+        ],
+    )?;
+    Ok(parse_columns(&out))
+}
+
+fn parse_columns(out: &str) -> Vec<Vec<String>> {
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split(SEP).map(|c| c.trim().to_string()).collect())
+        .collect()
+}
+
+fn legacy() -> Result<Vec<Vg>, LvmError> {
+    let vgs = legacy_report("vgs", "vg_name,vg_size,vg_free")?;
+    let pvs = legacy_report("pvs", "pv_name,vg_name")?;
+    let lvs = legacy_report("lvs", "vg_name,lv_name,lv_size,lv_kernel_major,lv_kernel_minor")?;
+    assemble_legacy(&vgs, &pvs, &lvs, |p| {
+        use std::os::unix::fs::MetadataExt;
+        crate::blockdev::split_rdev(std::fs::metadata(p).ok()?.rdev())
+    })
+}
+
+fn assemble_legacy(
+    vgs: &[Vec<String>],
+    pvs: &[Vec<String>],
+    lvs: &[Vec<String>],
+    devnum_of: impl Fn(&str) -> Option<(u32, u32)>,
+) -> Result<Vec<Vg>, LvmError> {
+    let mut out = Vec::new();
+    for row in vgs {
+        let [name, size, free] = row.as_slice() else {
+            return Err(LvmError::Parse(format!("unexpected vgs row {row:?}")));
+        };
+        let mut vg = Vg {
+            name: name.clone(),
+            size: num("vg_size", size)?,
+            free: num("vg_free", free)?,
+            pvs: Vec::new(),
+            lvs: Vec::new(),
+        };
+        for p in pvs {
+            if let [pv, owner] = p.as_slice() {
+                if owner == name {
+                    vg.pvs.push(Pv {
+                        dev: devnum_of(pv),
+                        name: pv.clone(),
+                    });
+                }
+            }
+        }
+        for l in lvs {
+            if let [owner, lv, size, major, minor] = l.as_slice() {
+                if owner == name && !lv.starts_with('[') {
+                    vg.lvs.push(Lv {
+                        name: lv.clone(),
+                        size: num("lv_size", size)?,
+                        dev: devnum(major, minor),
+                    });
+                }
+            }
+        }
+        out.push(vg);
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -230,6 +317,22 @@ mod tests {
         let bad = r#"{"report":[{"vg":[{"vg_name":"a","vg_size":"12G","vg_free":"0"}]}]}"#;
         let err = parse_fullreport(bad).unwrap_err().to_string();
         assert!(err.contains("vg_size") && err.contains("12G"), "{err}");
+    }
+
+    #[test]
+    fn parses_legacy_columns() {
+        let vgs = parse_columns("  vg0|21470642176|4194304\n\n");
+        let pvs = parse_columns("  /dev/vdb1|vg0\n  /dev/vdc|vg0\n  /dev/vdd|\n");
+        let lvs = parse_columns("  vg0|root|17175674880|253|0\n  vg0|swap-1|4290772992|-1|-1\n");
+        let out = assemble_legacy(&vgs, &pvs, &lvs, |p| (p == "/dev/vdc").then_some((252, 32))).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].size, 21_470_642_176);
+        assert_eq!(out[0].pvs.len(), 2);
+        assert_eq!(out[0].pvs[1].dev, Some((252, 32)));
+        assert_eq!(out[0].lvs[0].dev, Some((253, 0)));
+        assert_eq!(out[0].lvs[1].dev, None);
+        let bad = parse_columns("vg0|x\n");
+        assert!(assemble_legacy(&bad, &[], &[], |_| None).is_err());
     }
 
     #[test]

@@ -1,0 +1,3 @@
+//! The library half of `sms-agent`: everything the binary does, usable from tests.
+
+pub mod api;
