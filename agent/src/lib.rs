@@ -1,3 +1,4 @@
 //! The library half of `sms-agent`: everything the binary does, usable from tests.
 
 pub mod api;
+pub mod config;

@@ -3,8 +3,11 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use std::collections::BTreeMap;
+
 use anyhow::Context;
 use clap::Args;
+use sms_agent::config::{self, Config};
 
 /// Options of `sms-agent probe`.
 #[derive(Debug, Args)]
@@ -24,14 +27,32 @@ pub struct ProbeArgs {
     /// Also report this interface although it would be skipped (tun/tap, bridges; repeatable).
     #[arg(long = "interface", value_name = "NAME")]
     interfaces: Vec<String>,
+    /// Config file; its [probe] devices/interfaces and [agent] name are used. A missing file is
+    /// fine at the default path only.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 /// Probes the host and prints the result on stdout; warnings go to stderr.
 pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let cfg = Config::load(&path, args.config.is_none(), &env)?;
+    let mut devices = cfg.probe.devices;
+    devices.extend(args.devices.iter().cloned());
+    let mut interfaces = cfg.probe.interfaces;
+    interfaces.extend(args.interfaces.iter().cloned());
+    let name = args
+        .name
+        .clone()
+        .or_else(|| Some(cfg.agent.name).filter(|n| !n.is_empty()));
     let opts = probe::Options {
-        devices: args.devices.clone(),
-        name: args.name.clone(),
-        interfaces: args.interfaces.clone(),
+        devices,
+        name,
+        interfaces,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         ..probe::Options::default()
     };

@@ -1,0 +1,531 @@
+//! `/etc/sms-agent/agent.toml`: parsed once, every key overridable by `SMS_AGENT_<SECTION>_<KEY>`,
+//! secrets kept in a type that never prints them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where the daemon and `probe` look for their configuration by default.
+pub const DEFAULT_PATH: &str = "/etc/sms-agent/agent.toml";
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "SMS_AGENT_";
+/// Name of the systemd credential holding the secret key (`LoadCredential=secret_key:…`).
+pub const SK_CREDENTIAL: &str = "secret_key";
+/// Name of the systemd credential holding the IAM password.
+pub const PASSWORD_CREDENTIAL: &str = "password";
+
+/// A secret (SK, password, token): its `Debug` and `Display` print `***`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for signing only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// A duration written as `10s`, `500ms`, `2m`, `1h` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Duration);
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, `1d` or a bare number of seconds.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 10s, 500ms, 2m, 1h)"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        other => return Err(format!("{s:?} has an unknown unit {other:?} (use ms, s, m, h, d)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Interval(Duration::from_secs(n))),
+            Raw::S(s) => parse_interval(&s)
+                .map(Interval)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `[api]`: where the SMS API is and how to reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Base URL, e.g. `https://sms.cn-north-4.myhuaweicloud.com`.
+    pub endpoint: String,
+    /// Extra CA certificate (PEM) trusted for the API.
+    pub ca_file: Option<PathBuf>,
+    /// `X-Project-Id`.
+    pub project_id: String,
+    /// `X-Domain-Id`.
+    pub domain_id: String,
+    /// HTTP(S) proxy URL.
+    pub proxy: String,
+    /// Per-request timeout.
+    pub timeout: Interval,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            ca_file: None,
+            project_id: String::new(),
+            domain_id: String::new(),
+            proxy: String::new(),
+            timeout: Interval(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// How the agent authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// AK/SK signing (`SDK-HMAC-SHA256`).
+    #[default]
+    Aksk,
+    /// IAM token (`X-Auth-Token`).
+    Token,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// `aksk` or `token`.
+    pub method: AuthMethod,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret key, inline (the file must then be mode 0600).
+    pub secret_key: Option<Secret>,
+    /// File holding the secret key.
+    pub secret_key_file: Option<PathBuf>,
+    /// `X-Security-Token` of a temporary AK/SK.
+    pub security_token: Option<Secret>,
+    /// IAM endpoint for token auth.
+    pub iam_endpoint: String,
+    /// IAM user.
+    pub username: String,
+    /// IAM password, inline.
+    pub password: Option<Secret>,
+    /// File holding the IAM password.
+    pub password_file: Option<PathBuf>,
+    /// IAM domain (account) name.
+    pub domain_name: String,
+    /// IAM project name (region), the token's scope.
+    pub project_name: String,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// Name to register under (default: the hostname).
+    pub name: String,
+    /// Where state and checkpoints are kept.
+    pub state_dir: PathBuf,
+    /// Where log files go (journald is used under systemd).
+    pub log_dir: PathBuf,
+    /// Time between command polls while idle.
+    pub poll_interval: Interval,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            state_dir: PathBuf::from("/var/lib/sms-agent"),
+            log_dir: PathBuf::from("/var/log/sms-agent"),
+            poll_interval: Interval(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `[probe]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeSection {
+    /// Extra block devices to report (loop, nbd).
+    pub devices: Vec<PathBuf>,
+    /// Interfaces to report although normally skipped.
+    pub interfaces: Vec<String>,
+}
+
+/// `[transfer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransferSection {
+    /// Data port on the target.
+    pub port: u16,
+    /// Parallel data connections per task.
+    pub streams: u16,
+    /// Paths excluded from file-level migration.
+    pub exclude: Vec<String>,
+}
+
+impl Default for TransferSection {
+    fn default() -> Self {
+        Self {
+            port: 8900,
+            streams: 4,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[api]`.
+    pub api: ApiSection,
+    /// `[auth]`.
+    pub auth: AuthSection,
+    /// `[agent]`.
+    pub agent: AgentSection,
+    /// `[probe]`.
+    pub probe: ProbeSection,
+    /// `[transfer]`.
+    pub transfer: TransferSection,
+}
+
+/// What is wrong with the configuration; the message names the file, key or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Bad TOML, an unknown key, or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and key.
+        message: String,
+    },
+    /// An `SMS_AGENT_*` variable that names no key.
+    #[error("environment variable {var} names no config key (known: {known})")]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// Known sections.
+        known: String,
+    },
+    /// A file holding a secret can be read by others.
+    #[error("{path} holds {what} but is readable by group or others (mode {mode:o}); run `chmod 600 {path}`", path = path.display())]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Which secret.
+        what: &'static str,
+        /// Its mode bits.
+        mode: u32,
+    },
+}
+
+/// Sections and keys, for mapping `SMS_AGENT_<SECTION>_<KEY>` (keys may contain `_`).
+const SECTIONS: &[&str] = &["api", "auth", "agent", "probe", "transfer"];
+
+impl Config {
+    /// Reads `path` (a missing file is an empty config only when `optional`), applies the
+    /// `SMS_AGENT_*` variables of `env`, and reads secrets from files and from
+    /// `$CREDENTIALS_DIRECTORY`.
+    pub fn load(
+        path: &Path,
+        optional: bool,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let syntax = |message: String| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message,
+        };
+        // Parsed straight from the text first, so that errors carry the line of the bad key.
+        toml::from_str::<Config>(&text).map_err(|e| syntax(e.to_string().trim_end().to_string()))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| syntax(e.to_string()))?;
+        apply_env(&mut table, env)?;
+        let mut cfg: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            syntax(format!(
+                "with the {ENV_PREFIX}* environment overrides applied: {}",
+                e.to_string().trim_end()
+            ))
+        })?;
+
+        if cfg.auth.secret_key.is_some() || cfg.auth.password.is_some() {
+            check_private(path, "a secret (secret_key or password)")?;
+        }
+        let creds = env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        if cfg.auth.secret_key.is_none() {
+            cfg.auth.secret_key = read_secret(
+                cfg.auth.secret_key_file.as_deref(),
+                creds.as_deref(),
+                SK_CREDENTIAL,
+                "the secret key",
+            )?;
+        }
+        if cfg.auth.password.is_none() {
+            cfg.auth.password = read_secret(
+                cfg.auth.password_file.as_deref(),
+                creds.as_deref(),
+                PASSWORD_CREDENTIAL,
+                "the IAM password",
+            )?;
+        }
+        Ok(cfg)
+    }
+}
+
+fn read_secret(
+    file: Option<&Path>,
+    creds: Option<&Path>,
+    credential: &str,
+    what: &'static str,
+) -> Result<Option<Secret>, ConfigError> {
+    // systemd's credential wins: it is what the unit hands over, already private.
+    let from_creds = creds.map(|d| d.join(credential)).filter(|p| p.is_file());
+    let Some(path) = from_creds.or_else(|| file.map(Path::to_path_buf)) else {
+        return Ok(None);
+    };
+    check_private(&path, what)?;
+    let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(Secret(text.trim_end_matches(['\n', '\r']).to_string())))
+}
+
+fn check_private(path: &Path, what: &'static str) -> Result<(), ConfigError> {
+    let meta = fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Exposed {
+            path: path.to_path_buf(),
+            what,
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Sets `SMS_AGENT_<SECTION>_<KEY>=value` into the table; the value is read as TOML when it
+/// parses (numbers, arrays, booleans) and as a string otherwise.
+fn apply_env(table: &mut toml::Table, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+            lower
+                .strip_prefix(s)
+                .and_then(|k| k.strip_prefix('_'))
+                .filter(|k| !k.is_empty())
+                .map(|k| (*s, k))
+        }) else {
+            return Err(ConfigError::UnknownEnv {
+                var: var.clone(),
+                known: SECTIONS.join(", "),
+            });
+        };
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let sec = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(t) = sec {
+            t.insert(key.to_string(), parsed);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        let mut f = fs::File::create(&p).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_design_example() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(
+            t.path(),
+            "agent.toml",
+            r#"
+[api]
+endpoint = "https://sms.cn-north-4.myhuaweicloud.com"
+ca_file = ""
+project_id = ""
+proxy = ""
+[auth]
+method = "aksk"
+access_key = "AK"
+secret_key = "SK"
+[agent]
+name = ""
+state_dir = "/var/lib/sms-agent"
+log_dir = "/var/log/sms-agent"
+poll_interval = "10s"
+[probe]
+devices = ["/dev/loop3"]
+[transfer]
+port = 8900
+streams = 4
+exclude = []
+"#,
+            0o600,
+        );
+        let c = Config::load(&p, false, &BTreeMap::new()).unwrap();
+        assert_eq!(c.api.endpoint, "https://sms.cn-north-4.myhuaweicloud.com");
+        assert_eq!(c.auth.secret_key.as_ref().unwrap().expose(), "SK");
+        assert_eq!(c.agent.poll_interval.0, Duration::from_secs(10));
+        assert_eq!(c.probe.devices, vec![PathBuf::from("/dev/loop3")]);
+        assert!(!format!("{c:?}").contains("SK\""), "secret leaked into Debug");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(t.path(), "a.toml", "[agent]\nname = \"x\"\npoll_intervall = \"5s\"\n", 0o644);
+        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("poll_intervall") && e.contains("line 3"), "{e}");
+        let p = write(t.path(), "b.toml", "[agent\nname = 1\n", 0o644);
+        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("b.toml"), "{e}");
+    }
+
+    #[test]
+    fn secrets_in_readable_files_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(t.path(), "a.toml", "[auth]\nsecret_key = \"SK\"\n", 0o644);
+        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && e.contains("a.toml"), "{e}");
+        let sk = write(t.path(), "sk", "SECRET\n", 0o640);
+        let p = write(t.path(), "b.toml", &format!("[auth]\nsecret_key_file = {:?}\n", sk), 0o644);
+        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("sk") && e.contains("640"), "{e}");
+        fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(&p, false, &BTreeMap::new()).unwrap();
+        assert_eq!(c.auth.secret_key.unwrap().expose(), "SECRET");
+    }
+
+    #[test]
+    fn credentials_directory_and_env_overrides() {
+        let t = tempfile::tempdir().unwrap();
+        let creds = t.path().join("creds");
+        fs::create_dir(&creds).unwrap();
+        write(&creds, SK_CREDENTIAL, "FROM-SYSTEMD", 0o400);
+        let env: BTreeMap<String, String> = [
+            ("CREDENTIALS_DIRECTORY", creds.to_str().unwrap()),
+            ("SMS_AGENT_API_ENDPOINT", "http://127.0.0.1:8080"),
+            ("SMS_AGENT_TRANSFER_PORT", "9000"),
+            ("SMS_AGENT_AGENT_POLL_INTERVAL", "2s"),
+            ("SMS_AGENT_PROBE_DEVICES", "[\"/dev/loop1\"]"),
+            ("PATH", "/bin"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::load(&t.path().join("missing.toml"), true, &env).unwrap();
+        assert_eq!(c.auth.secret_key.unwrap().expose(), "FROM-SYSTEMD");
+        assert_eq!(c.api.endpoint, "http://127.0.0.1:8080");
+        assert_eq!(c.transfer.port, 9000);
+        assert_eq!(c.agent.poll_interval.0, Duration::from_secs(2));
+        assert_eq!(c.probe.devices, vec![PathBuf::from("/dev/loop1")]);
+
+        let bad: BTreeMap<String, String> = [("SMS_AGENT_NOPE_X".to_string(), "1".to_string())].into();
+        let e = Config::load(&t.path().join("missing.toml"), true, &bad).unwrap_err().to_string();
+        assert!(e.contains("SMS_AGENT_NOPE_X"), "{e}");
+        let bad: BTreeMap<String, String> = [("SMS_AGENT_API_ENDPOINTS".to_string(), "x".to_string())].into();
+        let e = Config::load(&t.path().join("missing.toml"), true, &bad).unwrap_err().to_string();
+        assert!(e.contains("endpoints"), "{e}");
+        let e = Config::load(&t.path().join("missing.toml"), false, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_interval("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_interval("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_interval("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_interval("ten").is_err());
+        assert!(parse_interval("5 parsecs").is_err());
+        assert!(parse_interval("99999999999999999999d").is_err());
+    }
+}
