@@ -1,0 +1,325 @@
+//! Request and response bodies of the agent-side SMS API calls (sms-api.md §3), with the SDK's
+//! JSON names. Responses are read leniently: unknown fields are ignored and missing ones default,
+//! because the service adds fields over time and an agent in the field must not break on them.
+
+use serde::{Deserialize, Serialize};
+
+pub use probe::model::{PostSourceServerBody, ServerDisk, VolumeGroups, BtrfsFileSystem};
+
+/// `{id}` returned by `POST /v3/sources`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdResponse {
+    /// Source id.
+    #[serde(default)]
+    pub id: String,
+}
+
+/// Body of `PUT /v3/sources/{id}/diskinfo` (note the spelling `volumegroups`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Disks.
+    pub disks: Vec<ServerDisk>,
+    /// Volume groups.
+    pub volumegroups: Vec<VolumeGroups>,
+    /// Btrfs filesystems.
+    pub btrfs_list: Vec<BtrfsFileSystem>,
+}
+
+/// Body of `PUT /v3/sources/{id}/changestate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeState {
+    /// Copy state.
+    pub copystate: CopyState,
+    /// Migration cycle.
+    pub migrationcycle: MigrationCycle,
+}
+
+/// `copystate` values (sms-api.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[allow(missing_docs)]
+pub enum CopyState {
+    Unavailable,
+    Waiting,
+    Init,
+    Replicate,
+    Syncing,
+    Stopping,
+    Stopped,
+    Skipping,
+    Deleting,
+    Error,
+    Cloning,
+    Cutovering,
+    Finished,
+    Clearing,
+    Cleared,
+    Clearfailed,
+}
+
+/// `migrationcycle` values (sms-api.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum MigrationCycle {
+    Checking,
+    Setting,
+    Replicating,
+    Syncing,
+    Cutovering,
+    Cutovered,
+}
+
+impl ChangeState {
+    /// Whether the service accepts this pair (the SMS.7728 table of sms-api.md §5); the agent
+    /// never sends a pair the service would refuse.
+    pub fn is_valid(&self) -> bool {
+        use CopyState as S;
+        use MigrationCycle as C;
+        let common = matches!(self.copystate, S::Deleting | S::Stopping | S::Error | S::Stopped);
+        match self.migrationcycle {
+            C::Checking => matches!(self.copystate, S::Unavailable | S::Waiting),
+            C::Setting => matches!(self.copystate, S::Waiting),
+            C::Replicating => common || matches!(self.copystate, S::Init | S::Replicate),
+            C::Syncing => common || matches!(self.copystate, S::Syncing | S::Cloning),
+            C::Cutovering => common || matches!(self.copystate, S::Cutovering),
+            C::Cutovered => common || matches!(self.copystate, S::Finished),
+        }
+    }
+}
+
+/// Response of `GET /v3/sources/{id}/command`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// START, STOP, DELETE, SYNC, SKIP, UPLOAD_LOG, … or empty for nothing to do. An open string:
+    /// unknown names are logged and ignored.
+    #[serde(default, deserialize_with = "null_string")]
+    pub command_name: String,
+    /// Parameters.
+    #[serde(default)]
+    pub command_param: Option<CommandParam>,
+}
+
+/// `command_param`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandParam {
+    /// Task the command is for.
+    #[serde(default, deserialize_with = "null_string")]
+    pub task_id: String,
+    /// OBS bucket for UPLOAD_LOG.
+    #[serde(default, deserialize_with = "null_string")]
+    pub bucket: String,
+}
+
+/// Body of `POST /v3/sources/{id}/command_result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult {
+    /// The command answered.
+    pub command_name: String,
+    /// `success` or `fail`.
+    pub result: String,
+    /// Details; on failure `{"error_code": "SMS.xxxx", "error_msg": …}`.
+    pub result_detail: serde_json::Value,
+}
+
+/// The parts of `GET /v3/tasks/{id}` the agent uses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Task id.
+    #[serde(default)]
+    pub id: String,
+    /// Task name.
+    #[serde(default)]
+    pub name: String,
+    /// `MIGRATE_FILE` or `MIGRATE_BLOCK`.
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    /// Target address for data.
+    #[serde(default)]
+    pub migration_ip: String,
+    /// Task state.
+    #[serde(default)]
+    pub state: String,
+    /// Speed limit in Mbit/s (0 = none).
+    #[serde(default)]
+    pub speed_limit: Option<u64>,
+    /// Whether continuous sync is on.
+    #[serde(default)]
+    pub syncing: Option<bool>,
+    /// Target server.
+    #[serde(default)]
+    pub target_server: Option<TargetServer>,
+}
+
+/// `target_server` of a task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetServer {
+    /// Target disks, each mapped to a source disk by `relation_name`.
+    #[serde(default)]
+    pub disks: Vec<TargetDisk>,
+}
+
+/// A target disk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetDisk {
+    /// Target disk name.
+    #[serde(default)]
+    pub name: String,
+    /// Source disk it receives.
+    #[serde(default)]
+    pub relation_name: Option<String>,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// Body of `PUT /v3/tasks/{id}/progress` (sms-api.md §6).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `MIGRATE_LINUX_BLOCK`, `MIGRATE_LINUX_FILE`, `SYNC_LINUX_BLOCK`, `SYNC_LINUX_FILE`.
+    pub subtask_name: String,
+    /// 0–100 for the subtask.
+    pub progress: u32,
+    /// Bytes done.
+    pub replicatesize: u64,
+    /// Bytes in all.
+    pub totalsize: u64,
+    /// Detail, at most 2048 characters.
+    pub process_trace: String,
+    /// Mbit/s over the last 5 s, before compression.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrate_speed: Option<f64>,
+    /// Compression ratio.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compress_rate: Option<f64>,
+    /// Seconds left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remain_time: Option<u64>,
+    /// Host CPU %.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_cpu_usage: Option<f64>,
+    /// Agent CPU %.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_usage: Option<f64>,
+    /// Host memory MB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_mem_usage: Option<f64>,
+    /// Agent memory MB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_mem_usage: Option<f64>,
+    /// Host disk MB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_disk_io: Option<f64>,
+    /// Agent disk MB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_disk_io: Option<f64>,
+    /// Agent's local time (`YYYY-MM-DD HH:MM:SS`), for time-windowed speed limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_time: Option<String>,
+}
+
+/// Response of `GET /v3/tasks/{id}/speed-limit`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpeedLimits {
+    /// Rules.
+    #[serde(default)]
+    pub speed_limit: Vec<SpeedLimitRule>,
+}
+
+/// One speed-limit window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpeedLimitRule {
+    /// `H:MM` start of the window, agent local time.
+    #[serde(default)]
+    pub start: String,
+    /// `H:MM` end.
+    #[serde(default)]
+    pub end: String,
+    /// Mbit/s, 0 = unlimited.
+    #[serde(default)]
+    pub speed: u64,
+    /// Percent over the limit at which the service stops the task.
+    #[serde(default)]
+    pub over_speed_threshold: Option<f64>,
+}
+
+/// Response of `GET /v3/tasks/{id}/certkey`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct CertKey {
+    #[serde(default)]
+    pub cert: String,
+    #[serde(default)]
+    pub private_key: String,
+    #[serde(default)]
+    pub ca: String,
+    #[serde(default)]
+    pub target_mgmt_cert: String,
+    #[serde(default)]
+    pub target_mgmt_private_key: String,
+    #[serde(default)]
+    pub target_data_cert: String,
+    #[serde(default)]
+    pub target_data_private_key: String,
+}
+
+/// Response of `GET /v3/tasks/{id}/passphrase`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Passphrase {
+    /// Task id.
+    #[serde(default)]
+    pub task_id: String,
+    /// Passphrase of the encrypted private key.
+    #[serde(default)]
+    pub passphrase: String,
+}
+
+/// An SMS error body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// `SMS.xxxx` (or `APIGW.xxxx` from the gateway).
+    #[serde(default)]
+    pub error_code: String,
+    /// Message.
+    #[serde(default)]
+    pub error_msg: String,
+}
+
+fn null_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copystate_pairs() {
+        use CopyState as S;
+        use MigrationCycle as C;
+        let ok = |s, c| ChangeState { copystate: s, migrationcycle: c }.is_valid();
+        assert!(ok(S::Waiting, C::Checking));
+        assert!(ok(S::Init, C::Replicating));
+        assert!(ok(S::Replicate, C::Replicating));
+        assert!(ok(S::Syncing, C::Syncing));
+        assert!(ok(S::Stopped, C::Replicating));
+        assert!(!ok(S::Replicate, C::Checking));
+        assert!(!ok(S::Syncing, C::Replicating));
+        assert!(!ok(S::Init, C::Syncing));
+        assert!(!ok(S::Finished, C::Syncing));
+        let j = serde_json::to_string(&ChangeState { copystate: S::Waiting, migrationcycle: C::Checking }).unwrap();
+        assert_eq!(j, r#"{"copystate":"WAITING","migrationcycle":"checking"}"#);
+    }
+
+    #[test]
+    fn reference_command_examples() {
+        let c: Command = serde_json::from_str(r#"{"command_name": "START", "command_param": {"task_id": "xxxxxxxxxxxxxxxxxxxxxx00000001"}}"#).unwrap();
+        assert_eq!(c.command_name, "START");
+        assert_eq!(c.command_param.unwrap().task_id, "xxxxxxxxxxxxxxxxxxxxxx00000001");
+        let c: Command = serde_json::from_str(r#"{"command_name": null, "command_param": null, "extra": 1}"#).unwrap();
+        assert!(c.command_name.is_empty());
+        let c: Command = serde_json::from_str("{}").unwrap();
+        assert!(c.command_name.is_empty());
+        assert!(serde_json::from_str::<Command>(r#"{"command_name": 5}"#).is_err());
+    }
+}
