@@ -71,7 +71,11 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
         "m" | "min" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
         "d" => n.checked_mul(86_400_000),
-        other => return Err(format!("{s:?} has an unknown unit {other:?} (use ms, s, m, h, d)")),
+        other => {
+            return Err(format!(
+                "{s:?} has an unknown unit {other:?} (use ms, s, m, h, d)"
+            ))
+        }
     };
     ms.map(Duration::from_millis)
         .ok_or_else(|| format!("{s:?} is too long"))
@@ -303,7 +307,8 @@ impl Config {
             message,
         };
         // Parsed straight from the text first, so that errors carry the line of the bad key.
-        toml::from_str::<Config>(&text).map_err(|e| syntax(e.to_string().trim_end().to_string()))?;
+        toml::from_str::<Config>(&text)
+            .map_err(|e| syntax(e.to_string().trim_end().to_string()))?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| syntax(e.to_string()))?;
         apply_env(&mut table, env)?;
         let mut cfg: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -353,7 +358,9 @@ fn read_secret(
         path: path.clone(),
         source,
     })?;
-    Ok(Some(Secret(text.trim_end_matches(['\n', '\r']).to_string())))
+    Ok(Some(Secret(
+        text.trim_end_matches(['\n', '\r']).to_string(),
+    )))
 }
 
 fn check_private(path: &Path, what: &'static str) -> Result<(), ConfigError> {
@@ -455,17 +462,29 @@ exclude = []
         assert_eq!(c.auth.secret_key.as_ref().unwrap().expose(), "SK");
         assert_eq!(c.agent.poll_interval.0, Duration::from_secs(10));
         assert_eq!(c.probe.devices, vec![PathBuf::from("/dev/loop3")]);
-        assert!(!format!("{c:?}").contains("SK\""), "secret leaked into Debug");
+        assert!(
+            !format!("{c:?}").contains("SK\""),
+            "secret leaked into Debug"
+        );
     }
 
     #[test]
     fn unknown_key_names_line_and_key() {
         let t = tempfile::tempdir().unwrap();
-        let p = write(t.path(), "a.toml", "[agent]\nname = \"x\"\npoll_intervall = \"5s\"\n", 0o644);
-        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        let p = write(
+            t.path(),
+            "a.toml",
+            "[agent]\nname = \"x\"\npoll_intervall = \"5s\"\n",
+            0o644,
+        );
+        let e = Config::load(&p, false, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("poll_intervall") && e.contains("line 3"), "{e}");
         let p = write(t.path(), "b.toml", "[agent\nname = 1\n", 0o644);
-        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        let e = Config::load(&p, false, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1") && e.contains("b.toml"), "{e}");
     }
 
@@ -473,11 +492,20 @@ exclude = []
     fn secrets_in_readable_files_are_refused() {
         let t = tempfile::tempdir().unwrap();
         let p = write(t.path(), "a.toml", "[auth]\nsecret_key = \"SK\"\n", 0o644);
-        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        let e = Config::load(&p, false, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chmod 600") && e.contains("a.toml"), "{e}");
         let sk = write(t.path(), "sk", "SECRET\n", 0o640);
-        let p = write(t.path(), "b.toml", &format!("[auth]\nsecret_key_file = {:?}\n", sk), 0o644);
-        let e = Config::load(&p, false, &BTreeMap::new()).unwrap_err().to_string();
+        let p = write(
+            t.path(),
+            "b.toml",
+            &format!("[auth]\nsecret_key_file = {:?}\n", sk),
+            0o644,
+        );
+        let e = Config::load(&p, false, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sk") && e.contains("640"), "{e}");
         fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
         let c = Config::load(&p, false, &BTreeMap::new()).unwrap();
@@ -508,13 +536,21 @@ exclude = []
         assert_eq!(c.agent.poll_interval.0, Duration::from_secs(2));
         assert_eq!(c.probe.devices, vec![PathBuf::from("/dev/loop1")]);
 
-        let bad: BTreeMap<String, String> = [("SMS_AGENT_NOPE_X".to_string(), "1".to_string())].into();
-        let e = Config::load(&t.path().join("missing.toml"), true, &bad).unwrap_err().to_string();
+        let bad: BTreeMap<String, String> =
+            [("SMS_AGENT_NOPE_X".to_string(), "1".to_string())].into();
+        let e = Config::load(&t.path().join("missing.toml"), true, &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SMS_AGENT_NOPE_X"), "{e}");
-        let bad: BTreeMap<String, String> = [("SMS_AGENT_API_ENDPOINTS".to_string(), "x".to_string())].into();
-        let e = Config::load(&t.path().join("missing.toml"), true, &bad).unwrap_err().to_string();
+        let bad: BTreeMap<String, String> =
+            [("SMS_AGENT_API_ENDPOINTS".to_string(), "x".to_string())].into();
+        let e = Config::load(&t.path().join("missing.toml"), true, &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("endpoints"), "{e}");
-        let e = Config::load(&t.path().join("missing.toml"), false, &BTreeMap::new()).unwrap_err().to_string();
+        let e = Config::load(&t.path().join("missing.toml"), false, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.toml"), "{e}");
     }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod probe_cmd;
+mod run_cmd;
 
 /// Source-side server migration agent for the Huawei Cloud SMS API v3.
 #[derive(Debug, Parser)]
@@ -27,20 +28,32 @@ enum Command {
     /// network. What cannot be read is reported as `warning: DEVICE: REASON` on stderr and the
     /// rest of the report still comes out (exit status 0).
     Probe(probe_cmd::ProbeArgs),
+    /// Run the agent daemon in the foreground: register with SMS, then poll for commands.
+    ///
+    /// Under systemd it reports readiness (Type=notify), status and watchdog pings, and logs
+    /// go to the journal; elsewhere logs go to stderr. SIGTERM stops it within seconds.
+    Run(run_cmd::RunArgs),
+    /// Show what the daemon is doing: source id, task, phase, bytes, rate, ETA.
+    Status(run_cmd::StatusArgs),
 }
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        0 => "info",
         1 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // Under systemd stderr is the journal, which stamps time itself and shows no colours.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        fmt.without_time().with_ansi(false).init();
+    } else {
+        fmt.init();
+    }
 }
 
 fn main() -> ExitCode {
@@ -48,13 +61,14 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Probe(args) => probe_cmd::run(&args),
+        Command::Run(args) => run_cmd::run(&args),
+        Command::Status(args) => run_cmd::status(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A closed pipe (`sms-agent probe | head`) is the reader's choice, not a failure.
-            if e
-                .chain()
+            if e.chain()
                 .filter_map(|c| c.downcast_ref::<std::io::Error>())
                 .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             {

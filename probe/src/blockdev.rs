@@ -105,7 +105,10 @@ pub fn list(root: &Path, named: &[PathBuf], warnings: &mut Warnings) -> Vec<Disk
     let entries = match fs::read_dir(&sys_block) {
         Ok(e) => e,
         Err(e) => {
-            warnings.push(sys_block.display().to_string(), format!("cannot list block devices: {e}"));
+            warnings.push(
+                sys_block.display().to_string(),
+                format!("cannot list block devices: {e}"),
+            );
             return Vec::new();
         }
     };
@@ -113,7 +116,7 @@ pub fn list(root: &Path, named: &[PathBuf], warnings: &mut Warnings) -> Vec<Disk
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    names.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+    names.sort_by_key(|n| natural_key(n));
     let mut disks = Vec::new();
     for name in names {
         let explicit = wanted.contains(&name);
@@ -151,7 +154,10 @@ pub fn list(root: &Path, named: &[PathBuf], warnings: &mut Warnings) -> Vec<Disk
     }
     for w in &wanted {
         if !disks.iter().any(|d| &d.name == w) {
-            warnings.push(dev_path(w).display().to_string(), "named with --device but not found in /sys/block");
+            warnings.push(
+                dev_path(w).display().to_string(),
+                "named with --device but not found in /sys/block",
+            );
         }
     }
     disks
@@ -244,9 +250,7 @@ fn resolve_named(root: &Path, p: &Path, warnings: &mut Warnings) -> Option<Strin
         warnings.push(shown, "is a partition; name the whole disk with --device");
         return None;
     }
-    target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+    target.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
 /// The node name of partition `number` of disk `disk` (`vda`+1 → `vda1`, `nvme0n1`+1 →
@@ -271,10 +275,27 @@ mod tests {
 
     #[test]
     fn classifies_devices() {
-        for d in ["vda", "sda", "xvda", "nvme0n1", "mmcblk0", "hda", "cciss!c0d0"] {
+        for d in [
+            "vda",
+            "sda",
+            "xvda",
+            "nvme0n1",
+            "mmcblk0",
+            "hda",
+            "cciss!c0d0",
+        ] {
             assert_eq!(classify(d), Class::Disk, "{d}");
         }
-        for d in ["ram0", "zram0", "dm-0", "md127", "sr0", "fd0", "mmcblk0boot0", "mmcblk0rpmb"] {
+        for d in [
+            "ram0",
+            "zram0",
+            "dm-0",
+            "md127",
+            "sr0",
+            "fd0",
+            "mmcblk0boot0",
+            "mmcblk0rpmb",
+        ] {
             assert_eq!(classify(d), Class::Never, "{d}");
         }
         for d in ["loop0", "loop12", "nbd0"] {
@@ -335,10 +356,20 @@ mod tests {
     fn named_devices_are_checked() {
         let t = tempfile::tempdir().unwrap();
         let mut w = Warnings::default();
-        let disks = list(t.path(), &[PathBuf::from("/nonexistent"), PathBuf::from("/etc/hostname")], &mut w);
+        let disks = list(
+            t.path(),
+            &[
+                PathBuf::from("/nonexistent"),
+                PathBuf::from("/etc/hostname"),
+            ],
+            &mut w,
+        );
         assert!(disks.is_empty());
         let subjects: Vec<_> = w.as_slice().iter().map(|w| w.subject.as_str()).collect();
         assert!(subjects.contains(&"/nonexistent"), "{subjects:?}");
-        assert!(w.as_slice().iter().any(|w| w.reason.contains("not a block device")));
+        assert!(w
+            .as_slice()
+            .iter()
+            .any(|w| w.reason.contains("not a block device")));
     }
 }

@@ -4,9 +4,9 @@
 use std::fs;
 use std::path::Path;
 
+use crate::fsdetect::BtrfsSuper;
 use crate::model::{BtrfsFileSystem, BtrfsSubvolumn};
 use crate::mounts::MountEntry;
-use crate::superblock::BtrfsSuper;
 use crate::tools;
 use crate::warn::Warnings;
 
@@ -30,7 +30,11 @@ pub struct Member {
 }
 
 /// Groups members by filesystem UUID and describes each filesystem.
-pub fn filesystems(root: &Path, members: &[Member], warnings: &mut Warnings) -> Vec<BtrfsFileSystem> {
+pub fn filesystems(
+    root: &Path,
+    members: &[Member],
+    warnings: &mut Warnings,
+) -> Vec<BtrfsFileSystem> {
     let mut fsids: Vec<&str> = Vec::new();
     for m in members {
         if !fsids.contains(&m.sb.fsid.as_str()) {
@@ -72,7 +76,10 @@ fn describe(root: &Path, group: &[&Member], warnings: &mut Warnings) -> BtrfsFil
         default_subvolid: FS_TREE_ID.to_string(),
         ..Default::default()
     };
-    if let Some(m) = mounts.iter().find(|m| m.super_option("subvolid") == Some(FS_TREE_ID)) {
+    if let Some(m) = mounts
+        .iter()
+        .find(|m| m.super_option("subvolid") == Some(FS_TREE_ID))
+    {
         fs.default_subvol_mountpath = m.mount_point.clone();
     }
     if mounts.is_empty() {
@@ -123,7 +130,10 @@ fn describe(root: &Path, group: &[&Member], warnings: &mut Warnings) -> BtrfsFil
             }
             fs.subvolumn = subs;
         }
-        Err(e) => warnings.push(first.device.clone(), format!("Btrfs subvolumes not listed: {e}")),
+        Err(e) => warnings.push(
+            first.device.clone(),
+            format!("Btrfs subvolumes not listed: {e}"),
+        ),
     }
     fs
 }
@@ -170,7 +180,8 @@ fn subvolumes(mounts: &[&MountEntry]) -> Result<(Vec<BtrfsSubvolumn>, DefaultSub
     let mp = m.mount_point.as_str();
     let all = tools::run("btrfs", &["subvolume", "list", "-a", "-u", "-q", "-p", mp])
         .map_err(|e| e.to_string())?;
-    let snaps = tools::run("btrfs", &["subvolume", "list", "-a", "-s", mp]).map_err(|e| e.to_string())?;
+    let snaps =
+        tools::run("btrfs", &["subvolume", "list", "-a", "-s", mp]).map_err(|e| e.to_string())?;
     let snap_ids: Vec<String> = snaps.lines().filter_map(|l| field(l, "ID")).collect();
     let mut subs = Vec::new();
     for line in all.lines().filter(|l| !l.trim().is_empty()) {
@@ -186,7 +197,8 @@ fn subvolumes(mounts: &[&MountEntry]) -> Result<(Vec<BtrfsSubvolumn>, DefaultSub
             subvol_name: parsed.path,
         });
     }
-    let default = tools::run("btrfs", &["subvolume", "get-default", mp]).map_err(|e| e.to_string())?;
+    let default =
+        tools::run("btrfs", &["subvolume", "get-default", mp]).map_err(|e| e.to_string())?;
     let default = field(&default, "ID").map(|id| {
         let name = subs
             .iter()
@@ -249,7 +261,11 @@ mod tests {
         let l = "ID 258 gen 7 parent 5 top level 5 parent_uuid 20f0ce0f-f939-7d47-bb34-c7eb5cd4f96c uuid 7cc5 path my snap";
         let p = parse_list_line(l, "").unwrap();
         assert_eq!(p.path, "my snap");
-        let p = parse_list_line("ID 300 gen 1 parent 256 top level 256 parent_uuid - uuid u path x", "@").unwrap();
+        let p = parse_list_line(
+            "ID 300 gen 1 parent 256 top level 256 parent_uuid - uuid u path x",
+            "@",
+        )
+        .unwrap();
         assert_eq!(p.path, "@/x");
         assert!(parse_list_line("garbage", "").is_none());
         assert!(parse_list_line("ID 1 path x", "").is_none());
@@ -258,6 +274,9 @@ mod tests {
     #[test]
     fn default_line() {
         assert_eq!(field("ID 5 (FS_TREE)", "ID").as_deref(), Some("5"));
-        assert_eq!(field("ID 256 gen 7 top level 5 path sub1", "ID").as_deref(), Some("256"));
+        assert_eq!(
+            field("ID 256 gen 7 top level 5 path sub1", "ID").as_deref(),
+            Some("256")
+        );
     }
 }

@@ -45,7 +45,11 @@ fn table(out: &mut String, rows: &[(String, Vec<String>)]) {
     for (prefix, cells) in rows {
         let mut line = String::new();
         for (i, c) in cells.iter().enumerate() {
-            let cell = if i == 0 { format!("{prefix}{c}") } else { c.clone() };
+            let cell = if i == 0 {
+                format!("{prefix}{c}")
+            } else {
+                c.clone()
+            };
             let pad = widths[i].saturating_sub(cell.chars().count());
             line.push_str(&cell);
             if i + 1 < cells.len() {
@@ -79,7 +83,11 @@ pub fn render(b: &PostSourceServerBody) -> String {
         b.boot_loader,
         b.platform,
         b.virtualization_type,
-        if b.paravirtualization { " (Xen PV)" } else { "" },
+        if b.paravirtualization {
+            " (Xen PV)"
+        } else {
+            ""
+        },
     );
     let _ = writeln!(
         out,
@@ -96,9 +104,11 @@ pub fn render(b: &PostSourceServerBody) -> String {
     let _ = writeln!(out, "\nDISKS");
     let mut rows = vec![(
         String::new(),
-        ["NAME", "SIZE", "TYPE", "USE", "FSTYPE", "USED", "MOUNT", "UUID"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "NAME", "SIZE", "TYPE", "USE", "FSTYPE", "USED", "MOUNT", "UUID",
+        ]
+        .map(String::from)
+        .to_vec(),
     )];
     for d in &b.disks {
         rows.push((
@@ -137,9 +147,11 @@ pub fn render(b: &PostSourceServerBody) -> String {
         let _ = writeln!(out, "\nVOLUME GROUPS");
         let mut rows = vec![(
             String::new(),
-            ["NAME", "SIZE", "FREE", "USE", "FSTYPE", "USED", "MOUNT", "PVS"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "NAME", "SIZE", "FREE", "USE", "FSTYPE", "USED", "MOUNT", "PVS",
+            ]
+            .map(String::from)
+            .to_vec(),
         )];
         for vg in &b.volume_groups {
             rows.push((

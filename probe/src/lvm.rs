@@ -108,8 +108,16 @@ fn legacy_report(cmd: &str, fields: &str) -> Result<Vec<Vec<String>>, LvmError> 
     let out = tools::run(
         "lvm",
         &[
-            cmd, "--readonly", "--noheadings", "--nosuffix", "--units", "b", "--separator", SEP,
-            "-o", fields,
+            cmd,
+            "--readonly",
+            "--noheadings",
+            "--nosuffix",
+            "--units",
+            "b",
+            "--separator",
+            SEP,
+            "-o",
+            fields,
         ],
     )?;
     Ok(parse_columns(&out))
@@ -126,7 +134,10 @@ fn parse_columns(out: &str) -> Vec<Vec<String>> {
 fn legacy() -> Result<Vec<Vg>, LvmError> {
     let vgs = legacy_report("vgs", "vg_name,vg_size,vg_free")?;
     let pvs = legacy_report("pvs", "pv_name,vg_name")?;
-    let lvs = legacy_report("lvs", "vg_name,lv_name,lv_size,lv_kernel_major,lv_kernel_minor")?;
+    let lvs = legacy_report(
+        "lvs",
+        "vg_name,lv_name,lv_size,lv_kernel_major,lv_kernel_minor",
+    )?;
     assemble_legacy(&vgs, &pvs, &lvs, |p| {
         use std::os::unix::fs::MetadataExt;
         crate::blockdev::split_rdev(std::fs::metadata(p).ok()?.rdev())
@@ -237,14 +248,13 @@ pub fn parse_fullreport(json: &str) -> Result<Vec<Vg>, LvmError> {
         let Some(vg) = e.vg.into_iter().next() else {
             continue;
         };
-        let pvs = e
-            .pv
-            .into_iter()
-            .map(|p| Pv {
-                dev: devnum(&p.pv_major, &p.pv_minor),
-                name: p.pv_name,
-            })
-            .collect();
+        let pvs =
+            e.pv.into_iter()
+                .map(|p| Pv {
+                    dev: devnum(&p.pv_major, &p.pv_minor),
+                    name: p.pv_name,
+                })
+                .collect();
         let mut lvs = Vec::new();
         for l in e.lv {
             // Internal LVs (thin pool data/metadata, mirror legs) are bracketed and not usable.
@@ -303,7 +313,10 @@ mod tests {
         let vgs = parse_fullreport(SAMPLE).unwrap();
         assert_eq!(vgs.len(), 1);
         let vg = &vgs[0];
-        assert_eq!((vg.name.as_str(), vg.size, vg.free), ("vgt-x", 205_520_896, 163_577_856));
+        assert_eq!(
+            (vg.name.as_str(), vg.size, vg.free),
+            ("vgt-x", 205_520_896, 163_577_856)
+        );
         assert_eq!(vg.pvs[0].dev, Some((7, 0)));
         assert_eq!(vg.pvs[1].dev, None);
         assert_eq!(vg.lvs.len(), 2);
@@ -313,7 +326,10 @@ mod tests {
 
     #[test]
     fn bad_reports_are_errors() {
-        assert!(matches!(parse_fullreport("not json"), Err(LvmError::Parse(_))));
+        assert!(matches!(
+            parse_fullreport("not json"),
+            Err(LvmError::Parse(_))
+        ));
         let bad = r#"{"report":[{"vg":[{"vg_name":"a","vg_size":"12G","vg_free":"0"}]}]}"#;
         let err = parse_fullreport(bad).unwrap_err().to_string();
         assert!(err.contains("vg_size") && err.contains("12G"), "{err}");
@@ -324,7 +340,8 @@ mod tests {
         let vgs = parse_columns("  vg0|21470642176|4194304\n\n");
         let pvs = parse_columns("  /dev/vdb1|vg0\n  /dev/vdc|vg0\n  /dev/vdd|\n");
         let lvs = parse_columns("  vg0|root|17175674880|253|0\n  vg0|swap-1|4290772992|-1|-1\n");
-        let out = assemble_legacy(&vgs, &pvs, &lvs, |p| (p == "/dev/vdc").then_some((252, 32))).unwrap();
+        let out =
+            assemble_legacy(&vgs, &pvs, &lvs, |p| (p == "/dev/vdc").then_some((252, 32))).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].size, 21_470_642_176);
         assert_eq!(out[0].pvs.len(), 2);

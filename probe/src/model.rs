@@ -321,7 +321,8 @@ fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
     match Num::deserialize(d)? {
         Num::U(v) => Ok(v),
-        Num::F(v) if v >= 0.0 && v.fract() == 0.0 && v < 1.8e19 => {
+        Num::F(v) if v >= 0.0 && v.fract() == 0.0 && v < 1.8e19 =>
+        {
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             Ok(v as u64)
         }
@@ -434,7 +435,9 @@ mod tests {
     #[test]
     fn bad_number_is_a_clear_error() {
         let json = r#"{"name":"/dev/x","device_use":"OS","size":"lots","used_size":0}"#;
-        let err = serde_json::from_str::<ServerDisk>(json).unwrap_err().to_string();
+        let err = serde_json::from_str::<ServerDisk>(json)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lots"), "{err}");
     }
 }

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 
 use crate::blockdev::{self, Disk};
 use crate::btrfs;
-use crate::io::{ReadAt, Slice};
+use crate::fsdetect::{self as superblock, FsInfo};
+use crate::io::Slice;
 use crate::lvm;
 use crate::model::{BtrfsFileSystem, LogicalVolumes, PhysicalVolume, ServerDisk, VolumeGroups};
 use crate::mounts::{self, MountEntry};
-use crate::parttable::{self, PartKind};
-use crate::superblock::{self, FsInfo};
+use crate::ptable::{self as parttable, PartKind};
 use crate::warn::Warnings;
 
 /// `device_use` values (sms-api.md §4).
@@ -146,7 +146,11 @@ pub fn scan(root: &Path, named: &[PathBuf], warnings: &mut Warnings) -> Storage 
             Ok(vgs) => {
                 out.volume_groups = vgs
                     .iter()
-                    .filter(|vg| vg.pvs.iter().any(|p| p.dev.is_some_and(|d| pv_devs.contains(&d))))
+                    .filter(|vg| {
+                        vg.pvs
+                            .iter()
+                            .any(|p| p.dev.is_some_and(|d| pv_devs.contains(&d)))
+                    })
                     .map(|vg| volume_group(root, vg, &mounts, warnings))
                     .collect();
             }
@@ -158,7 +162,11 @@ pub fn scan(root: &Path, named: &[PathBuf], warnings: &mut Warnings) -> Storage 
     out
 }
 
-fn scan_disk(disk: &Disk, mounts: &MountTable, warnings: &mut Warnings) -> (ServerDisk, Vec<Volume>) {
+fn scan_disk(
+    disk: &Disk,
+    mounts: &MountTable,
+    warnings: &mut Warnings,
+) -> (ServerDisk, Vec<Volume>) {
     let path = disk.path.display().to_string();
     let mut sd = ServerDisk {
         name: path.clone(),
@@ -169,19 +177,23 @@ fn scan_disk(disk: &Disk, mounts: &MountTable, warnings: &mut Warnings) -> (Serv
     let file = match File::open(&disk.path) {
         Ok(f) => Some(f),
         Err(e) => {
-            warnings.push(path.clone(), format!("cannot open it to read its partition table: {e}"));
+            warnings.push(
+                path.clone(),
+                format!("cannot open it to read its partition table: {e}"),
+            );
             None
         }
     };
-    let table = file.as_ref().and_then(|f| {
-        match parttable::read(f, disk.size, disk.logical_sector) {
-            Ok(t) => t,
-            Err(e) => {
-                warnings.push(path.clone(), format!("partition table unreadable: {e}"));
-                None
-            }
-        }
-    });
+    let table =
+        file.as_ref().and_then(
+            |f| match parttable::read(f, disk.size, disk.logical_sector) {
+                Ok(t) => t,
+                Err(e) => {
+                    warnings.push(path.clone(), format!("partition table unreadable: {e}"));
+                    None
+                }
+            },
+        );
 
     let mut vols = Vec::new();
     match table {
@@ -221,9 +233,9 @@ fn scan_disk(disk: &Disk, mounts: &MountTable, warnings: &mut Warnings) -> (Serv
             }
         }
         None => {
-            // No table: either a bare filesystem/PV on the whole disk, an empty disk, or an
-            // unreadable one; the kernel's own partition list is the fallback for the last.
-            if file.is_none() || !disk.parts.is_empty() {
+            // No table: a bare filesystem/PV on the whole disk, an empty disk, or an unreadable
+            // disk, for which the kernel's own partition list is the fallback.
+            if !disk.parts.is_empty() {
                 for s in &disk.parts {
                     vols.push(scan_volume(
                         &blockdev::dev_path(&s.name),
@@ -236,8 +248,13 @@ fn scan_disk(disk: &Disk, mounts: &MountTable, warnings: &mut Warnings) -> (Serv
                     ));
                 }
             } else {
+                // The service's enum has no "none"; its own example reports whole-disk PVs as MBR.
                 sd.partition_style = "MBR".to_string();
-                let v = scan_volume(&disk.path, disk.dev, 0, disk.size, None, mounts, warnings);
+                let v = if file.is_some() {
+                    scan_volume(&disk.path, disk.dev, 0, disk.size, None, mounts, warnings)
+                } else {
+                    mounted_only(&disk.path, disk.dev, disk.size, mounts, warnings)
+                };
                 match v.pv.file_system.as_str() {
                     // The service models a whole-disk PV as a disk with no partitions.
                     LVM_MEMBER => {
@@ -258,6 +275,37 @@ fn scan_disk(disk: &Disk, mounts: &MountTable, warnings: &mut Warnings) -> (Serv
     sd.physical_volumes = vols.iter().map(|v| v.pv.clone()).collect();
     sd.used_size = sd.physical_volumes.iter().map(|p| p.size).sum();
     (sd, vols)
+}
+
+/// A whole disk that cannot be opened but is mounted directly: what the mount table and
+/// `statvfs` tell is still worth reporting.
+fn mounted_only(
+    node: &Path,
+    dev: (u32, u32),
+    size: u64,
+    mounts: &MountTable,
+    warnings: &mut Warnings,
+) -> Volume {
+    let ms = mounts.of(dev, node);
+    let mut pv = PhysicalVolume {
+        name: node.display().to_string(),
+        size,
+        used_size: size,
+        device_use: device_use::NORMAL.to_string(),
+        ..Default::default()
+    };
+    if let Some(m) = ms.first() {
+        pv.file_system = m.fs_type.clone();
+        pv.mount_point = m.mount_point.clone();
+        pv.device_use = use_for_mount(&m.mount_point).to_string();
+        apply_usage(&mut pv, &m.mount_point, warnings);
+    }
+    Volume {
+        pv,
+        dev,
+        fs: None,
+        mounts: ms,
+    }
 }
 
 /// Describes one partition (or whole-disk filesystem): type, UUID, mount, usage.
@@ -310,7 +358,12 @@ fn scan_volume(
             }
         }
     }
-    Volume { pv, dev, fs, mounts: ms }
+    Volume {
+        pv,
+        dev,
+        fs,
+        mounts: ms,
+    }
 }
 
 fn use_for_mount(mount_point: &str) -> &'static str {
@@ -339,7 +392,12 @@ fn apply_usage(pv: &mut PhysicalVolume, mount_point: &str, warnings: &mut Warnin
 
 /// Reads the superblock through the partition's own node when it exists (the page cache a
 /// mounted filesystem writes through), else through the disk at the partition's offset.
-fn detect_fs(node: &Path, size: u64, via_disk: Option<(&File, u64)>, warnings: &mut Warnings) -> Option<FsInfo> {
+fn detect_fs(
+    node: &Path,
+    size: u64,
+    via_disk: Option<(&File, u64)>,
+    warnings: &mut Warnings,
+) -> Option<FsInfo> {
     let own = fs::metadata(node)
         .ok()
         .filter(|m| m.file_type().is_block_device())
@@ -348,7 +406,10 @@ fn detect_fs(node: &Path, size: u64, via_disk: Option<(&File, u64)>, warnings: &
         (Some(f), _) => superblock::detect(f, size),
         (None, Some((disk, start))) => superblock::detect(&Slice::new(disk, start, size), size),
         (None, None) => {
-            warnings.push(node.display().to_string(), "cannot open it; filesystem not detected");
+            warnings.push(
+                node.display().to_string(),
+                "cannot open it; filesystem not detected",
+            );
             return None;
         }
     };
@@ -361,7 +422,12 @@ fn detect_fs(node: &Path, size: u64, via_disk: Option<(&File, u64)>, warnings: &
     }
 }
 
-fn volume_group(root: &Path, vg: &lvm::Vg, mounts: &MountTable, warnings: &mut Warnings) -> VolumeGroups {
+fn volume_group(
+    root: &Path,
+    vg: &lvm::Vg,
+    mounts: &MountTable,
+    warnings: &mut Warnings,
+) -> VolumeGroups {
     VolumeGroups {
         components: vg
             .pvs
@@ -485,7 +551,12 @@ fn assign_disk_use(out: &mut Storage, volumes: &[Vec<Volume>]) {
 
 /// The disk-level `device_use` a disk gets from what it holds, or `None` to keep what the scan
 /// found (NORMAL, or VOLUME_GROUP for a whole-disk PV).
-fn disk_use(root_here: bool, boot_here: bool, separate_boot: bool, whole_btrfs: bool) -> Option<&'static str> {
+fn disk_use(
+    root_here: bool,
+    boot_here: bool,
+    separate_boot: bool,
+    whole_btrfs: bool,
+) -> Option<&'static str> {
     // With no separate /boot, the kernel and boot loader files live in `/`.
     if boot_here || (root_here && !separate_boot) {
         Some(device_use::BOOT)

@@ -100,8 +100,7 @@ pub fn run(name: &str, args: &[&str]) -> Result<String, ToolError> {
         let last = stderr
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .last()
+            .rfind(|l| !l.is_empty())
             .unwrap_or("")
             .to_string();
         return Err(ToolError::Failed {

@@ -62,7 +62,10 @@ pub fn jitter_fraction() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let mut z = (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32);
+    // Only the low bits vary; truncation is the point.
+    #[allow(clippy::cast_possible_truncation)]
+    let low = nanos as u64;
+    let mut z = low ^ u64::from(std::process::id()).rotate_left(32);
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

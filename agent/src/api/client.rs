@@ -152,7 +152,9 @@ impl Client {
             AuthMethod::Aksk => Auth::Aksk {
                 ak: nonempty(&a.access_key, "[auth] access_key")?,
                 sk: a.secret_key.clone().ok_or_else(|| {
-                    ApiError::Config("[auth] secret_key or secret_key_file is required for aksk".into())
+                    ApiError::Config(
+                        "[auth] secret_key or secret_key_file is required for aksk".into(),
+                    )
                 })?,
                 security_token: a.security_token.clone(),
             },
@@ -162,7 +164,9 @@ impl Client {
                     .to_string(),
                 username: nonempty(&a.username, "[auth] username")?,
                 password: a.password.clone().ok_or_else(|| {
-                    ApiError::Config("[auth] password or password_file is required for token".into())
+                    ApiError::Config(
+                        "[auth] password or password_file is required for token".into(),
+                    )
                 })?,
                 domain_name: nonempty(&a.domain_name, "[auth] domain_name")?,
                 project_name: nonempty(&a.project_name, "[auth] project_name")?,
@@ -179,7 +183,12 @@ impl Client {
                 .map_err(|e| ApiError::Config(format!("[api] proxy {:?}: {e}", cfg.api.proxy)))?;
             b = b.proxy(p);
         }
-        if let Some(ca) = cfg.api.ca_file.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(ca) = cfg
+            .api
+            .ca_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
             let pem = std::fs::read(ca)
                 .map_err(|e| ApiError::Config(format!("[api] ca_file {}: {e}", ca.display())))?;
             let cert = reqwest::Certificate::from_pem(&pem)
@@ -208,7 +217,11 @@ impl Client {
     }
 
     /// `GET path` → `T`.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str, query: &[(String, String)]) -> Result<T, ApiError> {
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<T, ApiError> {
         self.call(Method::GET, path, query, None::<&()>).await
     }
 
@@ -240,7 +253,9 @@ impl Client {
         let mut attempt = 0;
         let mut renewed = false;
         loop {
-            let result = self.once(&method, path, query, &bytes, body.is_some()).await;
+            let result = self
+                .once(&method, path, query, &bytes, body.is_some())
+                .await;
             let err = match result {
                 Ok(b) => {
                     return parse_body(path, &b);
@@ -248,7 +263,9 @@ impl Client {
                 Err(e) => e,
             };
             // A 401 with a token: the token may have been revoked early; renew once.
-            if let (ApiError::Status { status: 401, .. }, Auth::Token { cached, .. }) = (&err, &self.auth) {
+            if let (ApiError::Status { status: 401, .. }, Auth::Token { cached, .. }) =
+                (&err, &self.auth)
+            {
                 if !renewed {
                     renewed = true;
                     if let Ok(mut c) = cached.lock() {
@@ -261,7 +278,9 @@ impl Client {
             if !err.is_retryable() || attempt >= self.attempts {
                 return Err(err);
             }
-            let wait = err.retry_after().unwrap_or_else(|| self.backoff.delay(attempt - 1));
+            let wait = err
+                .retry_after()
+                .unwrap_or_else(|| self.backoff.delay(attempt - 1));
             tracing::warn!(%method, path, attempt, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), error = %err, "SMS API call failed; retrying");
             tokio::time::sleep(wait).await;
         }
@@ -318,8 +337,13 @@ impl Client {
             if k == "Host" {
                 continue;
             }
-            let (Ok(name), Ok(value)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) else {
-                return Err(ApiError::Config(format!("header {k} has a value that cannot be sent")));
+            let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(k.as_str()),
+                HeaderValue::try_from(v.as_str()),
+            ) else {
+                return Err(ApiError::Config(format!(
+                    "header {k} has a value that cannot be sent"
+                )));
             };
             map.insert(name, value);
         }
@@ -351,7 +375,10 @@ impl Client {
             return Ok(bytes);
         }
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            if let Some(skew) = server_date.as_deref().and_then(|d| skew_seconds(SystemTime::now(), d)) {
+            if let Some(skew) = server_date
+                .as_deref()
+                .and_then(|d| skew_seconds(SystemTime::now(), d))
+            {
                 if skew.unsigned_abs() > MAX_SKEW.as_secs() {
                     let e = ApiError::ClockSkew { skew_secs: skew };
                     tracing::error!(error_code = "SMS.0205", skew_secs = skew, "{e}");
@@ -386,7 +413,9 @@ impl Client {
             cached,
         } = &self.auth
         else {
-            return Err(ApiError::Config("token requested without token auth".into()));
+            return Err(ApiError::Config(
+                "token requested without token auth".into(),
+            ));
         };
         if let Ok(c) = cached.lock() {
             if let Some((t, renew_at)) = c.as_ref() {
@@ -460,9 +489,7 @@ fn nonempty(v: &str, what: &str) -> Result<String, ApiError> {
 }
 
 fn host_of(endpoint: &str) -> String {
-    let rest = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, r)| r);
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
     rest.split('/').next().unwrap_or(rest).to_string()
 }
 
@@ -500,7 +527,11 @@ async fn read_limited(mut resp: reqwest::Response, path: &str) -> Result<Vec<u8>
 
 fn parse_body<T: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<T, ApiError> {
     // An empty success body stands for `{}` (several calls answer 200/204 with nothing).
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
     serde_json::from_slice(bytes).map_err(|e| ApiError::Malformed {
         path: path.to_string(),
         detail: e.to_string(),
@@ -513,7 +544,10 @@ mod tests {
 
     #[test]
     fn hosts() {
-        assert_eq!(host_of("https://sms.cn-north-4.myhuaweicloud.com"), "sms.cn-north-4.myhuaweicloud.com");
+        assert_eq!(
+            host_of("https://sms.cn-north-4.myhuaweicloud.com"),
+            "sms.cn-north-4.myhuaweicloud.com"
+        );
         assert_eq!(host_of("http://127.0.0.1:8080/base"), "127.0.0.1:8080");
     }
 

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use probe::model::{PostSourceServerBody, ServerDisk, VolumeGroups, BtrfsFileSystem};
+pub use probe::model::{BtrfsFileSystem, PostSourceServerBody, ServerDisk, VolumeGroups};
 
 /// `{id}` returned by `POST /v3/sources`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +76,10 @@ impl ChangeState {
     pub fn is_valid(&self) -> bool {
         use CopyState as S;
         use MigrationCycle as C;
-        let common = matches!(self.copystate, S::Deleting | S::Stopping | S::Error | S::Stopped);
+        let common = matches!(
+            self.copystate,
+            S::Deleting | S::Stopping | S::Error | S::Stopped
+        );
         match self.migrationcycle {
             C::Checking => matches!(self.copystate, S::Unavailable | S::Waiting),
             C::Setting => matches!(self.copystate, S::Waiting),
@@ -297,7 +300,13 @@ mod tests {
     fn copystate_pairs() {
         use CopyState as S;
         use MigrationCycle as C;
-        let ok = |s, c| ChangeState { copystate: s, migrationcycle: c }.is_valid();
+        let ok = |s, c| {
+            ChangeState {
+                copystate: s,
+                migrationcycle: c,
+            }
+            .is_valid()
+        };
         assert!(ok(S::Waiting, C::Checking));
         assert!(ok(S::Init, C::Replicating));
         assert!(ok(S::Replicate, C::Replicating));
@@ -307,7 +316,11 @@ mod tests {
         assert!(!ok(S::Syncing, C::Replicating));
         assert!(!ok(S::Init, C::Syncing));
         assert!(!ok(S::Finished, C::Syncing));
-        let j = serde_json::to_string(&ChangeState { copystate: S::Waiting, migrationcycle: C::Checking }).unwrap();
+        let j = serde_json::to_string(&ChangeState {
+            copystate: S::Waiting,
+            migrationcycle: C::Checking,
+        })
+        .unwrap();
         assert_eq!(j, r#"{"copystate":"WAITING","migrationcycle":"checking"}"#);
     }
 
@@ -315,8 +328,13 @@ mod tests {
     fn reference_command_examples() {
         let c: Command = serde_json::from_str(r#"{"command_name": "START", "command_param": {"task_id": "xxxxxxxxxxxxxxxxxxxxxx00000001"}}"#).unwrap();
         assert_eq!(c.command_name, "START");
-        assert_eq!(c.command_param.unwrap().task_id, "xxxxxxxxxxxxxxxxxxxxxx00000001");
-        let c: Command = serde_json::from_str(r#"{"command_name": null, "command_param": null, "extra": 1}"#).unwrap();
+        assert_eq!(
+            c.command_param.unwrap().task_id,
+            "xxxxxxxxxxxxxxxxxxxxxx00000001"
+        );
+        let c: Command =
+            serde_json::from_str(r#"{"command_name": null, "command_param": null, "extra": 1}"#)
+                .unwrap();
         assert!(c.command_name.is_empty());
         let c: Command = serde_json::from_str("{}").unwrap();
         assert!(c.command_name.is_empty());

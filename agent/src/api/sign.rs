@@ -70,11 +70,7 @@ pub fn signed_header_names(headers: &[(String, String)]) -> Vec<String> {
 }
 
 fn canonical_uri(path: &str) -> String {
-    let mut uri = path
-        .split('/')
-        .map(escape)
-        .collect::<Vec<_>>()
-        .join("/");
+    let mut uri = path.split('/').map(escape).collect::<Vec<_>>().join("/");
     if !uri.ends_with('/') {
         uri.push('/');
     }
@@ -82,10 +78,8 @@ fn canonical_uri(path: &str) -> String {
 }
 
 fn canonical_query(query: &[(String, String)]) -> String {
-    let mut pairs: Vec<(String, String)> = query
-        .iter()
-        .map(|(k, v)| (escape(k), escape(v)))
-        .collect();
+    let mut pairs: Vec<(String, String)> =
+        query.iter().map(|(k, v)| (escape(k), escape(v))).collect();
     pairs.sort();
     pairs
         .iter()
@@ -165,7 +159,15 @@ mod tests {
             .collect()
     }
 
-    fn sig(method: &str, path: &str, query: &[(&str, &str)], headers: &[(&str, &str)], body: &str, ak: &str, sk: &str) -> String {
+    fn sig(
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        body: &str,
+        ak: &str,
+        sk: &str,
+    ) -> String {
         let query = h(query);
         let headers = h(headers);
         let req = Request {
@@ -182,29 +184,80 @@ mod tests {
     fn sdk_vector_get_date_only() {
         let headers = h(&[("X-Sdk-Date", "20060102T150405Z")]);
         let query = h(&[("limit", "1")]);
-        let req = Request { method: "GET", path: "/path", query: &query, headers: &headers, body: b"" };
+        let req = Request {
+            method: "GET",
+            path: "/path",
+            query: &query,
+            headers: &headers,
+            body: b"",
+        };
         let signed = signed_header_names(&headers);
         assert_eq!(
             canonical_request(&req, &signed),
             "GET\n/path/\nlimit=1\nx-sdk-date:20060102T150405Z\n\nx-sdk-date\ne3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        let a = sig("GET", "/path", &[("limit", "1")], &[("X-Sdk-Date", "20060102T150405Z")], "", "AccessKey", "SecretKey");
+        let a = sig(
+            "GET",
+            "/path",
+            &[("limit", "1")],
+            &[("X-Sdk-Date", "20060102T150405Z")],
+            "",
+            "AccessKey",
+            "SecretKey",
+        );
         assert_eq!(a, "SDK-HMAC-SHA256 Access=AccessKey, SignedHeaders=x-sdk-date, Signature=5a2ce64c865e0e6046321c6f3d5a77ba8413eeaf355c3166c03d58d02ac79624");
     }
 
     #[test]
     fn sdk_vector_post_with_body() {
-        let a = sig("POST", "/path", &[("key", "value")], &[("X-Sdk-Date", "20060102T150405Z")], "{\"Name\":\"test\",\"Id\":1}\n", "AccessKey", "SecretKey");
-        assert!(a.ends_with("Signature=cecc2af119b18ab70b4d094c0750f3b42c02f254903179a0fc2cc72fc9db4f59"), "{a}");
+        let a = sig(
+            "POST",
+            "/path",
+            &[("key", "value")],
+            &[("X-Sdk-Date", "20060102T150405Z")],
+            "{\"Name\":\"test\",\"Id\":1}\n",
+            "AccessKey",
+            "SecretKey",
+        );
+        assert!(
+            a.ends_with(
+                "Signature=cecc2af119b18ab70b4d094c0750f3b42c02f254903179a0fc2cc72fc9db4f59"
+            ),
+            "{a}"
+        );
     }
 
     #[test]
     fn sdk_vector_host_signed() {
-        let headers = [("Host", "service.endpoint.myhuaweicloud.com"), ("X-Sdk-Date", "20200608T023900Z")];
-        let a = sig("GET", "/resources", &[("size", "1")], &headers, "", "AccessKey", "SecretKey");
+        let headers = [
+            ("Host", "service.endpoint.myhuaweicloud.com"),
+            ("X-Sdk-Date", "20200608T023900Z"),
+        ];
+        let a = sig(
+            "GET",
+            "/resources",
+            &[("size", "1")],
+            &headers,
+            "",
+            "AccessKey",
+            "SecretKey",
+        );
         assert_eq!(a, "SDK-HMAC-SHA256 Access=AccessKey, SignedHeaders=host;x-sdk-date, Signature=cfb4171acec81de07d50e53d57eb77edd537414d66ddb1d7d780f128e12cd842");
-        let a = sig("POST", "/resources", &[("size", "1")], &headers, "{\"name\":\"test\",\"id\":1}", "AccessKey", "SecretKey");
-        assert!(a.ends_with("Signature=436b1ac0a1ae03705934bb70ef2f2e09f7bfed2117d731a38235053199323a1f"), "{a}");
+        let a = sig(
+            "POST",
+            "/resources",
+            &[("size", "1")],
+            &headers,
+            "{\"name\":\"test\",\"id\":1}",
+            "AccessKey",
+            "SecretKey",
+        );
+        assert!(
+            a.ends_with(
+                "Signature=436b1ac0a1ae03705934bb70ef2f2e09f7bfed2117d731a38235053199323a1f"
+            ),
+            "{a}"
+        );
     }
 
     #[test]
@@ -212,8 +265,15 @@ mod tests {
         let a = sig(
             "GET",
             "/v1/77b6a44cba5143ab91d13ab9a8ff44fd/vpcs",
-            &[("limit", "2"), ("marker", "13551d6b-755d-4757-b956-536f674975c0")],
-            &[("content-type", "application/json"), ("host", "service.region.example.com"), ("x-sdk-date", "20191115T033655Z")],
+            &[
+                ("limit", "2"),
+                ("marker", "13551d6b-755d-4757-b956-536f674975c0"),
+            ],
+            &[
+                ("content-type", "application/json"),
+                ("host", "service.region.example.com"),
+                ("x-sdk-date", "20191115T033655Z"),
+            ],
             "",
             "QTWAOYTTINDUT2QVKYUC",
             "MFyfvK41ba2giqM7Uio6PznpdUKGpownRZlmVmHc",
@@ -223,10 +283,16 @@ mod tests {
 
     #[test]
     fn underscored_headers_are_not_signed_and_escaping_is_rfc3986() {
-        assert_eq!(signed_header_names(&h(&[("X_Odd", "1"), ("B", "2"), ("a", "3")])), vec!["a", "b"]);
+        assert_eq!(
+            signed_header_names(&h(&[("X_Odd", "1"), ("B", "2"), ("a", "3")])),
+            vec!["a", "b"]
+        );
         assert_eq!(escape("a b/c~d*"), "a%20b%2Fc~d%2A");
         assert_eq!(canonical_uri("/v3/sources"), "/v3/sources/");
         assert_eq!(canonical_uri("/v3/a b/"), "/v3/a%20b/");
-        assert_eq!(canonical_query(&h(&[("b", "2"), ("a", "x y"), ("a", "1")])), "a=1&a=x%20y&b=2");
+        assert_eq!(
+            canonical_query(&h(&[("b", "2"), ("a", "x y"), ("a", "1")])),
+            "a=1&a=x%20y&b=2"
+        );
     }
 }

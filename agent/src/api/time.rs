@@ -47,7 +47,12 @@ pub fn sdk_date(t: SystemTime) -> String {
     let s = unix_secs(t);
     let (y, m, d) = civil_from_days(s.div_euclid(86_400));
     let r = s.rem_euclid(86_400);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", r / 3600, r % 3600 / 60, r % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        r / 3600,
+        r % 3600 / 60,
+        r % 60
+    )
 }
 
 /// Parses an `X-Sdk-Date` value.
@@ -57,7 +62,14 @@ pub fn parse_sdk_date(s: &str) -> Option<SystemTime> {
         return None;
     }
     let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<u32>().ok();
-    civil_to_time(n(0..4)?, n(4..6)?, n(6..8)?, n(9..11)?, n(11..13)?, n(13..15)?)
+    civil_to_time(
+        n(0..4)?,
+        n(4..6)?,
+        n(6..8)?,
+        n(9..11)?,
+        n(11..13)?,
+        n(13..15)?,
+    )
 }
 
 fn civil_to_time(y: u32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> Option<SystemTime> {
@@ -76,7 +88,9 @@ pub fn parse_http_date(s: &str) -> Option<SystemTime> {
     let mon = w.next()?;
     let y: u32 = w.next()?.parse().ok()?;
     let hms = w.next()?;
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let mo = u32::try_from(MONTHS.iter().position(|m| *m == mon)? + 1).ok()?;
     let mut t = hms.split(':').map(|x| x.parse::<u32>().ok());
     civil_to_time(y, mo, d, t.next()??, t.next()??, t.next()??)
@@ -85,7 +99,14 @@ pub fn parse_http_date(s: &str) -> Option<SystemTime> {
 /// Parses `2026-11-23T16:20:40.123000Z` (IAM `expires_at`).
 pub fn parse_iso8601(s: &str) -> Option<SystemTime> {
     let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<u32>().ok();
-    civil_to_time(n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?)
+    civil_to_time(
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    )
 }
 
 /// Local clock minus the server's `Date`, in seconds.
@@ -99,7 +120,12 @@ pub fn agent_time(t: SystemTime, utc_offset_secs: i64) -> String {
     let s = unix_secs(t) + utc_offset_secs;
     let (y, m, d) = civil_from_days(s.div_euclid(86_400));
     let r = s.rem_euclid(86_400);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", r / 3600, r % 3600 / 60, r % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        r / 3600,
+        r % 3600 / 60,
+        r % 60
+    )
 }
 
 #[cfg(test)]
@@ -113,7 +139,10 @@ mod tests {
         assert_eq!(parse_sdk_date("20060102T150405Z"), Some(t));
         assert_eq!(parse_sdk_date("20060102T150405"), None);
         assert_eq!(parse_sdk_date("20061302T150405Z"), None);
-        assert_eq!(sdk_date(from_unix(951_782_400).unwrap()), "20000229T000000Z");
+        assert_eq!(
+            sdk_date(from_unix(951_782_400).unwrap()),
+            "20000229T000000Z"
+        );
     }
 
     #[test]
@@ -121,7 +150,13 @@ mod tests {
         let t = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(sdk_date(t), "19941106T084937Z");
         assert!(parse_http_date("yesterday").is_none());
-        assert_eq!(skew_seconds(t + Duration::from_secs(1000), "Sun, 06 Nov 1994 08:49:37 GMT"), Some(1000));
+        assert_eq!(
+            skew_seconds(
+                t + Duration::from_secs(1000),
+                "Sun, 06 Nov 1994 08:49:37 GMT"
+            ),
+            Some(1000)
+        );
     }
 
     #[test]

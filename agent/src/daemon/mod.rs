@@ -1,0 +1,524 @@
+//! `sms-agent run`: register the source, then poll SMS for commands and act on them, keeping
+//! every step in `state_dir` so a restart (or `kill -9`) picks up where it was.
+
+pub mod state;
+pub mod systemd;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::api::backoff::{jitter_fraction, Backoff};
+use crate::api::models::{
+    ChangeState, Command, CommandResult, CopyState, DiskInfo, IdResponse, MigrationCycle,
+    PostSourceServerBody, Task,
+};
+use crate::api::{ApiError, Client};
+use crate::config::Config;
+use state::{Phase, State, StateError, Status, Store, TaskState};
+
+/// How often disks are re-probed to catch changes (design.md §4).
+pub const REPROBE_EVERY: Duration = Duration::from_secs(2 * 3600);
+/// Poll interval while a task runs: commands like STOP must be seen quickly.
+const BUSY_POLL: Duration = Duration::from_secs(2);
+/// Longest wait between retries of start-up calls.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+
+/// A failure that stops the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state directory cannot be used.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The API client cannot be built from the config.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// The running daemon.
+pub struct Daemon {
+    api: Client,
+    store: Store,
+    state: State,
+    status: Status,
+    probe_opts: probe::Options,
+    poll_interval: Duration,
+    backoff: Backoff,
+}
+
+/// Why the main loop ended.
+enum Exit {
+    Shutdown,
+}
+
+impl Daemon {
+    /// Opens the state directory (taking its lock) and builds the client; nothing is sent yet.
+    pub fn new(cfg: &Config, api: Client) -> Result<Self, DaemonError> {
+        let store = Store::open(&cfg.agent.state_dir)?;
+        let state = store.load()?;
+        let probe_opts = probe::Options {
+            devices: cfg.probe.devices.clone(),
+            interfaces: cfg.probe.interfaces.clone(),
+            name: Some(cfg.agent.name.clone()).filter(|n| !n.is_empty()),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..probe::Options::default()
+        };
+        let status = Status {
+            pid: std::process::id(),
+            source_id: state.source_id.clone(),
+            ..Status::default()
+        };
+        let backoff = Backoff::new(Duration::from_secs(1), MAX_RETRY_WAIT).unwrap_or_default();
+        Ok(Self {
+            api,
+            store,
+            state,
+            status,
+            probe_opts,
+            poll_interval: cfg.agent.poll_interval.0,
+            backoff,
+        })
+    }
+
+    /// Runs until `shutdown` resolves; returns after saving state.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        tokio::pin!(shutdown);
+        if let Some(every) = systemd::watchdog_interval() {
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(every);
+                loop {
+                    t.tick().await;
+                    systemd::notify("WATCHDOG=1");
+                }
+            });
+        }
+        let exit = tokio::select! {
+            r = self.main_loop() => r?,
+            () = &mut shutdown => Exit::Shutdown,
+        };
+        match exit {
+            Exit::Shutdown => {
+                systemd::notify("STOPPING=1");
+                self.set_activity("stopped");
+                self.save()?;
+                tracing::info!("shut down");
+            }
+        }
+        Ok(())
+    }
+
+    async fn main_loop(&mut self) -> Result<Exit, DaemonError> {
+        self.set_activity("probing");
+        let body = self.probe().await;
+        self.register(body.clone()).await?;
+        self.change_state(CopyState::Waiting, MigrationCycle::Checking)
+            .await;
+        systemd::ready();
+        self.set_activity("waiting for commands");
+        let mut last_probe = Instant::now();
+        self.state.disk_fingerprint = fingerprint(&body);
+        self.save()?;
+        loop {
+            self.flush_results().await?;
+            if last_probe.elapsed() >= REPROBE_EVERY {
+                last_probe = Instant::now();
+                self.reprobe().await?;
+            }
+            match self.poll().await {
+                Ok(cmd) => self.dispatch(cmd).await?,
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling for commands failed");
+                    self.status.last_error = Some(e.to_string());
+                }
+            }
+            let base = if self.task_active() {
+                BUSY_POLL
+            } else {
+                self.poll_interval
+            };
+            // ±10 % jitter keeps a fleet of agents from polling in step.
+            let wait = base.mul_f64(0.9 + 0.2 * jitter_fraction());
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn task_active(&self) -> bool {
+        self.state
+            .task
+            .as_ref()
+            .is_some_and(|t| matches!(t.phase, Phase::Replicating | Phase::Syncing))
+    }
+
+    async fn probe(&self) -> PostSourceServerBody {
+        let opts = self.probe_opts.clone();
+        let report = tokio::task::spawn_blocking(move || probe::probe(&opts))
+            .await
+            .unwrap_or_else(|e| probe::Report {
+                body: PostSourceServerBody::default(),
+                warnings: vec![probe::Warning {
+                    subject: "probe".into(),
+                    reason: format!("the probe thread failed: {e}"),
+                }],
+            });
+        for w in &report.warnings {
+            tracing::warn!(subject = %w.subject, reason = %w.reason, "probe warning");
+        }
+        report.body
+    }
+
+    /// Registers (or, with a saved id, updates) the source; retries until it succeeds.
+    async fn register(&mut self, mut body: PostSourceServerBody) -> Result<(), DaemonError> {
+        self.set_activity("registering");
+        if self.state.source_id.is_none() && self.state.registering {
+            // A previous run may have registered and died before saving the id.
+            if let Some(id) = self.find_registered(&body).await {
+                tracing::info!(source_id = %id, "found this source registered by an earlier run");
+                self.state.source_id = Some(id);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            body.id = self.state.source_id.clone();
+            if body.id.is_none() && !self.state.registering {
+                self.state.registering = true;
+                self.save()?;
+            }
+            match self
+                .api
+                .send::<_, IdResponse>(Method::POST, "/v3/sources", &body)
+                .await
+            {
+                Ok(r) if !r.id.is_empty() => {
+                    tracing::info!(source_id = %r.id, updated = body.id.is_some(), "registered");
+                    self.state.source_id = Some(r.id.clone());
+                    self.state.registering = false;
+                    self.status.source_id = Some(r.id);
+                    self.save()?;
+                    return Ok(());
+                }
+                Ok(_) => {
+                    self.registration_failed(
+                        "SMS.0502: registration answered without an id",
+                        attempt,
+                    );
+                }
+                Err(e) => {
+                    self.registration_failed(
+                        &format!("SMS.0502: registration failed: {e}"),
+                        attempt,
+                    );
+                }
+            }
+            tokio::time::sleep(self.backoff.delay(attempt)).await;
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    fn registration_failed(&mut self, msg: &str, attempt: u32) {
+        tracing::error!(attempt, "{msg}");
+        self.status.last_error = Some(msg.to_string());
+        systemd::status(msg);
+        let _ = self.store.publish(&self.status);
+    }
+
+    /// Looks for a source with our name and hostname registered earlier.
+    async fn find_registered(&self, body: &PostSourceServerBody) -> Option<String> {
+        let q = [
+            ("name".to_string(), body.name.clone()),
+            ("ip".to_string(), body.ip.clone()),
+        ];
+        let list: serde_json::Value = self.api.get("/v3/sources", &q).await.ok()?;
+        list.get("source_servers")?
+            .as_array()?
+            .iter()
+            .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(body.name.as_str()))
+            .and_then(|s| s.get("id")?.as_str().map(str::to_string))
+    }
+
+    fn source_id(&self) -> String {
+        self.state.source_id.clone().unwrap_or_default()
+    }
+
+    /// Sends a copy state; pairs the service refuses are never sent.
+    async fn change_state(&mut self, copystate: CopyState, migrationcycle: MigrationCycle) {
+        let cs = ChangeState {
+            copystate,
+            migrationcycle,
+        };
+        if !cs.is_valid() {
+            tracing::error!(
+                ?copystate,
+                ?migrationcycle,
+                "refusing to send a copy state pair SMS rejects (SMS.7728)"
+            );
+            return;
+        }
+        let path = format!("/v3/sources/{}/changestate", self.source_id());
+        if let Err(e) = self
+            .api
+            .send::<_, serde_json::Value>(Method::PUT, &path, &cs)
+            .await
+        {
+            tracing::warn!(error = %e, ?copystate, ?migrationcycle, "copy state not updated");
+        }
+    }
+
+    async fn poll(&self) -> Result<Command, ApiError> {
+        self.api
+            .get(&format!("/v3/sources/{}/command", self.source_id()), &[])
+            .await
+    }
+
+    /// Sends the pending command results, oldest first; stops at the first failure.
+    async fn flush_results(&mut self) -> Result<(), DaemonError> {
+        while let Some(r) = self.state.pending_results.first().cloned() {
+            let path = format!("/v3/sources/{}/command_result", self.source_id());
+            match self
+                .api
+                .send::<_, serde_json::Value>(Method::POST, &path, &r)
+                .await
+            {
+                Ok(_) => {
+                    self.state.pending_results.remove(0);
+                    self.save()?;
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, command = %r.command_name, "command result not delivered; will retry");
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The service refuses it for good; keeping it would block every later one.
+                    tracing::error!(error = %e, command = %r.command_name, "command result refused; dropped");
+                    self.state.pending_results.remove(0);
+                    self.save()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acts on one command and queues its result durably before sending it.
+    async fn dispatch(&mut self, cmd: Command) -> Result<(), DaemonError> {
+        let name = cmd.command_name.trim().to_string();
+        if name.is_empty() {
+            return Ok(());
+        }
+        let task_id = cmd
+            .command_param
+            .as_ref()
+            .map(|p| p.task_id.clone())
+            .unwrap_or_default();
+        tracing::info!(command = %name, task_id = %task_id, "command received");
+        let outcome = match name.as_str() {
+            "START" | "SYNC" => self.start(&name, &task_id).await,
+            "STOP" => self.stop().await,
+            "DELETE" => self.delete().await,
+            "SKIP" => self.skip(),
+            _ => {
+                tracing::warn!(command = %name, "unknown command ignored");
+                Err((
+                    "SMS.9999".to_string(),
+                    format!("unknown command {name:?} ignored by this agent"),
+                ))
+            }
+        };
+        let result = match outcome {
+            Ok(detail) => CommandResult {
+                command_name: name,
+                result: "success".into(),
+                result_detail: detail,
+            },
+            Err((code, msg)) => CommandResult {
+                command_name: name,
+                result: "fail".into(),
+                result_detail: json!({"error_code": code, "error_msg": msg}),
+            },
+        };
+        self.state.pending_results.push(result);
+        self.save()?;
+        self.flush_results().await
+    }
+
+    async fn start(
+        &mut self,
+        name: &str,
+        task_id: &str,
+    ) -> Result<serde_json::Value, (String, String)> {
+        if task_id.is_empty() {
+            return Err(("SMS.9004".into(), format!("{name} without a task_id")));
+        }
+        if self.state.task.as_ref().is_some_and(|t| {
+            t.id == task_id && matches!(t.phase, Phase::Replicating | Phase::Syncing)
+        }) {
+            // A repeated START of a running task is not a second run.
+            return Ok(json!({"task_id": task_id, "state": "already running"}));
+        }
+        let task: Task = self
+            .api
+            .get(&format!("/v3/tasks/{task_id}"), &[])
+            .await
+            .map_err(|e| {
+                (
+                    "SMS.0201".to_string(),
+                    format!("cannot read task {task_id}: {e}"),
+                )
+            })?;
+        self.state.task = Some(TaskState {
+            id: task_id.to_string(),
+            kind: task.kind.clone(),
+            phase: Phase::Init,
+            ..TaskState::default()
+        });
+        self.status.task_id = Some(task_id.to_string());
+        self.status.phase = Some(Phase::Init);
+        let _ = self.save();
+        self.change_state(CopyState::Init, MigrationCycle::Replicating)
+            .await;
+        // The block and file engines (transfer crate) are not part of this build yet: say so
+        // plainly instead of pretending to copy.
+        let msg = format!(
+            "this sms-agent build has no transfer engine for {} yet; task {task_id} cannot run",
+            if task.kind.is_empty() {
+                "this task type"
+            } else {
+                task.kind.as_str()
+            }
+        );
+        if let Some(t) = self.state.task.as_mut() {
+            t.phase = Phase::Failed;
+            t.error = Some(msg.clone());
+        }
+        self.status.phase = Some(Phase::Failed);
+        self.status.last_error = Some(msg.clone());
+        let _ = self.save();
+        self.change_state(CopyState::Error, MigrationCycle::Replicating)
+            .await;
+        Err(("SMS.1908".into(), msg))
+    }
+
+    async fn stop(&mut self) -> Result<serde_json::Value, (String, String)> {
+        let Some(t) = self.state.task.as_mut() else {
+            return Ok(json!({"state": "no task"}));
+        };
+        let cycle = if t.phase == Phase::Syncing {
+            MigrationCycle::Syncing
+        } else {
+            MigrationCycle::Replicating
+        };
+        t.phase = Phase::Stopped;
+        self.status.phase = Some(Phase::Stopped);
+        let _ = self.save();
+        self.change_state(CopyState::Stopped, cycle).await;
+        Ok(json!({"state": "stopped"}))
+    }
+
+    async fn delete(&mut self) -> Result<serde_json::Value, (String, String)> {
+        self.state.task = None;
+        self.status.task_id = None;
+        self.status.phase = None;
+        let _ = self.save();
+        self.change_state(CopyState::Waiting, MigrationCycle::Checking)
+            .await;
+        Ok(json!({"state": "deleted"}))
+    }
+
+    fn skip(&mut self) -> Result<serde_json::Value, (String, String)> {
+        if let Some(t) = self.state.task.as_mut() {
+            t.skip_consistency = true;
+        }
+        let _ = self.save();
+        Ok(json!({"state": "consistency check skipped"}))
+    }
+
+    /// Re-probes and sends `PUT diskinfo` when the disks changed.
+    async fn reprobe(&mut self) -> Result<(), DaemonError> {
+        let body = self.probe().await;
+        let fp = fingerprint(&body);
+        if fp == self.state.disk_fingerprint {
+            return Ok(());
+        }
+        tracing::warn!(
+            error_code = "SMS.0515",
+            "source disks changed; updating the disk information"
+        );
+        let info = DiskInfo {
+            disks: body.disks,
+            volumegroups: body.volume_groups,
+            btrfs_list: body.btrfs_list,
+        };
+        let path = format!("/v3/sources/{}/diskinfo", self.source_id());
+        match self
+            .api
+            .send::<_, serde_json::Value>(Method::PUT, &path, &info)
+            .await
+        {
+            Ok(_) => {
+                self.state.disk_fingerprint = fp;
+                self.save()?;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "disk information not updated; will retry at the next re-probe")
+            }
+        }
+        Ok(())
+    }
+
+    fn set_activity(&mut self, a: &str) {
+        self.status.activity = a.to_string();
+        systemd::status(a);
+        let _ = self.publish();
+    }
+
+    fn publish(&mut self) -> Result<(), StateError> {
+        self.status.updated_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.store.publish(&self.status)
+    }
+
+    fn save(&mut self) -> Result<(), StateError> {
+        self.store.save(&self.state)?;
+        self.publish()
+    }
+}
+
+/// SHA-256 over the layout of the storage (names, sizes, filesystems), not its usage, which
+/// changes all the time without the target needing to change.
+fn fingerprint(body: &PostSourceServerBody) -> String {
+    let disks: Vec<_> = body
+        .disks
+        .iter()
+        .map(|d| {
+            let parts: Vec<_> = d
+                .physical_volumes
+                .iter()
+                .map(|p| (&p.name, p.size, &p.file_system, &p.uuid))
+                .collect();
+            (&d.name, d.size, &d.partition_style, parts)
+        })
+        .collect();
+    let vgs: Vec<_> = body
+        .volume_groups
+        .iter()
+        .map(|v| {
+            let lvs: Vec<_> = v
+                .logical_volumes
+                .iter()
+                .map(|l| (&l.name, l.size))
+                .collect();
+            (&v.name, v.size, &v.components, lvs)
+        })
+        .collect();
+    let btrfs: Vec<_> = body
+        .btrfs_list
+        .iter()
+        .map(|b| (&b.uuid, &b.device, b.size))
+        .collect();
+    let v = json!({"d": disks, "v": vgs, "b": btrfs});
+    crate::api::sign::sha256_hex(v.to_string().as_bytes())
+}
