@@ -245,12 +245,12 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {err}", path = path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// Bad TOML, an unknown key, or a value of the wrong type.
     #[error("{path}: {message}")]
@@ -298,7 +298,7 @@ impl Config {
             Err(source) => {
                 return Err(ConfigError::Read {
                     path: path.to_path_buf(),
-                    source,
+                    err: source,
                 })
             }
         };
@@ -354,9 +354,9 @@ fn read_secret(
         return Ok(None);
     };
     check_private(&path, what)?;
-    let text = fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+    let text = fs::read_to_string(&path).map_err(|err| ConfigError::Read {
         path: path.clone(),
-        source,
+        err,
     })?;
     Ok(Some(Secret(
         text.trim_end_matches(['\n', '\r']).to_string(),
@@ -364,9 +364,9 @@ fn read_secret(
 }
 
 fn check_private(path: &Path, what: &'static str) -> Result<(), ConfigError> {
-    let meta = fs::metadata(path).map_err(|source| ConfigError::Read {
+    let meta = fs::metadata(path).map_err(|err| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        err,
     })?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {

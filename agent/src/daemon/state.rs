@@ -104,12 +104,12 @@ pub struct Status {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// I/O on a state file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}", path = path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A state file is corrupt.
     #[error("{path} is corrupt ({detail}); move it aside to start afresh")]
@@ -125,9 +125,9 @@ pub enum StateError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
+    move |err| StateError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     }
 }
 
@@ -210,10 +210,10 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(err) => {
             return Err(StateError::Io {
                 path: path.to_path_buf(),
-                source,
+                err,
             })
         }
     };
