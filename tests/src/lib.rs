@@ -203,7 +203,7 @@ pub fn sms_agent() -> PathBuf {
     let bin = dir.join("sms-agent");
     assert!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so the binary is built",
+        "{} is missing: build it first (`cargo build --workspace && cargo test --workspace`)",
         bin.display()
     );
     bin

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Benchmark: `sms-agent probe` against the tools doing the same inventory work
+# (lsblk -J -b -O, blkid -p per device, vgs/lvs JSON, btrfs subvolume list per mounted Btrfs).
+# Reports the median wall time and peak RSS of N runs of each, and the ratio ours ÷ baseline,
+# first on the machine as it is, then with 8 loop disks attached (partitioned, ext4/xfs/btrfs/PV).
+# Run as root: sudo bench/probe.sh [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-15}
+export LVM_SUPPRESS_FD_WARNINGS=1
+cargo build --release -q -p sms-agent
+BIN=$PWD/target/release/sms-agent
+
+WORK=$(mktemp -d)
+LOOPS=()
+cleanup() {
+  set +e
+  for m in $(grep -o "$WORK/[^ ]*" /proc/mounts | sort -r); do umount "$m"; done
+  for vg in $(vgs --noheadings -o vg_name 2>/dev/null | grep benchvg); do vgremove -f "$vg" >/dev/null 2>&1; done
+  for l in "${LOOPS[@]}"; do wipefs -a -q "$l"; partx -d "$l" 2>/dev/null; losetup -d "$l"; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The baseline: what an operator (or the vendor's shell agent) runs to learn the same facts.
+cat > "$WORK/baseline.sh" <<'EOS'
+#!/usr/bin/env bash
+lsblk -J -b -O >/dev/null
+for d in $(lsblk -nrpo NAME); do blkid -p "$d" >/dev/null 2>&1 || true; done
+vgs --reportformat json --units b >/dev/null 2>&1 || true
+lvs --reportformat json --units b >/dev/null 2>&1 || true
+for m in $(awk '$3 == "btrfs" {print $2}' /proc/mounts); do btrfs subvolume list -a -u -q -p "$m" >/dev/null; done
+EOS
+chmod +x "$WORK/baseline.sh"
+
+# measure CMD... → prints "median_seconds peak_rss_kib" over RUNS runs
+measure() {
+  python3 - "$RUNS" "$@" <<'EOP'
+import resource, statistics, subprocess, sys, time
+runs = int(sys.argv[1]); cmd = sys.argv[2:]
+times = []
+for _ in range(runs):
+    t = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(f"{statistics.median(times):.4f} {peak}")
+EOP
+}
+
+report() {
+  local label=$1; shift
+  read -r ours_t ours_m < <(measure "$BIN" probe "$@")
+  read -r base_t base_m < <(measure "$WORK/baseline.sh")
+  python3 - "$label" "$ours_t" "$ours_m" "$base_t" "$base_m" <<'EOP'
+import sys
+label, ot, om, bt, bm = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+print(f"{label}: sms-agent probe {ot*1000:.1f} ms, {om} KiB peak | baseline {bt*1000:.1f} ms, {bm} KiB peak (largest single tool) | time ratio {ot/bt:.2f}, memory ratio {om/bm:.2f}")
+EOP
+}
+
+report "as is"
+
+ARGS=()
+for i in $(seq 1 8); do
+  img="$WORK/d$i.img"; truncate -s 1G "$img"
+  l=$(losetup -f --show "$img"); LOOPS+=("$l"); ARGS+=(--device "$l")
+  sgdisk -q -o -n1:0:+100M -n2:0:+320M -n3:0:+200M -n4:0:+100M -t4:8E00 "$l" >/dev/null
+  partx -a "$l"; sleep 0.2
+  mkfs.ext4 -q "${l}p1"; mkfs.xfs -q -f "${l}p2"; mkfs.btrfs -q -f "${l}p3" >/dev/null
+  pvcreate -q -ff -y "${l}p4" >/dev/null; vgcreate -q "benchvg$i" "${l}p4" >/dev/null
+  mkdir -p "$WORK/m$i/e" "$WORK/m$i/x" "$WORK/m$i/b"
+  mount "${l}p1" "$WORK/m$i/e"; mount "${l}p2" "$WORK/m$i/x"; mount "${l}p3" "$WORK/m$i/b"
+  btrfs -q subvolume create "$WORK/m$i/b/sub"
+done
+report "8 loop disks" "${ARGS[@]}"
