@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-15}
 export LVM_SUPPRESS_FD_WARNINGS=1
+command -v /usr/bin/time >/dev/null || apt-get install -y -qq time >/dev/null
 cargo build --release -q -p sms-agent
 BIN=$PWD/target/release/sms-agent
 
@@ -33,19 +34,25 @@ for m in $(awk '$3 == "btrfs" {print $2}' /proc/mounts); do btrfs subvolume list
 EOS
 chmod +x "$WORK/baseline.sh"
 
-# measure CMD... → prints "median_seconds peak_rss_kib" over RUNS runs
+# measure CMD... → prints "median_seconds median_peak_rss_kib" over RUNS runs (GNU time's %M:
+# the largest resident set of the process and its children).
 measure() {
-  python3 - "$RUNS" "$@" <<'EOP'
-import resource, statistics, subprocess, sys, time
-runs = int(sys.argv[1]); cmd = sys.argv[2:]
-times = []
-for _ in range(runs):
-    t = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(f"{statistics.median(times):.4f} {peak}")
+  local out; out=$(mktemp)
+  for _ in $(seq "$RUNS"); do
+    local t0 t1 rss
+    t0=$(date +%s%N)
+    /usr/bin/time -f "%M" -o "$out.rss" "$@" >/dev/null 2>&1 || true
+    t1=$(date +%s%N)
+    rss=$(grep -E '^[0-9]+$' "$out.rss" | tail -1)
+    echo "$(( (t1 - t0) / 1000 ))e-6 $rss" >> "$out"
+  done
+  rm -f "$out.rss"
+  python3 - "$out" <<'EOP'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 2]
+print(f"{statistics.median(float(r[0]) for r in rows):.4f} {int(statistics.median(int(r[1]) for r in rows))}")
 EOP
+  rm -f "$out"
 }
 
 report() {
@@ -55,7 +62,7 @@ report() {
   python3 - "$label" "$ours_t" "$ours_m" "$base_t" "$base_m" <<'EOP'
 import sys
 label, ot, om, bt, bm = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-print(f"{label}: sms-agent probe {ot*1000:.1f} ms, {om} KiB peak | baseline {bt*1000:.1f} ms, {bm} KiB peak (largest single tool) | time ratio {ot/bt:.2f}, memory ratio {om/bm:.2f}")
+print(f"{label}: sms-agent probe {ot*1000:.1f} ms, {om} KiB peak | baseline {bt*1000:.1f} ms, {bm} KiB peak (largest process) | time ratio {ot/max(bt,1e-3):.2f}, memory ratio {om/bm:.2f}")
 EOP
 }
 
@@ -65,7 +72,7 @@ ARGS=()
 for i in $(seq 1 8); do
   img="$WORK/d$i.img"; truncate -s 1G "$img"
   l=$(losetup -f --show "$img"); LOOPS+=("$l"); ARGS+=(--device "$l")
-  sgdisk -q -o -n1:0:+100M -n2:0:+320M -n3:0:+200M -n4:0:+100M -t4:8E00 "$l" >/dev/null
+  sgdisk -o -n1:0:+100M -n2:0:+320M -n3:0:+200M -n4:0:+100M -t4:8E00 "$l" >/dev/null 2>&1
   partx -a "$l"; sleep 0.2
   mkfs.ext4 -q "${l}p1"; mkfs.xfs -q -f "${l}p2"; mkfs.btrfs -q -f "${l}p3" >/dev/null
   pvcreate -q -ff -y "${l}p4" >/dev/null; vgcreate -q "benchvg$i" "${l}p4" >/dev/null
