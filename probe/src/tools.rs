@@ -111,3 +111,17 @@ pub fn run(name: &str, args: &[&str]) -> Result<String, ToolError> {
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_failing_tools_are_errors_not_panics() {
+        let e = run("no-such-tool-sms-agent", &[]).unwrap_err().to_string();
+        assert!(e.contains("not installed"), "{e}");
+        let e = run("false", &[]).unwrap_err().to_string();
+        assert!(e.contains("exited with"), "{e}");
+        assert_eq!(run("true", &[]).unwrap(), "");
+    }
+}

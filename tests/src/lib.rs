@@ -8,6 +8,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+pub mod emulator;
+pub mod procs;
+
 pub use probe::model::PostSourceServerBody;
 
 /// Runs a command and returns its stdout; panics with its stderr when it fails.

@@ -1,0 +1,337 @@
+//! Real processes for the control-plane tests: the emulator and the agent daemon, each killed on
+//! drop, plus a small HTTP client for the emulator's admin and operator calls.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Access key the tests use.
+pub const AK: &str = "TESTACCESSKEY0000000";
+/// Secret key the tests use.
+pub const SK: &str = "TestSecretKey0000000000000000000000000000";
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// A running `sms-emulator`.
+pub struct Emulator {
+    child: Child,
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    /// Its `--state` file.
+    pub state: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Emulator {
+    /// Starts an emulator with a fresh state file.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("emu.json");
+        let mut e = Self::start_with(&state, "127.0.0.1:0");
+        e._dir = Some(dir);
+        e
+    }
+
+    /// Starts an emulator on `listen` keeping its state in `state`.
+    pub fn start_with(state: &Path, listen: &str) -> Self {
+        let mut child = Command::new(bin("sms-emulator"))
+            .args([
+                "--listen",
+                listen,
+                "--ak",
+                AK,
+                "--sk",
+                SK,
+                "--iam-user",
+                "op",
+                "--iam-password",
+                "pw",
+                "--token-ttl",
+                "3",
+            ])
+            .arg("--state")
+            .arg(state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .trim_start_matches("listening on http://")
+            .to_string();
+        assert!(addr.contains(':'), "emulator did not start: {line:?}");
+        Self {
+            child,
+            addr,
+            state: state.to_path_buf(),
+            _dir: None,
+        }
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An unauthenticated admin call.
+    pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, text) = http(
+            &self.addr,
+            method,
+            path,
+            &[],
+            body.map(|b| b.to_string()).as_deref(),
+        );
+        assert_eq!(status, 200, "{method} {path}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// The request journal.
+    pub fn journal(&self) -> Vec<Value> {
+        self.admin("GET", "/_emulator/journal", None)
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The persistent state (sources, tasks, commands, results).
+    pub fn db(&self) -> Value {
+        self.admin("GET", "/_emulator/state", None)
+    }
+
+    /// Injects a fault.
+    pub fn fault(&self, f: Value) {
+        self.admin("POST", "/_emulator/faults", Some(f));
+    }
+
+    /// Queues a raw command for a source.
+    pub fn command(&self, source: &str, name: &str, param: Value) {
+        self.admin(
+            "POST",
+            &format!("/_emulator/sources/{source}/commands"),
+            Some(serde_json::json!({"command_name": name, "command_param": param})),
+        );
+    }
+
+    /// An operator call signed with AK/SK, as a console or SDK user sends it.
+    pub fn operator(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let date = sms_agent::api::time::sdk_date(std::time::SystemTime::now());
+        let headers = vec![
+            ("Host".to_string(), self.addr.clone()),
+            ("X-Sdk-Date".to_string(), date),
+            ("Content-Type".to_string(), "application/json".to_string()),
+        ];
+        let req = sms_agent::api::sign::Request {
+            method,
+            path,
+            query: &[],
+            headers: &headers,
+            body: body.as_bytes(),
+        };
+        let authz = sms_agent::api::sign::authorization(&req, AK, SK.as_bytes());
+        let mut h: Vec<(String, String)> = headers[1..].to_vec();
+        h.push(("Authorization".into(), authz));
+        let (status, text) = http(
+            &self.addr,
+            method,
+            path,
+            &h,
+            if body.is_empty() { None } else { Some(&body) },
+        );
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Waits until `pred` holds for the journal, or fails after `secs`.
+    pub fn wait_journal(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let j = self.journal();
+            if pred(&j) {
+                return j;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; journal: {}",
+                summary(&j)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops it (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One line per journal entry, for failure messages.
+pub fn summary(j: &[Value]) -> String {
+    j.iter()
+        .map(|e| {
+            format!(
+                "{} {} {} -> {}",
+                e["seq"],
+                e["method"].as_str().unwrap_or(""),
+                e["path"].as_str().unwrap_or(""),
+                e["status"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A minimal HTTP/1.1 request (Connection: close) → (status, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A running `sms-agent run` with its own config and state directory.
+pub struct Agent {
+    child: Option<Child>,
+    /// Directory holding config, state and log.
+    pub dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Writes a config for `endpoint` (with `sk`) and starts the daemon.
+    pub fn start(endpoint: &str, sk: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = format!(
+            "[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n[auth]\naccess_key = \"{AK}\"\nsecret_key = \"{sk}\"\n[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n",
+            dir.path().join("state").display()
+        );
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, cfg).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut a = Self { child: None, dir };
+        a.restart();
+        a
+    }
+
+    /// Starts (again) the daemon on the same config and state.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(bin("sms-agent"))
+            .args(["run", "--config"])
+            .arg(self.dir.path().join("agent.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits; returns the exit status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().unwrap();
+        let t = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let st = c.wait().unwrap();
+        (st, t.elapsed())
+    }
+
+    /// Runs `sms-agent status --json` on this agent's config.
+    pub fn status(&self) -> Value {
+        let out = Command::new(bin("sms-agent"))
+            .args(["status", "--json", "--config"])
+            .arg(self.dir.path().join("agent.toml"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,345 @@
+//! `sms-agent run` against the SMS emulator, both as real processes: registration, restarts,
+//! `kill -9`, commands, faults and bad input from the server.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sms_tests::procs::{summary, Agent, Emulator, SK};
+
+fn is(e: &Value, method: &str, suffix: &str, status: u16) -> bool {
+    e["method"] == method
+        && e["path"].as_str().unwrap_or("").ends_with(suffix)
+        && e["status"] == status
+}
+
+fn registered(emu: &Emulator, n: usize) -> String {
+    let j = emu.wait_journal(30, "registration", |j| {
+        j.iter()
+            .filter(|e| is(e, "POST", "/v3/sources", 200))
+            .count()
+            >= n
+    });
+    let db = emu.db();
+    let ids: Vec<&String> = db["sources"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "exactly one source registered: {}",
+        summary(&j)
+    );
+    ids[0].clone()
+}
+
+fn results(emu: &Emulator) -> Vec<Value> {
+    emu.db()["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r[1].clone())
+        .collect()
+}
+
+fn wait_results(emu: &Emulator, n: usize) -> Vec<Value> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = results(emu);
+        if r.len() >= n {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {} of {n} command results: {}",
+            r.len(),
+            summary(&emu.journal())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn registers_polls_and_keeps_its_id_across_restarts() {
+    let emu = Emulator::start();
+    let mut agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    let j = emu.wait_journal(20, "waiting state and polls", |j| {
+        j.iter().any(|e| is(e, "PUT", "/changestate", 200))
+            && j.iter().filter(|e| is(e, "GET", "/command", 200)).count() >= 2
+    });
+    // Every agent call was signed and accepted; the body passed the emulator's validation.
+    assert!(
+        j.iter().all(|e| e["auth"] == "aksk" && e["status"] == 200),
+        "{}",
+        summary(&j)
+    );
+    let reg = &j
+        .iter()
+        .find(|e| is(e, "POST", "/v3/sources", 200))
+        .unwrap()["body"];
+    assert!(reg.get("id").is_none(), "first registration carries no id");
+    assert_eq!(reg["name"], "src-under-test");
+    let cs = &j
+        .iter()
+        .find(|e| is(e, "PUT", "/changestate", 200))
+        .unwrap()["body"];
+    assert_eq!(
+        cs,
+        &json!({"copystate": "WAITING", "migrationcycle": "checking"})
+    );
+    let st = agent.status();
+    assert_eq!(st["source_id"], id.as_str());
+    assert_eq!(st["running"], true);
+
+    let (status, took) = agent.terminate();
+    assert!(status.success(), "exit {status}: {}", agent.log());
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    assert_eq!(agent.status()["running"], false);
+
+    agent.restart();
+    registered(&emu, 2);
+    let j = emu.journal();
+    let second = j
+        .iter()
+        .filter(|e| is(e, "POST", "/v3/sources", 200))
+        .nth(1)
+        .unwrap();
+    assert_eq!(
+        second["body"]["id"],
+        id.as_str(),
+        "the restart updates the same source"
+    );
+}
+
+#[test]
+fn commands_are_answered_and_a_second_daemon_is_refused() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+
+    // A second daemon on the same state directory must not start.
+    let out = std::process::Command::new(
+        std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("sms-agent"),
+    )
+    .args(["run", "--config"])
+    .arg(agent.dir.path().join("agent.toml"))
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another sms-agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An operator creates a block task and starts it.
+    let (st, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "t1", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "source_server": {"id": id},
+                    "target_server": {"disks": [{"name": "/dev/vda", "size": 1}]}, "migration_ip": "127.0.0.1"})),
+    );
+    assert_eq!(st, 200, "{task}");
+    let tid = task["id"].as_str().unwrap().to_string();
+    let (st, _) = emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "start"})),
+    );
+    assert_eq!(st, 200);
+    let r = wait_results(&emu, 1);
+    assert_eq!(r[0]["command_name"], "START");
+    // No transfer engine in this build: the agent says so instead of pretending.
+    assert_eq!(r[0]["result"], "fail");
+    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1908");
+    let j = emu.journal();
+    assert!(j
+        .iter()
+        .any(|e| is(e, "GET", &format!("/v3/tasks/{tid}"), 200)));
+    let states: Vec<&Value> = j
+        .iter()
+        .filter(|e| is(e, "PUT", "/changestate", 200))
+        .map(|e| &e["body"]["copystate"])
+        .collect();
+    assert!(
+        states.contains(&&json!("INIT")) && states.contains(&&json!("ERROR")),
+        "{states:?}"
+    );
+
+    for (name, param) in [
+        ("STOP", json!({"task_id": tid})),
+        ("SKIP", json!({"task_id": tid})),
+        ("FROBNICATE", json!({})),
+        ("DELETE", json!({"task_id": tid})),
+    ] {
+        emu.command(&id, name, param);
+    }
+    let r = wait_results(&emu, 5);
+    let by_name = |n: &str| {
+        r.iter()
+            .find(|x| x["command_name"] == n)
+            .unwrap_or_else(|| panic!("no result for {n}"))
+    };
+    assert_eq!(by_name("STOP")["result"], "success");
+    assert_eq!(by_name("SKIP")["result"], "success");
+    assert_eq!(by_name("DELETE")["result"], "success");
+    assert_eq!(by_name("FROBNICATE")["result"], "fail");
+    // All queues drained: every command answered exactly once.
+    assert_eq!(emu.db()["commands"][&id], json!([]));
+    assert_eq!(r.len(), 5);
+    assert!(agent.log().contains("unknown command"));
+}
+
+#[test]
+fn kill_9_at_random_points_loses_nothing_and_registers_once() {
+    let emu = Emulator::start();
+    let mut agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    let mut queued = 0;
+    let mut seed = u64::from(std::process::id());
+    for round in 0..6 {
+        emu.command(
+            &id,
+            if round % 2 == 0 { "STOP" } else { "SKIP" },
+            json!({"task_id": "none"}),
+        );
+        queued += 1;
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        std::thread::sleep(Duration::from_millis(200 + (seed >> 33) % 1300));
+        agent.kill9();
+        agent.restart();
+    }
+    let r = wait_results(&emu, queued);
+    assert_eq!(r.len(), queued, "each command answered exactly once");
+    registered(&emu, 1);
+    let j = emu.journal();
+    let regs: Vec<&Value> = j
+        .iter()
+        .filter(|e| is(e, "POST", "/v3/sources", 200))
+        .collect();
+    assert!(
+        regs.iter().skip(1).all(|e| e["body"]["id"] == id.as_str()),
+        "a restart registered a new source: {}",
+        summary(&j)
+    );
+    assert_eq!(emu.db()["commands"][&id], json!([]));
+}
+
+#[test]
+fn server_faults_are_retried_with_backoff() {
+    let emu = Emulator::start();
+    emu.fault(json!({"match": {"method": "POST", "path_prefix": "/v3/sources"}, "kind": "status", "status": 503, "count": 3}));
+    emu.fault(json!({"match": {"method": "PUT", "path_prefix": "/v3/sources"}, "kind": "drop", "count": 1}));
+    let _agent = Agent::start(&emu.url(), SK);
+    registered(&emu, 1);
+    let j = emu.journal();
+    let posts: Vec<&Value> = j
+        .iter()
+        .filter(|e| e["method"] == "POST" && e["path"] == "/v3/sources")
+        .collect();
+    assert_eq!(
+        posts
+            .iter()
+            .map(|e| e["status"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![503, 503, 503, 200]
+    );
+    // Waits grow and never collapse into a busy loop.
+    let t: Vec<i64> = posts.iter().map(|e| e["time"].as_i64().unwrap()).collect();
+    assert!(t[3] - t[0] >= 1, "three retries within a second: {t:?}");
+
+    // 429 with Retry-After on the poll: the next poll waits at least that long.
+    let id = registered(&emu, 1);
+    emu.fault(json!({"match": {"path_prefix": format!("/v3/sources/{id}/command")}, "kind": "retry_after", "status": 429, "retry_after_secs": 3, "count": 1}));
+    let j = emu.wait_journal(20, "a poll after the 429", |j| {
+        j.iter()
+            .position(|e| e["status"] == 429)
+            .is_some_and(|i| j[i + 1..].iter().any(|e| is(e, "GET", "/command", 200)))
+    });
+    let i = j.iter().position(|e| e["status"] == 429).unwrap();
+    let next = j[i + 1..]
+        .iter()
+        .find(|e| is(e, "GET", "/command", 200))
+        .unwrap();
+    assert!(
+        next["time"].as_i64().unwrap() - j[i]["time"].as_i64().unwrap() >= 2,
+        "Retry-After not honoured: {}",
+        summary(&j)
+    );
+}
+
+#[test]
+fn bad_server_answers_are_survived() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    let cmd = format!("/v3/sources/{id}/command");
+    emu.fault(json!({"match": {"path_prefix": cmd}, "kind": "body", "status": 200, "body": "{\"command_name\": ", "count": 1}));
+    emu.fault(json!({"match": {"path_prefix": cmd}, "kind": "body", "status": 200, "body": "{\"command_name\": 42}", "count": 1}));
+    emu.fault(json!({"match": {"path_prefix": cmd}, "kind": "body", "status": 200, "body_len": 50_000_000, "count": 1}));
+    emu.wait_journal(60, "polls after the bad answers", |j| {
+        j.iter().filter(|e| is(e, "GET", "/command", 200)).count() >= 5
+    });
+    // Still alive and still answering commands.
+    emu.command(&id, "STOP", json!({"task_id": "x"}));
+    let r = wait_results(&emu, 1);
+    assert_eq!(r[0]["command_name"], "STOP");
+    let log = agent.log();
+    assert!(
+        log.contains("malformed response") || log.contains("larger than"),
+        "{log}"
+    );
+}
+
+#[test]
+fn wrong_secret_key_is_a_clear_error_and_retried_slowly() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), "not-the-right-secret");
+    std::thread::sleep(Duration::from_secs(6));
+    let j = emu.journal();
+    assert!(!j.is_empty());
+    assert!(j.iter().all(|e| e["status"] == 401), "{}", summary(&j));
+    // Backoff: a handful of attempts in six seconds, not hundreds.
+    assert!(
+        j.len() <= 12,
+        "{} requests in 6 s: {}",
+        j.len(),
+        summary(&j)
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("SMS.0502") && log.contains("401") && log.contains("APIGW.0301"),
+        "{log}"
+    );
+}
+
+#[test]
+fn clock_skew_is_reported_as_sms_0205() {
+    let emu = Emulator::start();
+    emu.admin(
+        "POST",
+        "/_emulator/clock",
+        Some(json!({"offset_secs": 3600})),
+    );
+    let agent = Agent::start(&emu.url(), SK);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("SMS.0205") {
+        assert!(Instant::now() < end, "no SMS.0205 in: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("-3600") || log.contains("-3599") || log.contains("-3601"),
+        "skew seconds missing: {log}"
+    );
+}
