@@ -256,9 +256,17 @@ pub struct Agent {
 impl Agent {
     /// Writes a config for `endpoint` (with `sk`) and starts the daemon.
     pub fn start(endpoint: &str, sk: &str) -> Self {
+        Self::start_with_auth(
+            endpoint,
+            &format!("access_key = \"{AK}\"\nsecret_key = \"{sk}\"\n"),
+        )
+    }
+
+    /// Starts the daemon with the given `[auth]` section body.
+    pub fn start_with_auth(endpoint: &str, auth: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n[auth]\naccess_key = \"{AK}\"\nsecret_key = \"{sk}\"\n[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n",
+            "[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n",
             dir.path().join("state").display()
         );
         let p = dir.path().join("agent.toml");

@@ -343,3 +343,54 @@ fn clock_skew_is_reported_as_sms_0205() {
         "skew seconds missing: {log}"
     );
 }
+
+#[test]
+fn iam_tokens_are_fetched_and_renewed_before_expiry() {
+    // The emulator's tokens live 3 s: the agent must renew them as it goes.
+    let emu = Emulator::start();
+    let auth = format!(
+        "method = \"token\"\niam_endpoint = \"{}\"\nusername = \"op\"\npassword = \"pw\"\ndomain_name = \"d\"\nproject_name = \"p\"\n",
+        emu.url()
+    );
+    let _agent = Agent::start_with_auth(&emu.url(), &auth);
+    registered(&emu, 1);
+    std::thread::sleep(Duration::from_secs(7));
+    let j = emu.journal();
+    let tokens = j
+        .iter()
+        .filter(|e| is(e, "POST", "/v3/auth/tokens", 201))
+        .count();
+    assert!(tokens >= 2, "token never renewed: {}", summary(&j));
+    let api: Vec<&Value> = j
+        .iter()
+        .filter(|e| e["path"] != "/v3/auth/tokens")
+        .collect();
+    assert!(api.iter().all(|e| e["auth"] == "token"), "{}", summary(&j));
+    // A call that met an expired token was retried with a fresh one, never given up.
+    assert!(
+        api.iter().filter(|e| e["status"] == 200).count() >= 4,
+        "{}",
+        summary(&j)
+    );
+}
+
+#[test]
+fn a_stalled_server_times_out_and_polling_goes_on() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    emu.fault(json!({"match": {"path_prefix": format!("/v3/sources/{id}/command")}, "kind": "delay", "delay_ms": 30000, "count": 1}));
+    let before = emu.journal().len();
+    emu.command(&id, "STOP", json!({"task_id": "x"}));
+    // The stalled poll times out after the configured 5 s; the next one delivers STOP.
+    let r = wait_results(&emu, 1);
+    assert_eq!(r[0]["command_name"], "STOP");
+    assert!(emu.journal().len() > before);
+    assert!(
+        agent.log().contains("timed out")
+            || agent.log().contains("operation timed out")
+            || agent.log().contains("error sending request"),
+        "{}",
+        agent.log()
+    );
+}

@@ -1,0 +1,77 @@
+//! The emulator against independent clients: the official Python SDK (its own signer and models)
+//! and hand-made requests.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+use serde_json::json;
+use sms_tests::procs::{http, Emulator, AK, SK};
+
+#[test]
+fn the_official_python_sdk_is_accepted() {
+    let emu = Emulator::start();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/sdk_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([&emu.url(), AK, SK])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the SDK client failed (is `pip install huaweicloudsdksms` done? .ci/run does it):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = emu.journal();
+    assert!(j.iter().filter(|e| e["auth"] == "aksk").count() >= 6);
+}
+
+#[test]
+fn bad_requests_get_sms_errors() {
+    let emu = Emulator::start();
+    // Unsigned.
+    let (st, body) = http(&emu.addr, "GET", "/v3/config", &[], None);
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("APIGW.0301"), "{body}");
+    // Signed but invalid bodies.
+    let (st, v) = emu.operator("POST", "/v3/sources", Some(json!({"name": "x"})));
+    assert_eq!(
+        (st, v["error_code"].as_str()),
+        (400, Some("SMS.6013")),
+        "{v}"
+    );
+    let (st, v) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "t", "type": "MIGRATE_ALL", "os_type": "LINUX"})),
+    );
+    assert_eq!(
+        (st, v["error_code"].as_str()),
+        (400, Some("SMS.6011")),
+        "{v}"
+    );
+    let (st, v) = emu.operator(
+        "PUT",
+        "/v3/sources/nope/changestate",
+        Some(json!({"copystate": "SYNCING", "migrationcycle": "replicating"})),
+    );
+    assert_eq!(
+        (st, v["error_code"].as_str()),
+        (400, Some("SMS.7728")),
+        "{v}"
+    );
+}
+
+#[test]
+fn state_survives_an_emulator_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("emu.json");
+    let mut emu = Emulator::start_with(&state, "127.0.0.1:0");
+    let (st, _) = emu.operator("POST", "/v3/sources", Some(json!({"name": "n", "os_type": "WINDOWS", "os_version": "W", "agent_version": "1", "networks": []})));
+    assert_eq!(st, 200);
+    emu.kill();
+    let emu = Emulator::start_with(&state, "127.0.0.1:0");
+    assert_eq!(emu.db()["sources"].as_object().unwrap().len(), 1);
+}
