@@ -180,6 +180,8 @@ pub struct AgentSection {
     pub log_dir: PathBuf,
     /// Time between command polls while idle.
     pub poll_interval: Interval,
+    /// Time between re-probes of the disks (a change is sent with `PUT diskinfo`).
+    pub reprobe_interval: Interval,
 }
 
 impl Default for AgentSection {
@@ -189,6 +191,7 @@ impl Default for AgentSection {
             state_dir: PathBuf::from("/var/lib/sms-agent"),
             log_dir: PathBuf::from("/var/log/sms-agent"),
             poll_interval: Interval(Duration::from_secs(10)),
+            reprobe_interval: Interval(Duration::from_secs(2 * 3600)),
         }
     }
 }

@@ -251,6 +251,7 @@ pub struct Agent {
     child: Option<Child>,
     /// Directory holding config, state and log.
     pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -264,16 +265,28 @@ impl Agent {
 
     /// Starts the daemon with the given `[auth]` section body.
     pub fn start_with_auth(endpoint: &str, auth: &str) -> Self {
+        Self::start_with(endpoint, auth, "", &[])
+    }
+
+    /// Starts the daemon with the given `[auth]` body, extra config text and environment.
+    pub fn start_with(endpoint: &str, auth: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n",
+            "[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
             dir.path().join("state").display()
         );
         let p = dir.path().join("agent.toml");
         std::fs::write(&p, cfg).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let mut a = Self { child: None, dir };
+        let mut a = Self {
+            child: None,
+            dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
         a.restart();
         a
     }
@@ -289,6 +302,7 @@ impl Agent {
             .args(["run", "--config"])
             .arg(self.dir.path().join("agent.toml"))
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

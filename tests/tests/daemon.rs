@@ -163,9 +163,45 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     assert_eq!(r[0]["result"], "fail");
     assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1908");
     let j = emu.journal();
+    for call in [
+        format!("/v3/tasks/{tid}"),
+        format!("/v3/tasks/{tid}/certkey"),
+        format!("/v3/tasks/{tid}/speed-limit"),
+        format!("/v3/tasks/{tid}/configuration-setting"),
+    ] {
+        assert!(
+            j.iter().any(|e| is(e, "GET", &call, 200)),
+            "no GET {call}: {}",
+            summary(&j)
+        );
+    }
     assert!(j
         .iter()
-        .any(|e| is(e, "GET", &format!("/v3/tasks/{tid}"), 200)));
+        .any(|e| e["path"].as_str().unwrap().ends_with("/certkey")
+            && e["query"] == "enable_ca_cert=true"));
+    // The TLS material is the reference's shape: PKCS#1 RSA keys under one CA.
+    let ck = &emu.db()["tasks"][&tid]["certkey"];
+    assert!(ck["private_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    assert!(ck["target_data_private_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    assert!(ck["ca"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    // The keys never reach the agent's log.
+    let key_line = ck["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(!agent.log().contains(&key_line));
     let states: Vec<&Value> = j
         .iter()
         .filter(|e| is(e, "PUT", "/changestate", 200))
@@ -184,7 +220,13 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     ] {
         emu.command(&id, name, param);
     }
-    let r = wait_results(&emu, 5);
+    let (st, _) = emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/log"),
+        Some(json!({"log_bucket": "b"})),
+    );
+    assert_eq!(st, 200);
+    let r = wait_results(&emu, 6);
     let by_name = |n: &str| {
         r.iter()
             .find(|x| x["command_name"] == n)
@@ -194,9 +236,13 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     assert_eq!(by_name("SKIP")["result"], "success");
     assert_eq!(by_name("DELETE")["result"], "success");
     assert_eq!(by_name("FROBNICATE")["result"], "fail");
+    assert_eq!(
+        by_name("UPLOAD_LOG")["result_detail"]["error_code"],
+        "SMS.0414"
+    );
     // All queues drained: every command answered exactly once.
     assert_eq!(emu.db()["commands"][&id], json!([]));
-    assert_eq!(r.len(), 5);
+    assert_eq!(r.len(), 6);
     assert!(agent.log().contains("unknown command"));
 }
 
@@ -392,5 +438,115 @@ fn a_stalled_server_times_out_and_polling_goes_on() {
             || agent.log().contains("error sending request"),
         "{}",
         agent.log()
+    );
+}
+
+#[test]
+fn changed_disks_are_sent_with_put_diskinfo() {
+    let emu = Emulator::start();
+    let disk = sms_tests::LoopDisk::new(32);
+    let extra = format!(
+        "reprobe_interval = \"2s\"\n[probe]\ndevices = [\"{}\"]\n",
+        disk.path()
+    );
+    let auth = format!(
+        "access_key = \"{}\"\nsecret_key = \"{SK}\"\n",
+        sms_tests::procs::AK
+    );
+    let _agent = Agent::start_with(&emu.url(), &auth, &extra, &[]);
+    let id = registered(&emu, 1);
+    let j = emu.journal();
+    let reg = &j
+        .iter()
+        .find(|e| is(e, "POST", "/v3/sources", 200))
+        .unwrap()["body"];
+    assert!(
+        reg["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == disk.path()),
+        "configured device not probed"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !emu.journal().iter().any(|e| is(e, "PUT", "/diskinfo", 200)),
+        "diskinfo sent although nothing changed"
+    );
+
+    run_mkfs(&disk);
+    let j = emu.wait_journal(20, "PUT diskinfo", |j| {
+        j.iter()
+            .any(|e| is(e, "PUT", &format!("/v3/sources/{id}/diskinfo"), 200))
+    });
+    let body = &j.iter().find(|e| is(e, "PUT", "/diskinfo", 200)).unwrap()["body"];
+    assert!(
+        body.get("volumegroups").is_some(),
+        "the API spells it volumegroups"
+    );
+    let d = body["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == disk.path())
+        .unwrap();
+    assert_eq!(d["physical_volumes"][0]["file_system"], "ext4");
+}
+
+fn run_mkfs(disk: &sms_tests::LoopDisk) {
+    sms_tests::run("mkfs.ext4", &["-q", disk.path()]);
+}
+
+#[test]
+fn systemd_gets_ready_status_watchdog_and_stopping() {
+    let emu = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let auth = format!(
+        "access_key = \"{}\"\nsecret_key = \"{SK}\"\n",
+        sms_tests::procs::AK
+    );
+    let mut agent = Agent::start_with(
+        &emu.url(),
+        &auth,
+        "",
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut msgs = Vec::new();
+    let end = Instant::now() + Duration::from_secs(6);
+    let mut buf = [0u8; 512];
+    while Instant::now() < end {
+        if let Ok(n) = sock.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let (st, _) = agent.terminate();
+    assert!(st.success());
+    while let Ok(n) = sock.recv(&mut buf) {
+        msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(msgs.iter().any(|m| m == "READY=1"), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("STATUS=waiting for commands")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().filter(|m| *m == "WATCHDOG=1").count() >= 5,
+        "{msgs:?}"
+    );
+    assert!(msgs.iter().any(|m| m == "STOPPING=1"), "{msgs:?}");
+    let ready = msgs.iter().position(|m| m == "READY=1").unwrap();
+    assert!(
+        msgs[..ready]
+            .iter()
+            .any(|m| m.starts_with("STATUS=registering")),
+        "READY only after registering: {msgs:?}"
     );
 }

@@ -11,15 +11,13 @@ use serde_json::json;
 
 use crate::api::backoff::{jitter_fraction, Backoff};
 use crate::api::models::{
-    ChangeState, Command, CommandResult, CopyState, DiskInfo, IdResponse, MigrationCycle,
-    PostSourceServerBody, Task,
+    CertKey, ChangeState, Command, CommandResult, CopyState, DiskInfo, IdResponse, MigrationCycle,
+    Passphrase, PostSourceServerBody, SpeedLimits, Task,
 };
 use crate::api::{ApiError, Client};
 use crate::config::Config;
 use state::{Phase, State, StateError, Status, Store, TaskState};
 
-/// How often disks are re-probed to catch changes (design.md §4).
-pub const REPROBE_EVERY: Duration = Duration::from_secs(2 * 3600);
 /// Poll interval while a task runs: commands like STOP must be seen quickly.
 const BUSY_POLL: Duration = Duration::from_secs(2);
 /// Longest wait between retries of start-up calls.
@@ -44,6 +42,7 @@ pub struct Daemon {
     status: Status,
     probe_opts: probe::Options,
     poll_interval: Duration,
+    reprobe_interval: Duration,
     backoff: Backoff,
 }
 
@@ -77,6 +76,7 @@ impl Daemon {
             status,
             probe_opts,
             poll_interval: cfg.agent.poll_interval.0,
+            reprobe_interval: cfg.agent.reprobe_interval.0,
             backoff,
         })
     }
@@ -124,7 +124,7 @@ impl Daemon {
         self.save()?;
         loop {
             self.flush_results().await?;
-            if last_probe.elapsed() >= REPROBE_EVERY {
+            if last_probe.elapsed() >= self.reprobe_interval {
                 last_probe = Instant::now();
                 self.reprobe().await?;
             }
@@ -318,6 +318,12 @@ impl Daemon {
             "STOP" => self.stop().await,
             "DELETE" => self.delete().await,
             "SKIP" => self.skip(),
+            // Log bundles go to the operator's OBS bucket, which needs an OBS client this build
+            // does not have; say so rather than claim success.
+            "UPLOAD_LOG" | "RSET_LOG_ACL" => Err((
+                "SMS.0414".to_string(),
+                format!("{name}: uploading logs to OBS is not supported by this agent build; logs are in the journal / log_dir"),
+            )),
             _ => {
                 tracing::warn!(command = %name, "unknown command ignored");
                 Err((
@@ -378,26 +384,106 @@ impl Daemon {
         let _ = self.save();
         self.change_state(CopyState::Init, MigrationCycle::Replicating)
             .await;
+        if let Err((code, msg)) = self.fetch_task_material(task_id).await {
+            return Err(self.fail_task(code, msg).await);
+        }
         // The block and file engines (transfer crate) are not part of this build yet: say so
         // plainly instead of pretending to copy.
+        let kind = if task.kind.is_empty() {
+            "this task type"
+        } else {
+            task.kind.as_str()
+        };
         let msg = format!(
-            "this sms-agent build has no transfer engine for {} yet; task {task_id} cannot run",
-            if task.kind.is_empty() {
-                "this task type"
-            } else {
-                task.kind.as_str()
-            }
+            "this sms-agent build has no transfer engine for {kind} yet; task {task_id} cannot run"
         );
+        Err(self.fail_task("SMS.1908".into(), msg).await)
+    }
+
+    /// Marks the task failed, reports ERROR, and returns the (code, message) for the result.
+    async fn fail_task(&mut self, code: String, msg: String) -> (String, String) {
         if let Some(t) = self.state.task.as_mut() {
             t.phase = Phase::Failed;
-            t.error = Some(msg.clone());
+            t.error = Some(format!("{code}: {msg}"));
         }
         self.status.phase = Some(Phase::Failed);
-        self.status.last_error = Some(msg.clone());
+        self.status.last_error = Some(format!("{code}: {msg}"));
         let _ = self.save();
         self.change_state(CopyState::Error, MigrationCycle::Replicating)
             .await;
-        Err(("SMS.1908".into(), msg))
+        (code, msg)
+    }
+
+    /// Fetches what a transfer needs: TLS material (and the key's passphrase when encrypted),
+    /// speed limits and task settings. Nothing of it is logged: the keys are secrets.
+    async fn fetch_task_material(&self, task_id: &str) -> Result<(), (String, String)> {
+        let q = [("enable_ca_cert".to_string(), "true".to_string())];
+        let ck: CertKey = self
+            .api
+            .get(&format!("/v3/tasks/{task_id}/certkey"), &q)
+            .await
+            .map_err(|e| {
+                (
+                    "SMS.0511".to_string(),
+                    format!("private key and certificates not obtained: {e}"),
+                )
+            })?;
+        for (name, pem) in [
+            ("cert", &ck.cert),
+            ("private_key", &ck.private_key),
+            ("ca", &ck.ca),
+        ] {
+            if !pem.contains("-----BEGIN ") {
+                return Err((
+                    "SMS.3301".into(),
+                    format!("SSL certificate not loaded: certkey field {name} is not PEM"),
+                ));
+            }
+        }
+        if ck.private_key.contains("ENCRYPTED") {
+            let p: Passphrase = self
+                .api
+                .get(&format!("/v3/tasks/{task_id}/passphrase"), &[])
+                .await
+                .map_err(|e| {
+                    (
+                        "SMS.0521".to_string(),
+                        format!("certificate password not obtained: {e}"),
+                    )
+                })?;
+            if p.passphrase.is_empty() {
+                return Err((
+                    "SMS.0521".into(),
+                    "certificate password not obtained: empty passphrase".into(),
+                ));
+            }
+        }
+        let limits: SpeedLimits = self
+            .api
+            .get(&format!("/v3/tasks/{task_id}/speed-limit"), &[])
+            .await
+            .map_err(|e| {
+                (
+                    "SMS.0201".to_string(),
+                    format!("speed limits not obtained: {e}"),
+                )
+            })?;
+        let _: serde_json::Value = self
+            .api
+            .get(&format!("/v3/tasks/{task_id}/configuration-setting"), &[])
+            .await
+            .map_err(|e| {
+                (
+                    "SMS.0201".to_string(),
+                    format!("task settings not obtained: {e}"),
+                )
+            })?;
+        tracing::info!(
+            task_id,
+            speed_rules = limits.speed_limit.len(),
+            "task material fetched"
+        );
+        Ok(())
     }
 
     async fn stop(&mut self) -> Result<serde_json::Value, (String, String)> {

@@ -6,6 +6,7 @@
 //! in one place, in order, which a router with layered middleware would scatter.
 
 pub mod auth;
+pub mod certs;
 pub mod store;
 
 use std::sync::{Arc, Mutex};
@@ -809,6 +810,41 @@ fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Repl
                 format!("task {id} not found"),
             ),
         },
+        ("GET", ["v3", "tasks", id, "certkey"]) => {
+            let Some(t) = s.db.tasks.get_mut(*id) else {
+                return err(
+                    StatusCode::NOT_FOUND,
+                    "SMS.6000",
+                    format!("task {id} not found"),
+                );
+            };
+            // Made once per task and kept, as the service does.
+            if t.certkey.is_none() {
+                let ip = str_field(&t.body, "migration_ip")
+                    .unwrap_or("127.0.0.1")
+                    .to_string();
+                match certs::certkey(id, &ip) {
+                    Ok(c) => t.certkey = Some(c),
+                    Err(e) => {
+                        return err(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "SMS.6000",
+                            format!("cannot make certificates: {e}"),
+                        )
+                    }
+                }
+            }
+            ok(t.certkey.clone().unwrap_or(Value::Null))
+        }
+        ("GET", ["v3", "tasks", id, "passphrase"]) => match s.db.tasks.get(*id) {
+            // The keys served are not encrypted, so the passphrase is empty.
+            Some(t) => ok(json!({"task_id": t.id, "passphrase": ""})),
+            None => err(
+                StatusCode::NOT_FOUND,
+                "SMS.6000",
+                format!("task {id} not found"),
+            ),
+        },
         ("POST", ["v3", _task, "update-network-check-info"]) => ok(json!({})),
         _ => err(
             StatusCode::NOT_FOUND,
@@ -887,6 +923,7 @@ fn create_task(s: &mut Store, mut v: Value) -> Reply {
             speed_limit: Vec::new(),
             consistency: Vec::new(),
             source_id: src,
+            certkey: None,
         },
     );
     ok(json!({"id": id}))

@@ -39,6 +39,9 @@ pub struct TaskRec {
     pub consistency: Vec<Value>,
     /// Source it belongs to.
     pub source_id: String,
+    /// TLS material, made on first request.
+    #[serde(default)]
+    pub certkey: Option<Value>,
 }
 
 /// A command waiting for its agent.
