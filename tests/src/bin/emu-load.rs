@@ -14,7 +14,11 @@ use sms_agent::config::{Config, Secret};
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(url), Some(n), Some(secs)) = (args.get(1), args.get(2).and_then(|a| a.parse::<usize>().ok()), args.get(3).and_then(|a| a.parse::<u64>().ok())) else {
+    let (Some(url), Some(n), Some(secs)) = (
+        args.get(1),
+        args.get(2).and_then(|a| a.parse::<usize>().ok()),
+        args.get(3).and_then(|a| a.parse::<u64>().ok()),
+    ) else {
         eprintln!("usage: emu-load URL AGENTS SECONDS");
         return ExitCode::FAILURE;
     };
@@ -30,8 +34,13 @@ async fn main() -> ExitCode {
         body.name = format!("load-{i}");
         let (cfg, body) = (cfg.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
-            let Ok(client) = Client::new(&cfg) else { return (0u64, 0u64, Vec::new()) };
-            let Ok(id) = client.send::<_, IdResponse>(reqwest::Method::POST, "/v3/sources", &body).await else {
+            let Ok(client) = Client::new(&cfg) else {
+                return (0u64, 0u64, Vec::new());
+            };
+            let Ok(id) = client
+                .send::<_, IdResponse>(reqwest::Method::POST, "/v3/sources", &body)
+                .await
+            else {
                 return (0, 1, Vec::new());
             };
             let path = format!("/v3/sources/{}/command", id.id);
@@ -59,7 +68,11 @@ async fn main() -> ExitCode {
     let wall = started.elapsed().as_secs_f64();
     lat.sort();
     let pct = |p: f64| {
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
         let i = ((lat.len() as f64 - 1.0) * p) as usize;
         lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
@@ -70,6 +83,9 @@ async fn main() -> ExitCode {
     out.insert("failed", failed as f64);
     out.insert("p50_ms", pct(0.5));
     out.insert("p99_ms", pct(0.99));
-    println!("{n} agents, {secs} s: {}", serde_json::to_string(&out).unwrap_or_default());
+    println!(
+        "{n} agents, {secs} s: {}",
+        serde_json::to_string(&out).unwrap_or_default()
+    );
     ExitCode::SUCCESS
 }
