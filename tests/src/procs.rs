@@ -32,6 +32,8 @@ pub struct Emulator {
     pub addr: String,
     /// Its `--state` file.
     pub state: PathBuf,
+    /// Served over HTTPS.
+    pub tls: bool,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -47,6 +49,20 @@ impl Emulator {
 
     /// Starts an emulator on `listen` keeping its state in `state`.
     pub fn start_with(state: &Path, listen: &str) -> Self {
+        Self::spawn(state, listen, &[])
+    }
+
+    /// Starts an HTTPS emulator with the given certificate and key files.
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("emu.json");
+        let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let mut e = Self::spawn(&state, "127.0.0.1:0", &["--tls-cert", c, "--tls-key", k]);
+        e._dir = Some(dir);
+        e
+    }
+
+    fn spawn(state: &Path, listen: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(bin("sms-emulator"))
             .args([
                 "--listen",
@@ -62,6 +78,7 @@ impl Emulator {
                 "--token-ttl",
                 "3",
             ])
+            .args(extra)
             .arg("--state")
             .arg(state)
             .stdout(Stdio::piped())
@@ -75,12 +92,14 @@ impl Emulator {
         let addr = line
             .trim()
             .trim_start_matches("listening on http://")
+            .trim_start_matches("listening on https://")
             .to_string();
         assert!(addr.contains(':'), "emulator did not start: {line:?}");
         Self {
             child,
             addr,
             state: state.to_path_buf(),
+            tls: !extra.is_empty(),
             _dir: None,
         }
     }
@@ -92,6 +111,21 @@ impl Emulator {
 
     /// An unauthenticated admin call.
     pub fn admin(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        if self.tls {
+            // The test's own tiny client speaks no TLS; curl does.
+            let mut args = vec![
+                "-sk".to_string(),
+                "-X".into(),
+                method.into(),
+                format!("https://{}{path}", self.addr),
+            ];
+            if let Some(b) = body {
+                args.extend(["-d".to_string(), b.to_string()]);
+            }
+            let out = Command::new("curl").args(&args).output().unwrap();
+            assert!(out.status.success(), "curl {path} failed");
+            return serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        }
         let (status, text) = http(
             &self.addr,
             method,
@@ -270,9 +304,19 @@ impl Agent {
 
     /// Starts the daemon with the given `[auth]` body, extra config text and environment.
     pub fn start_with(endpoint: &str, auth: &str, extra: &str, env: &[(&str, &str)]) -> Self {
+        let api = format!("[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n");
+        Self::start_full(&api, auth, extra, env)
+    }
+
+    /// Starts the daemon with a whole `[api]` section.
+    pub fn start_with_config(api: &str, auth: &str) -> Self {
+        Self::start_full(api, auth, "", &[])
+    }
+
+    fn start_full(api: &str, auth: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "[api]\nendpoint = \"{endpoint}\"\ntimeout = \"5s\"\n[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
+            "{api}[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
             dir.path().join("state").display()
         );
         let p = dir.path().join("agent.toml");

@@ -550,3 +550,66 @@ fn systemd_gets_ready_status_watchdog_and_stopping() {
         "READY only after registering: {msgs:?}"
     );
 }
+
+#[test]
+fn https_api_needs_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let emu = Emulator::start_tls(&cert_pem, &key_pem);
+    let url = format!("https://{}", emu.addr);
+    let auth = format!(
+        "access_key = \"{}\"\nsecret_key = \"{SK}\"\n",
+        sms_tests::procs::AK
+    );
+
+    // Without the CA the server is not trusted: SMS.0304, and nothing gets through.
+    let untrusting = Agent::start_with(&url, &auth, "", &[]);
+    let end = Instant::now() + Duration::from_secs(15);
+    while !untrusting.log().contains("SMS.0304") {
+        assert!(Instant::now() < end, "no SMS.0304: {}", untrusting.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(emu.journal().is_empty());
+    drop(untrusting);
+
+    // With `ca_file` it registers over TLS.
+    let api = format!(
+        "[api]\nendpoint = \"{url}\"\nca_file = \"{}\"\n",
+        ca_pem.display()
+    );
+    let _trusting = Agent::start_with_config(&api, &auth);
+    registered(&emu, 1);
+}
+
+#[test]
+fn the_configured_proxy_carries_the_requests() {
+    // The emulator doubles as the HTTP proxy: the endpoint's host does not resolve, so a
+    // registration can only arrive through the proxy.
+    let emu = Emulator::start();
+    let auth = format!(
+        "access_key = \"{}\"\nsecret_key = \"{SK}\"\n",
+        sms_tests::procs::AK
+    );
+    let api = format!(
+        "[api]\nendpoint = \"http://sms.emulated.invalid:8080\"\nproxy = \"{}\"\n",
+        emu.url()
+    );
+    let _agent = Agent::start_with_config(&api, &auth);
+    registered(&emu, 1);
+}

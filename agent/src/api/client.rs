@@ -28,13 +28,16 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(30 * 60);
 /// A failed API call.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The service could not be reached (SMS.0201/0203).
-    #[error("cannot reach the SMS API at {url}: {source}")]
+    /// The service could not be reached: SMS.0201 (network), SMS.0203 (timeout) or SMS.0304
+    /// (TLS check failed).
+    #[error("{code}: cannot reach the SMS API at {url}: {detail}")]
     Transport {
+        /// The SMS error code that fits.
+        code: &'static str,
         /// URL called.
         url: String,
-        /// Why.
-        source: reqwest::Error,
+        /// The error and its causes, outermost first.
+        detail: String,
     },
     /// The service answered with an error.
     #[error("{method} {path}: HTTP {status}: {code} {msg}")]
@@ -355,10 +358,7 @@ impl Client {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|source| ApiError::Transport {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(|e| transport(url.clone(), &e))?;
         let status = resp.status();
         let server_date = resp
             .headers()
@@ -445,10 +445,7 @@ impl Client {
             .json(&body)
             .send()
             .await
-            .map_err(|source| ApiError::Transport {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(|e| transport(url.clone(), &e))?;
         let status = resp.status();
         let token = resp
             .headers()
@@ -478,6 +475,28 @@ impl Client {
         }
         Ok(token)
     }
+}
+
+/// A transport error with its whole cause chain (reqwest's own message omits the cause, which is
+/// where "certificate not trusted" or "connection refused" is) and the SMS code that fits.
+fn transport(url: String, e: &reqwest::Error) -> ApiError {
+    let mut detail = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        src = s.source();
+    }
+    let lower = detail.to_ascii_lowercase();
+    let code =
+        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            "SMS.0304"
+        } else if e.is_timeout() {
+            "SMS.0203"
+        } else {
+            "SMS.0201"
+        };
+    ApiError::Transport { code, url, detail }
 }
 
 fn nonempty(v: &str, what: &str) -> Result<String, ApiError> {
@@ -515,12 +534,7 @@ async fn read_limited(mut resp: reqwest::Response, path: &str) -> Result<Vec<u8>
                 out.extend_from_slice(&c);
             }
             Ok(None) => return Ok(out),
-            Err(source) => {
-                return Err(ApiError::Transport {
-                    url: path.into(),
-                    source,
-                })
-            }
+            Err(e) => return Err(transport(path.to_string(), &e)),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use sms_tests::emulator::{serve, store::Store, Emu, EmuConfig};
+use sms_tests::emulator::{serve, serve_tls, store::Store, Emu, EmuConfig};
 
 /// An emulator of the Huawei Cloud SMS API v3 (agent and operator calls, AK/SK and IAM tokens,
 /// request journal and fault injection under /_emulator/).
@@ -32,6 +32,12 @@ struct Args {
     /// Lifetime of issued tokens, seconds.
     #[arg(long, default_value_t = 86_400)]
     token_ttl: i64,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -62,8 +68,16 @@ fn main() -> ExitCode {
     };
     let r = rt.block_on(async {
         let l = tokio::net::TcpListener::bind(&a.listen).await?;
-        println!("listening on http://{}", l.local_addr()?);
-        serve(l, emu).await
+        match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => {
+                println!("listening on https://{}", l.local_addr()?);
+                serve_tls(l, emu, c, k).await
+            }
+            _ => {
+                println!("listening on http://{}", l.local_addr()?);
+                serve(l, emu).await
+            }
+        }
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,
