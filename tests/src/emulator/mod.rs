@@ -937,29 +937,6 @@ fn task_view(t: &TaskRec) -> Value {
     b
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copystate_table() {
-        assert!(copystate_pair_ok("WAITING", "checking"));
-        assert!(copystate_pair_ok("INIT", "replicating"));
-        assert!(copystate_pair_ok("stopped", "syncing"));
-        assert!(!copystate_pair_ok("REPLICATE", "checking"));
-        assert!(!copystate_pair_ok("SYNCING", "replicating"));
-        assert!(!copystate_pair_ok("WAITING", "nonsense"));
-    }
-
-    #[test]
-    fn source_validation_names_the_field() {
-        let e = validate_source(&json!({"name": "x"})).unwrap_err();
-        assert!(e.contains("os_type"), "{e}");
-        let e = validate_source(&json!({"name": "x", "os_type": "BSD", "os_version": "1", "agent_version": "1", "networks": []})).unwrap_err();
-        assert!(e.contains("BSD"), "{e}");
-    }
-}
-
 /// Serves `emu` over TLS with the certificate chain and key in the PEM files `cert` and `key`.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
@@ -995,5 +972,28 @@ pub async fn serve_tls(
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copystate_table() {
+        assert!(copystate_pair_ok("WAITING", "checking"));
+        assert!(copystate_pair_ok("INIT", "replicating"));
+        assert!(copystate_pair_ok("stopped", "syncing"));
+        assert!(!copystate_pair_ok("REPLICATE", "checking"));
+        assert!(!copystate_pair_ok("SYNCING", "replicating"));
+        assert!(!copystate_pair_ok("WAITING", "nonsense"));
+    }
+
+    #[test]
+    fn source_validation_names_the_field() {
+        let e = validate_source(&json!({"name": "x"})).unwrap_err();
+        assert!(e.contains("os_type"), "{e}");
+        let e = validate_source(&json!({"name": "x", "os_type": "BSD", "os_version": "1", "agent_version": "1", "networks": []})).unwrap_err();
+        assert!(e.contains("BSD"), "{e}");
     }
 }
