@@ -613,3 +613,44 @@ fn the_configured_proxy_carries_the_requests() {
     let _agent = Agent::start_with_config(&api, &auth);
     registered(&emu, 1);
 }
+
+#[test]
+fn an_encrypted_task_key_makes_the_agent_fetch_its_passphrase() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    let (_, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "t", "type": "MIGRATE_FILE", "os_type": "LINUX", "source_server": {"id": id}, "target_server": {"disks": []}})),
+    );
+    let tid = task["id"].as_str().unwrap().to_string();
+    emu.admin(
+        "POST",
+        &format!("/_emulator/tasks/{tid}/key-passphrase"),
+        Some(json!({"passphrase": "pass-s3cret-phrase"})),
+    );
+    emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "start"})),
+    );
+    let r = wait_results(&emu, 1);
+    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1908", "{r:?}");
+    let j = emu.journal();
+    assert!(
+        j.iter()
+            .any(|e| is(e, "GET", &format!("/v3/tasks/{tid}/passphrase"), 200)),
+        "{}",
+        summary(&j)
+    );
+    let ck = &emu.db()["tasks"][&tid]["certkey"];
+    assert!(ck["private_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+    assert!(
+        !agent.log().contains("pass-s3cret-phrase"),
+        "the passphrase was logged"
+    );
+}

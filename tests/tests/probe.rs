@@ -56,6 +56,18 @@ fn check_fs_fields(pv: &PhysicalVolume, node: &Path) {
     assert_eq!(pv.uuid, blkid(node, "UUID"), "uuid of {}", pv.name);
 }
 
+/// `Subvolume ID` of `btrfs subvolume show PATH`.
+fn subvol_id(path: &str) -> String {
+    run("btrfs", &["subvolume", "show", path])
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Subvolume ID:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap()
+}
+
 fn dumpe2fs(dev: &Path, key: &str) -> u64 {
     let out = run("dumpe2fs", &["-h", dev.to_str().unwrap()]);
     out.lines()
@@ -124,22 +136,8 @@ fn gpt_disk_with_every_kind_of_volume() {
             &format!("{top}/snap"),
         ],
     );
-    let home_id = run("btrfs", &["subvolume", "show", &format!("{top}/@/home")])
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Subvolume ID:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap();
-    let root_id = run("btrfs", &["subvolume", "show", &format!("{top}/@")])
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Subvolume ID:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap();
+    let home_id = subvol_id(&format!("{top}/@/home"));
+    let root_id = subvol_id(&format!("{top}/@"));
     run("btrfs", &["subvolume", "set-default", &root_id, top]);
     let m_home = d.mount(&btr, "btrfs-home", Some("subvol=@/home"));
     run("sync", &[]);

@@ -342,6 +342,20 @@ fn admin_call(emu: &Emu, method: &Method, path: &str, body: &[u8]) -> Reply {
             s.clock_offset = v["offset_secs"].as_i64().unwrap_or(0);
             ok(json!({}))
         }
+        ("POST", ["_emulator", "tasks", id, "key-passphrase"]) => match s.db.tasks.get_mut(*id) {
+            // Serve this task's private keys encrypted with the passphrase from now on.
+            Some(t) => {
+                t.key_passphrase = v["passphrase"].as_str().map(str::to_string);
+                t.certkey = None;
+                s.save();
+                ok(json!({}))
+            }
+            None => err(
+                StatusCode::NOT_FOUND,
+                "SMS.6000",
+                format!("task {id} not found"),
+            ),
+        },
         ("POST", ["_emulator", "sources", id, "commands"]) => {
             let cmd = Cmd {
                 command_name: v["command_name"].as_str().unwrap_or("").to_string(),
@@ -823,7 +837,7 @@ fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Repl
                 let ip = str_field(&t.body, "migration_ip")
                     .unwrap_or("127.0.0.1")
                     .to_string();
-                match certs::certkey(id, &ip) {
+                match certs::certkey(id, &ip, t.key_passphrase.as_deref()) {
                     Ok(c) => t.certkey = Some(c),
                     Err(e) => {
                         return err(
@@ -837,8 +851,9 @@ fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Repl
             ok(t.certkey.clone().unwrap_or(Value::Null))
         }
         ("GET", ["v3", "tasks", id, "passphrase"]) => match s.db.tasks.get(*id) {
-            // The keys served are not encrypted, so the passphrase is empty.
-            Some(t) => ok(json!({"task_id": t.id, "passphrase": ""})),
+            Some(t) => ok(
+                json!({"task_id": t.id, "passphrase": t.key_passphrase.clone().unwrap_or_default()}),
+            ),
             None => err(
                 StatusCode::NOT_FOUND,
                 "SMS.6000",
@@ -924,6 +939,7 @@ fn create_task(s: &mut Store, mut v: Value) -> Reply {
             consistency: Vec::new(),
             source_id: src,
             certkey: None,
+            key_passphrase: None,
         },
     );
     ok(json!({"id": id}))

@@ -42,6 +42,9 @@ pub struct TaskRec {
     /// TLS material, made on first request.
     #[serde(default)]
     pub certkey: Option<Value>,
+    /// Passphrase the private keys are encrypted with (none: plain PKCS#1).
+    #[serde(default)]
+    pub key_passphrase: Option<String>,
 }
 
 /// A command waiting for its agent.
