@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod probe_cmd;
+
+/// Exit status for an unusable configuration (as linkerd2-proxy uses; sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
 mod run_cmd;
 
 /// Source-side server migration agent for the Huawei Cloud SMS API v3.
@@ -75,6 +78,17 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("sms-agent: error: {e:#}");
+            // A bad configuration will not fix itself: a distinct status lets systemd
+            // (RestartPreventExitStatus=) and scripts tell it from a runtime failure.
+            if e.chain().any(|c| {
+                c.is::<sms_agent::config::ConfigError>()
+                    || matches!(
+                        c.downcast_ref::<sms_agent::api::ApiError>(),
+                        Some(sms_agent::api::ApiError::Config(_))
+                    )
+            }) {
+                return ExitCode::from(EXIT_CONFIG);
+            }
             ExitCode::FAILURE
         }
     }

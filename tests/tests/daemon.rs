@@ -654,3 +654,38 @@ fn an_encrypted_task_key_makes_the_agent_fetch_its_passphrase() {
         "the passphrase was logged"
     );
 }
+
+#[test]
+fn bad_configs_are_refused_with_exit_64_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("sms-agent");
+    let cases = [
+        ("[agent]\nnmae = \"x\"\n", 0o600, "nmae"),
+        ("[api]\nendpoint = \"ftp://x\"\n[auth]\naccess_key = \"a\"\nsecret_key = \"b\"\n", 0o600, "endpoint"),
+        ("[api]\nendpoint = \"http://127.0.0.1:9\"\n[auth]\naccess_key = \"a\"\nsecret_key = \"b\"\n", 0o644, "chmod 600"),
+        ("[api]\nendpoint = \"http://127.0.0.1:9\"\n[auth]\naccess_key = \"a\"\n", 0o600, "secret_key"),
+    ];
+    for (i, (text, mode, want)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "case {i}: {err}");
+        assert!(
+            err.contains(want) && err.contains(p.to_str().unwrap()),
+            "case {i}: {err}"
+        );
+    }
+}
