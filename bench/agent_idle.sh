@@ -36,12 +36,12 @@ END_TICKS=$(awk '{print $14+$15}' /proc/$AGENT/stat)
 RSS=$(awk '/VmRSS/ {print $2}' /proc/$AGENT/status)
 HWM=$(awk '/VmHWM/ {print $2}' /proc/$AGENT/status)
 HZ=$(getconf CLK_TCK)
-JOURNAL=$(curl -s "http://$ADDR/_emulator/journal")
-python3 - "$DURATION" "$START_TICKS" "$END_TICKS" "$HZ" "$RSS" "$HWM" "${conns[*]}" <<EOP
+curl -s "http://$ADDR/_emulator/journal" > "$WORK/journal.json"
+python3 - "$DURATION" "$START_TICKS" "$END_TICKS" "$HZ" "$RSS" "$HWM" "${conns[*]}" "$WORK/journal.json" <<'EOP'
 import json, sys
 dur, t0, t1, hz, rss, hwm = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 conns = [int(c) for c in sys.argv[7].split()]
-j = json.loads('''$JOURNAL''')
+j = json.load(open(sys.argv[8]))
 polls = [e for e in j if e["path"].endswith("/command")]
 others = [e for e in j if not e["path"].endswith("/command")]
 cpu = (t1 - t0) / hz

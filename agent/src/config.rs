@@ -351,19 +351,28 @@ fn read_secret(
     credential: &str,
     what: &'static str,
 ) -> Result<Option<Secret>, ConfigError> {
-    // systemd's credential wins: it is what the unit hands over, already private.
-    let from_creds = creds.map(|d| d.join(credential)).filter(|p| p.is_file());
-    let Some(path) = from_creds.or_else(|| file.map(Path::to_path_buf)) else {
-        return Ok(None);
-    };
-    check_private(&path, what)?;
-    let text = fs::read_to_string(&path).map_err(|err| ConfigError::Read {
-        path: path.clone(),
-        err,
-    })?;
-    Ok(Some(Secret(
-        text.trim_end_matches(['\n', '\r']).to_string(),
-    )))
+    // systemd's credential wins: it is what the unit hands over, already private. An empty one
+    // (the packaged unit always loads /etc/sms-agent/sk, which may be left empty when the key
+    // is in the config) counts as absent.
+    let candidates = [
+        creds.map(|d| d.join(credential)),
+        file.map(Path::to_path_buf),
+    ];
+    for path in candidates.into_iter().flatten() {
+        if !path.is_file() && creds.is_some_and(|d| path.starts_with(d)) {
+            continue;
+        }
+        check_private(&path, what)?;
+        let text = fs::read_to_string(&path).map_err(|err| ConfigError::Read {
+            path: path.clone(),
+            err,
+        })?;
+        let secret = text.trim_end_matches(['\n', '\r']);
+        if !secret.is_empty() {
+            return Ok(Some(Secret(secret.to_string())));
+        }
+    }
+    Ok(None)
 }
 
 fn check_private(path: &Path, what: &'static str) -> Result<(), ConfigError> {
@@ -555,6 +564,28 @@ exclude = []
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_credential_falls_back_to_the_key_file() {
+        let t = tempfile::tempdir().unwrap();
+        let creds = t.path().join("creds");
+        fs::create_dir(&creds).unwrap();
+        write(&creds, SK_CREDENTIAL, "", 0o400);
+        let sk = write(t.path(), "sk", "FROM-FILE\n", 0o600);
+        let p = write(
+            t.path(),
+            "a.toml",
+            &format!("[auth]\nsecret_key_file = {sk:?}\n"),
+            0o644,
+        );
+        let env: BTreeMap<String, String> = [(
+            "CREDENTIALS_DIRECTORY".to_string(),
+            creds.to_str().unwrap().to_string(),
+        )]
+        .into();
+        let c = Config::load(&p, false, &env).unwrap();
+        assert_eq!(c.auth.secret_key.unwrap().expose(), "FROM-FILE");
     }
 
     #[test]
