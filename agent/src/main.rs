@@ -38,6 +38,14 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Show what the daemon is doing: source id, task, phase, bytes, rate, ETA.
     Status(run_cmd::StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    #[command(hide = true)]
+    Manpage,
 }
 
 fn init_logging(verbose: u8) {
@@ -66,6 +74,22 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Run(args) => run_cmd::run(&args),
         Command::Status(args) => run_cmd::status(&args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "sms-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpage => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
