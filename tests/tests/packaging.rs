@@ -242,3 +242,57 @@ fn failed_checks_change_nothing() {
     assert!(!out.status.success() && err.contains("SMS.0205"), "{err}");
     assert!(files_under(&prefix).is_empty());
 }
+
+#[test]
+fn prompts_on_a_terminal_without_echoing_the_secret() {
+    let emu = Emulator::start();
+    let root = tempfile::tempdir().unwrap();
+    let prefix = root.path().join("root");
+    // `script` gives the installer a real terminal; the answers arrive as typed input.
+    let cmd = format!(
+        "sh {} --prefix {} --binary {}",
+        script().display(),
+        prefix.display(),
+        agent_bin().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for answer in [emu.url().as_str(), "PROMPTAK", "typed-secret-value"] {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            writeln!(stdin, "{answer}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{transcript}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        transcript.contains("Secret key (SK, not echoed)"),
+        "{transcript}"
+    );
+    assert!(
+        transcript.contains("PROMPTAK"),
+        "the AK is echoed as typed: {transcript}"
+    );
+    assert!(
+        !transcript.contains("typed-secret-value"),
+        "the secret was echoed: {transcript}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(prefix.join("etc/sms-agent/sk"))
+            .unwrap()
+            .trim(),
+        "typed-secret-value"
+    );
+}
