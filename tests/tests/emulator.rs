@@ -75,3 +75,27 @@ fn state_survives_an_emulator_restart() {
     let emu = Emulator::start_with(&state, "127.0.0.1:0");
     assert_eq!(emu.db()["sources"].as_object().unwrap().len(), 1);
 }
+
+#[test]
+fn certkey_material_sets_up_mutual_tls_plain_and_encrypted() {
+    for pass in [None, Some("task-passphrase")] {
+        let ck = sms_tests::emulator::certs::certkey("t1", "127.0.0.1", pass).unwrap();
+        let s = |k: &str| ck[k].as_str().unwrap().to_string();
+        let source =
+            transfer::tls::Identity::from_pem(&s("cert"), &s("private_key"), pass).unwrap();
+        let target = transfer::tls::Identity::from_pem(
+            &s("target_data_cert"),
+            &s("target_data_private_key"),
+            pass,
+        )
+        .unwrap();
+        transfer::tls::client_config(source, &s("ca")).unwrap();
+        transfer::tls::server_config(target, &s("ca")).unwrap();
+        if pass.is_some() {
+            assert!(matches!(
+                transfer::tls::Identity::from_pem(&s("cert"), &s("private_key"), None),
+                Err(transfer::tls::TlsError::NeedPassphrase)
+            ));
+        }
+    }
+}

@@ -1,6 +1,8 @@
 //! Block and file transfer engines, wire protocol and TLS setup of sms-agent.
 //!
-//! This crate is the third stage of the one-way data flow probe → agent → transfer. Its engines
-//! (issues "Block-level migration" and "File-level migration") are not written yet; the crate exists
-//! so that the workspace layout of `design.md` §2 is fixed from the start.
+//! This crate is the third stage of the one-way data flow probe → agent → transfer. So far it
+//! holds the mutual-TLS setup from the PEMs SMS hands out (`tls`); the wire protocol and the
+//! engines of the block- and file-level issues come next.
 #![forbid(unsafe_code)]
+
+pub mod tls;
