@@ -67,16 +67,23 @@ async fn shutdown_signal() {
     }
 }
 
+/// Whether `pid` is a live sms-agent process.
+fn daemon_alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        c.split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| argv0.ends_with(b"sms-agent"))
+            && c.windows(3).any(|w| w == b"run")
+    })
+}
+
 /// Prints what the daemon is doing.
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let cfg = load(&args.config)?;
     let dir = &cfg.agent.state_dir;
     let st: Option<Status> = state::read_json(&dir.join(state::STATUS_FILE))?;
-    let running = match state::Store::open(dir) {
-        Ok(_) => false,
-        Err(state::StateError::Locked(_)) => true,
-        Err(e) => return Err(e.into()),
-    };
+    // Probing the lock would race a daemon that is just starting, so look at the pid instead.
+    let running = st.as_ref().is_some_and(|s| daemon_alive(s.pid));
     let Some(st) = st else {
         if args.json {
             println!(

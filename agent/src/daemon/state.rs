@@ -163,6 +163,9 @@ impl Store {
     /// Creates `dir` (0700) if needed and takes its lock; fails when another daemon holds it.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // What the agent knows of the host and its tasks is nobody else's business.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let f = OpenOptions::new()
             .write(true)
