@@ -38,6 +38,18 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Show what the daemon is doing: source id, task, phase, bytes, rate, ETA.
     Status(run_cmd::StatusArgs),
+    /// Make a CA and source/target certificates for standalone mode (receive/migrate).
+    ///
+    /// Writes ca.pem, ca-key.pem, source.pem, source-key.pem, target.pem and target-key.pem
+    /// (keys 0600) into DIR, and refuses to overwrite any of them.
+    Certs {
+        /// Output directory.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Host name or IP address the target certificate names (repeatable).
+        #[arg(long = "target-name", value_name = "NAME")]
+        target_names: Vec<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish) on stdout.
     Completions {
         /// The shell.
@@ -74,6 +86,13 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Run(args) => run_cmd::run(&args),
         Command::Status(args) => run_cmd::status(&args),
+        Command::Certs { out, target_names } => transfer::certs::generate(&out, &target_names)
+            .map(|paths| {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+            })
+            .map_err(anyhow::Error::from),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
