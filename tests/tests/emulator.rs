@@ -99,3 +99,52 @@ fn certkey_material_sets_up_mutual_tls_plain_and_encrypted() {
         }
     }
 }
+
+#[test]
+fn reference_examples_are_accepted() {
+    let emu = Emulator::start();
+    let (_, src) = emu.operator("POST", "/v3/sources", Some(json!({"name": "n", "os_type": "WINDOWS", "os_version": "W", "agent_version": "1", "networks": []})));
+    let (st, task) = emu.operator("POST", "/v3/tasks", Some(json!({"name": "t", "type": "MIGRATE_FILE", "os_type": "LINUX", "source_server": {"id": src["id"]}, "target_server": {"disks": []}})));
+    assert_eq!(st, 200, "{task}");
+    let tid = task["id"].as_str().unwrap();
+    // Reference §5.4.8 request example, verbatim.
+    let (st, v) = emu.operator("PUT", &format!("/v3/tasks/{tid}/progress"), Some(json!({"subtask_name": "ATTACH_AGENT_IMAGE", "progress": 100, "replicatesize": 1000, "totalsize": 100000, "process_trace": ""})));
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = emu.operator("PUT", &format!("/v3/tasks/{tid}/progress"), Some(json!({"subtask_name": "NOPE", "progress": 1, "replicatesize": 1, "totalsize": 1, "process_trace": ""})));
+    assert_eq!((st, v["error_code"].as_str()), (400, Some("SMS.6004")));
+    // §5.4.14: the URI table's path and the example's path both work.
+    let body = json!({"consistency_result": [{"dir_check": "/root/data", "num_total_files": 1235, "num_different_files": 12, "num_target_miss_files": 12, "num_target_more_files": 12}]});
+    assert_eq!(
+        emu.operator(
+            "POST",
+            &format!("/v3/tasks/{tid}/consistency-result"),
+            Some(body.clone())
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        emu.operator(
+            "POST",
+            &format!("/v3/{tid}/consistency-result"),
+            Some(body.clone())
+        )
+        .0,
+        200
+    );
+    let (st, got) = emu.operator("GET", &format!("/v3/tasks/{tid}/consistency-result"), None);
+    assert_eq!(
+        (st, &got["consistency_result"]),
+        (200, &body["consistency_result"])
+    );
+    let too_many = json!({"consistency_result": vec![body["consistency_result"][0].clone(); 31]});
+    assert_eq!(
+        emu.operator(
+            "POST",
+            &format!("/v3/tasks/{tid}/consistency-result"),
+            Some(too_many)
+        )
+        .1["error_code"],
+        "SMS.6011"
+    );
+}

@@ -277,6 +277,85 @@ pub struct Passphrase {
     pub passphrase: String,
 }
 
+/// Response of `GET /v3/config`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// `mainRegion`, `obs_domain`, … as strings.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+    /// Regions.
+    #[serde(default)]
+    pub regions: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Body of `POST /v3/tasks/{id}/consistency-result` (at most 30 entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsistencyResults {
+    /// One entry per checked directory.
+    pub consistency_result: Vec<ConsistencyResult>,
+}
+
+/// The consistency check of one directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsistencyResult {
+    /// Directory checked.
+    pub dir_check: String,
+    /// Files in it.
+    pub num_total_files: u64,
+    /// Files that differ on the target.
+    pub num_different_files: u64,
+    /// Files missing on the target.
+    pub num_target_miss_files: u64,
+    /// Files only on the target.
+    pub num_target_more_files: u64,
+}
+
+/// Body of `POST /v3/{task_id}/update-network-check-info`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkCheckInfo {
+    /// The API domain is reachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain_connectivity: Option<bool>,
+    /// The target is reachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_connectivity: Option<bool>,
+    /// Latency, ms.
+    pub network_delay: f64,
+    /// Jitter, ms.
+    pub network_jitter: f64,
+    /// Bandwidth, Mbit/s.
+    pub migration_speed: f64,
+    /// Packet loss, %.
+    pub loss_percentage: f64,
+    /// CPU use, %.
+    pub cpu_usage: f64,
+    /// Memory use, %.
+    pub mem_usage: f64,
+    /// Verdict (6–8 characters, e.g. `GOOD`-style words the service defines).
+    pub evaluation_result: String,
+}
+
+/// Task settings (`GET/POST /v3/tasks/{id}/configuration-setting`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigurationSettings {
+    /// Settings.
+    #[serde(default)]
+    pub configurations: Vec<ConfigurationSetting>,
+}
+
+/// One task setting, e.g. `MIGRATE_EXCLUDE_DIR`, `LINUX_CPU_LIMIT`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigurationSetting {
+    /// Setting name.
+    pub config_key: String,
+    /// Value; the reference sends numbers and strings.
+    #[serde(default)]
+    pub config_value: serde_json::Value,
+    /// Status, when the service reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_status: Option<String>,
+}
+
 /// An SMS error body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -322,6 +401,36 @@ mod tests {
         })
         .unwrap();
         assert_eq!(j, r#"{"copystate":"WAITING","migrationcycle":"checking"}"#);
+    }
+
+    #[test]
+    fn reference_examples_round_trip() {
+        // Request examples of reference §5.4.8, §5.4.14 and §5.10.1, verbatim.
+        let progress = r#"{"subtask_name": "ATTACH_AGENT_IMAGE", "progress": 100, "replicatesize": 1000, "totalsize": 100000, "process_trace": ""}"#;
+        let p: Progress = serde_json::from_str(progress).unwrap();
+        assert_eq!((p.progress, p.totalsize), (100, 100_000));
+        let v: serde_json::Value = serde_json::from_str(progress).unwrap();
+        assert_eq!(serde_json::to_value(&p).unwrap(), v);
+
+        let cr = r#"{"consistency_result": [{"dir_check": "/root/data", "num_total_files": 1235, "num_different_files": 12, "num_target_miss_files": 12, "num_target_more_files": 12}, {"dir_check": "/var", "num_total_files": 1235, "num_different_files": 12, "num_target_miss_files": 12, "num_target_more_files": 12}]}"#;
+        let c: ConsistencyResults = serde_json::from_str(cr).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::from_str::<serde_json::Value>(cr).unwrap()
+        );
+
+        let cs = r#"{"configurations": [{"config_key": "LINUX_CPU_LIMIT", "config_value": 50}]}"#;
+        let c: ConfigurationSettings = serde_json::from_str(cs).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::from_str::<serde_json::Value>(cs).unwrap()
+        );
+
+        let cfg: AgentConfig = serde_json::from_str(
+            r#"{"config": {"mainRegion": "cn-north-4"}, "regions": [{"id": "cn-north-4"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.config["mainRegion"], "cn-north-4");
     }
 
     #[test]

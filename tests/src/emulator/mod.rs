@@ -499,15 +499,38 @@ pub fn copystate_pair_ok(copystate: &str, cycle: &str) -> bool {
         || (cycle != "checking" && cycle != "setting" && common.contains(&cs.as_str()))
 }
 
-const LINUX_SUBTASKS: &[&str] = &[
+/// Subtask names the service knows (reference §5.4.8 and its examples); an agent on Linux
+/// reports the MIGRATE/SYNC ones, the service side the rest.
+const SUBTASKS: &[&str] = &[
     "MIGRATE_LINUX_BLOCK",
     "MIGRATE_LINUX_FILE",
     "SYNC_LINUX_BLOCK",
     "SYNC_LINUX_FILE",
+    "MIGRATE_WINDOWS_BLOCK",
+    "SYNC_WINDOWS_BLOCK",
+    "CREATE_CLOUD_SERVER",
+    "SSL_CONFIG",
+    "ATTACH_AGENT_IMAGE",
+    "DETTACH_AGENT_IMAGE",
+    "DETACH_AGENT_IMAGE",
+    "FORMAT_DISK_LINUX",
+    "FORMAT_DISK_LINUX_FILE",
+    "FORMAT_DISK_LINUX_BLOCK",
+    "FORMAT_DISK_WINDOWS",
+    "CONFIGURE_LINUX",
+    "CONFIGURE_LINUX_FILE",
+    "CONFIGURE_LINUX_BLOCK",
+    "CONFIGURE_WINDOWS",
+    "CLONE_TEST",
 ];
 
 fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Reply {
-    let segs: Vec<String> = path.trim_matches('/').split('/').map(auth::unpct).collect();
+    let mut segs: Vec<String> = path.trim_matches('/').split('/').map(auth::unpct).collect();
+    // The reference's examples write `/v3/{task_id}/consistency-result` where its URI table
+    // says `/v3/tasks/{task_id}/…`; accept both.
+    if segs.len() == 3 && segs[0] == "v3" && segs[2] == "consistency-result" {
+        segs.insert(1, "tasks".into());
+    }
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let v: Value = if body.is_empty() {
         Value::Null
@@ -722,7 +745,7 @@ fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Repl
             let Some(name) = str_field(&v, "subtask_name") else {
                 return bad("SMS.6013", "Incomplete request parameters: subtask_name");
             };
-            if !LINUX_SUBTASKS.contains(&name) {
+            if !SUBTASKS.contains(&name) {
                 return bad("SMS.6004", format!("Invalid subtask name {name}"));
             }
             for k in ["progress", "replicatesize", "totalsize"] {
