@@ -74,7 +74,8 @@ impl MountTable {
         let mut found: Vec<MountEntry> = self
             .entries
             .iter()
-            .filter(|(e, canon)| e.dev == dev || canon.as_deref() == Some(path))
+            // (0, 0) stands for "the kernel has no node for it"; it must not match anything.
+            .filter(|(e, canon)| (dev != (0, 0) && e.dev == dev) || canon.as_deref() == Some(path))
             .map(|(e, _)| e.clone())
             .collect();
         found.sort_by_key(|e| e.root != "/");
