@@ -2,11 +2,14 @@
 //!
 //! This crate is the third stage of the one-way data flow probe → agent → transfer. So far it
 //! holds the mutual-TLS setup from the PEMs SMS hands out (`tls`), the certificates of
-//! standalone mode (`certs`), the framed wire protocol (`wire`) and chunk hashing and
-//! compression (`chunk`); the block and file engines that use them come next.
+//! standalone mode (`certs`), the framed wire protocol (`wire`), chunk hashing and compression
+//! (`chunk`), speed limits (`limit`) and progress metering (`meter`); the block and file engines
+//! that use them come next.
 #![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod chunk;
+pub mod limit;
+pub mod meter;
 pub mod tls;
 pub mod wire;
