@@ -329,7 +329,13 @@ fn read_mbr(
 }
 
 fn read_gpt(dev: &(impl ReadAt + ?Sized), dev_size: u64, ss: u64) -> Result<PartitionTable, Error> {
-    let last_lba = dev_size / ss - 1;
+    // Found by the `ptable` fuzz target: a device smaller than one sector underflowed here.
+    let Some(last_lba) = (dev_size / ss).checked_sub(1).filter(|l| *l >= 2) else {
+        return Err(Error::GptDamaged {
+            primary: "the disk is too small for a GPT".into(),
+            backup: "the disk is too small for a GPT".into(),
+        });
+    };
     let primary = gpt_at(dev, 1, dev_size, ss);
     match primary {
         Ok(parts) => Ok(PartitionTable {
@@ -410,7 +416,7 @@ fn gpt_at(
         }
         let first = le64(e, 32).ok_or("truncated entry")?;
         let last = le64(e, 40).ok_or("truncated entry")?;
-        if last < first || (last + 1).saturating_mul(ss) > dev_size {
+        if last < first || last.saturating_add(1).saturating_mul(ss) > dev_size {
             return Err(format!(
                 "entry {} spans LBA {first}–{last}, outside the disk",
                 i + 1
@@ -581,6 +587,8 @@ mod tests {
             img[512..520].copy_from_slice(GPT_SIGNATURE);
             let _ = read(&img, 8192, 512);
         }
+        // Smaller than a sector at 4 KiB sectors (found by fuzzing: used to underflow).
+        assert!(read(&vec![0u8; 1024], 1024, 4096).unwrap().is_none());
         // Truncated: the claimed disk is larger than the bytes behind it.
         let img = gpt_image();
         let short = img[..4096].to_vec();

@@ -298,6 +298,10 @@ impl Message {
         if h[4] != VERSION {
             return Err(WireError::Version(h[4]));
         }
+        // No flags are defined in version 1: a set bit is a peer we do not understand.
+        if h[6] != 0 {
+            return Err(WireError::Invalid("header flags"));
+        }
         if h[7] != 0 {
             return Err(WireError::Invalid("reserved header byte"));
         }
@@ -489,6 +493,13 @@ mod tests {
         assert_eq!(
             Message::read_from(&mut &bad[..]),
             Err(WireError::Version(99))
+        );
+        // Found by the `wire` fuzz target: unknown flags were ignored, so decode∘encode differed.
+        let mut bad = good.clone();
+        bad[6] = 0x3d;
+        assert_eq!(
+            Message::read_from(&mut &bad[..]),
+            Err(WireError::Invalid("header flags"))
         );
         let mut bad = good.clone();
         bad[5] = 200;
