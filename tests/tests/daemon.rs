@@ -689,3 +689,27 @@ fn bad_configs_are_refused_with_exit_64_naming_the_problem() {
         );
     }
 }
+
+#[test]
+fn unusable_tls_material_fails_the_task_with_sms_3301() {
+    let emu = Emulator::start();
+    let _agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    let (_, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "t", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "source_server": {"id": id}, "target_server": {"disks": []}})),
+    );
+    let tid = task["id"].as_str().unwrap().to_string();
+    let junk = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n";
+    emu.fault(json!({"match": {"path_prefix": format!("/v3/tasks/{tid}/certkey")}, "kind": "body", "status": 200,
+                     "body": json!({"cert": junk, "private_key": junk, "ca": junk}).to_string(), "count": 1}));
+    emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "start"})),
+    );
+    let r = wait_results(&emu, 1);
+    assert_eq!(r[0]["result"], "fail");
+    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.3301", "{r:?}");
+}

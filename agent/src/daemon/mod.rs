@@ -428,18 +428,7 @@ impl Daemon {
                     format!("private key and certificates not obtained: {e}"),
                 )
             })?;
-        for (name, pem) in [
-            ("cert", &ck.cert),
-            ("private_key", &ck.private_key),
-            ("ca", &ck.ca),
-        ] {
-            if !pem.contains("-----BEGIN ") {
-                return Err((
-                    "SMS.3301".into(),
-                    format!("SSL certificate not loaded: certkey field {name} is not PEM"),
-                ));
-            }
-        }
+        let mut passphrase = None;
         if ck.private_key.contains("ENCRYPTED") {
             let p: Passphrase = self
                 .api
@@ -457,7 +446,17 @@ impl Daemon {
                     "certificate password not obtained: empty passphrase".into(),
                 ));
             }
+            passphrase = Some(p.passphrase);
         }
+        // Load the material now, so a bad certificate fails the task before any data moves.
+        transfer::tls::Identity::from_pem(&ck.cert, &ck.private_key, passphrase.as_deref())
+            .and_then(|id| transfer::tls::client_config(id, &ck.ca))
+            .map_err(|e| {
+                (
+                    "SMS.3301".to_string(),
+                    format!("SSL certificate not loaded: {e}"),
+                )
+            })?;
         let limits: SpeedLimits = self
             .api
             .get(&format!("/v3/tasks/{task_id}/speed-limit"), &[])
@@ -478,6 +477,14 @@ impl Daemon {
                     format!("task settings not obtained: {e}"),
                 )
             })?;
+        for r in &limits.speed_limit {
+            transfer::limit::Rule::new(&r.start, &r.end, r.speed).map_err(|e| {
+                (
+                    "SMS.9004".to_string(),
+                    format!("speed-limit rule refused: {e}"),
+                )
+            })?;
+        }
         tracing::info!(
             task_id,
             speed_rules = limits.speed_limit.len(),
