@@ -198,18 +198,22 @@ pub fn make_vg(vg: &str, pvs: &[&Path], lvs: &[(&str, u64)]) {
     run("vgcfgrestore", &["-q", "-f", backup.to_str().unwrap(), vg]);
 }
 
-/// The `sms-agent` binary built by this workspace.
-pub fn sms_agent() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; the binary one directory up.
+/// A binary built by this workspace (`sms-agent`, `sms-emulator`).
+pub fn bin(name: &str) -> PathBuf {
+    // Integration tests live in target/<profile>/deps; the binaries one directory up.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("sms-agent");
+    let bin = exe.parent().unwrap().parent().unwrap().join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --workspace && cargo test --workspace`)",
         bin.display()
     );
     bin
+}
+
+/// The `sms-agent` binary built by this workspace.
+pub fn sms_agent() -> PathBuf {
+    bin("sms-agent")
 }
 
 /// Output of one `sms-agent probe` run.

@@ -9,21 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::bin;
+
 /// Access key the tests use.
 pub const AK: &str = "TESTACCESSKEY0000000";
 /// Secret key the tests use.
 pub const SK: &str = "TestSecretKey0000000000000000000000000000";
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
 
 /// A running `sms-emulator`.
 pub struct Emulator {

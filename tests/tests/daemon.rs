@@ -122,19 +122,11 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     let id = registered(&emu, 1);
 
     // A second daemon on the same state directory must not start.
-    let out = std::process::Command::new(
-        std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .join("sms-agent"),
-    )
-    .args(["run", "--config"])
-    .arg(agent.dir.path().join("agent.toml"))
-    .output()
-    .unwrap();
+    let out = std::process::Command::new(sms_tests::sms_agent())
+        .args(["run", "--config"])
+        .arg(agent.dir.path().join("agent.toml"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another sms-agent"),
@@ -658,13 +650,7 @@ fn an_encrypted_task_key_makes_the_agent_fetch_its_passphrase() {
 #[test]
 fn bad_configs_are_refused_with_exit_64_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("sms-agent");
+    let bin = sms_tests::sms_agent();
     let cases = [
         ("[agent]\nnmae = \"x\"\n", 0o600, "nmae"),
         ("[api]\nendpoint = \"ftp://x\"\n[auth]\naccess_key = \"a\"\nsecret_key = \"b\"\n", 0o600, "endpoint"),

@@ -18,13 +18,7 @@ fn script() -> PathBuf {
 }
 
 fn agent_bin() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("sms-agent")
+    sms_tests::sms_agent()
 }
 
 fn install(prefix: &Path, args: &[&str]) -> Output {
