@@ -205,8 +205,9 @@ fn journal(
     body: &[u8],
 ) {
     let mut s = emu.lock();
+    s.journal_seq += 1;
     let e = Entry {
-        seq: s.journal.len() as u64 + 1,
+        seq: s.journal_seq,
         time: s.now(),
         method: method.to_string(),
         path: path.to_string(),
@@ -216,7 +217,11 @@ fn journal(
         body: serde_json::from_slice(body).unwrap_or(Value::Null),
         body_len: body.len(),
     };
-    s.journal.push(e);
+    // A long load test must not grow the emulator without bound: keep the newest entries.
+    while s.journal.len() >= store::JOURNAL_LIMIT {
+        s.journal.pop_front();
+    }
+    s.journal.push_back(e);
 }
 
 fn authenticate(

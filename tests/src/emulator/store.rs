@@ -150,13 +150,18 @@ pub struct FaultMatch {
     pub path_prefix: Option<String>,
 }
 
+/// Journal entries kept; older ones are dropped (their sequence numbers are not reused).
+pub const JOURNAL_LIMIT: usize = 100_000;
+
 /// Everything, behind one lock.
 #[derive(Debug, Default)]
 pub struct Store {
     /// Persistent data.
     pub db: Db,
-    /// Request journal.
-    pub journal: Vec<Entry>,
+    /// Request journal, the newest [`JOURNAL_LIMIT`] entries.
+    pub journal: VecDeque<Entry>,
+    /// Sequence number of the last journal entry.
+    pub journal_seq: u64,
     /// Pending faults.
     pub faults: Vec<Fault>,
     /// Seconds added to the real clock.
