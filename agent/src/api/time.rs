@@ -42,17 +42,17 @@ fn from_unix(secs: i64) -> Option<SystemTime> {
     }
 }
 
+/// Calendar date and time of day of a Unix time: (year, month, day, hour, minute, second).
+fn civil(secs: i64) -> (i64, u32, u32, i64, i64, i64) {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let r = secs.rem_euclid(86_400);
+    (y, m, d, r / 3600, r % 3600 / 60, r % 60)
+}
+
 /// `YYYYMMDDTHHMMSSZ` in UTC, the `X-Sdk-Date` format.
 pub fn sdk_date(t: SystemTime) -> String {
-    let s = unix_secs(t);
-    let (y, m, d) = civil_from_days(s.div_euclid(86_400));
-    let r = s.rem_euclid(86_400);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        r / 3600,
-        r % 3600 / 60,
-        r % 60
-    )
+    let (y, m, d, hh, mm, ss) = civil(unix_secs(t));
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
 }
 
 /// Parses an `X-Sdk-Date` value.
@@ -117,15 +117,8 @@ pub fn skew_seconds(local: SystemTime, server_date: &str) -> Option<i64> {
 
 /// Local wall-clock time `YYYY-MM-DD HH:MM:SS` (UTC here; the daemon passes local offsets).
 pub fn agent_time(t: SystemTime, utc_offset_secs: i64) -> String {
-    let s = unix_secs(t) + utc_offset_secs;
-    let (y, m, d) = civil_from_days(s.div_euclid(86_400));
-    let r = s.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        r / 3600,
-        r % 3600 / 60,
-        r % 60
-    )
+    let (y, m, d, hh, mm, ss) = civil(unix_secs(t) + utc_offset_secs);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}")
 }
 
 #[cfg(test)]
