@@ -500,9 +500,7 @@ mod tests {
         for round in 0..300 {
             let mut img = vec![0u8; 1 << 17];
             for b in img.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                crate::testutil::xorshift(&mut x);
                 *b = x as u8;
             }
             // Plant each magic in turn over random bytes.

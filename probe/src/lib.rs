@@ -110,3 +110,15 @@ pub fn probe(opts: &Options) -> Report {
         warnings: w.into_vec(),
     }
 }
+
+/// Test-only helpers shared by the modules' tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// One step of xorshift64: cheap, seedable noise for no-panic loops over random input.
+    pub(crate) fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+}

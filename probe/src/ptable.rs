@@ -577,9 +577,7 @@ mod tests {
         for _ in 0..200 {
             let mut img = vec![0u8; 8192];
             for b in img.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                crate::testutil::xorshift(&mut x);
                 *b = x as u8;
             }
             img[510] = 0x55;

@@ -131,9 +131,7 @@ mod tests {
     fn noise(n: usize, mut x: u64) -> Vec<u8> {
         (0..n)
             .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                crate::testutil::xorshift(&mut x);
                 x as u8
             })
             .collect()

@@ -13,3 +13,15 @@ pub mod limit;
 pub mod meter;
 pub mod tls;
 pub mod wire;
+
+/// Test-only helpers shared by the modules' tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// One step of xorshift64: cheap, seedable noise for no-panic loops over random input.
+    pub(crate) fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+}

@@ -563,9 +563,7 @@ mod tests {
     fn random_payloads_never_panic() {
         let mut x = 0xDEAD_BEEFu64;
         for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            crate::testutil::xorshift(&mut x);
             let len = (x % 96) as usize;
             let payload: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
             let kind = (x >> 8) as u8 % 10;
