@@ -5,7 +5,7 @@
 //! standalone mode (`certs`), the framed wire protocol (`wire`), chunk hashing and compression
 //! (`chunk`), speed limits (`limit`) and progress metering (`meter`); the block and file engines
 //! that use them come next.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod certs;
 pub mod chunk;

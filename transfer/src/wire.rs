@@ -34,6 +34,17 @@ pub enum Mode {
     File,
 }
 
+/// Chunk size of a block transfer must lie in this range (and be a power of two): the unit of
+/// resume, of sync comparison and of the receiver's done map.
+pub const MIN_BLOCK_CHUNK: u32 = 64 << 10;
+/// Leaf size of the sync hash tree: the filesystem block size, so one changed block costs one
+/// leaf of data on the wire.
+pub const LEAF: usize = 4096;
+/// Bytes of a leaf hash: a truncated BLAKE3 (the chunk root is checked in full afterwards).
+pub const LEAF_HASH: usize = 16;
+/// Message types 64–127 belong to file mode (`file::proto`); this decoder refuses them.
+pub const FILE_TYPES: std::ops::RangeInclusive<u8> = 64..=127;
+
 /// One message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -43,18 +54,28 @@ pub enum Message {
         task_id: String,
         /// Transfer mode.
         mode: Mode,
-        /// Index of this data stream (0 = control).
+        /// Index of this stream (0 = control).
         stream: u16,
-        /// Number of streams of the session.
+        /// Number of data streams of the session.
         streams: u16,
+        /// Session the stream joins (0 on the control stream: a new session).
+        session: u64,
     },
-    /// The target's answer: the version it will speak.
+    /// The target's answer: the version it will speak and the session id.
     HelloAck {
         /// Agreed protocol version.
         version: u8,
+        /// Session id the data streams must present.
+        session: u64,
     },
-    /// The disks of a block transfer: name and size in bytes.
+    /// The disks of a block pass: name and size in bytes.
     DiskPlan {
+        /// Pass number (0 = full copy, 1… = sync passes); a checkpoint resumes only the same pass.
+        pass: u32,
+        /// Whether this pass compares hashes (sync) instead of sending everything.
+        sync: bool,
+        /// Chunk size in bytes (power of two, [`MIN_BLOCK_CHUNK`]..=[`MAX_CHUNK`]).
+        chunk_size: u32,
         /// (target disk name, size).
         disks: Vec<(String, u64)>,
     },
@@ -73,14 +94,14 @@ pub enum Message {
         /// The bytes as sent.
         data: Vec<u8>,
     },
-    /// The receiver has made everything up to sequence `upto` durable.
+    /// The receiver has made `upto` chunks of the pass durable.
     Ack {
-        /// Highest durable checkpoint.
+        /// Durable chunks.
         upto: u64,
     },
-    /// A checkpoint request: the sender asks the receiver to make data durable and ack `seq`.
+    /// The sender asks the receiver to make everything durable and ack.
     Checkpoint {
-        /// Checkpoint sequence number.
+        /// Chunks the sender has sent in this pass, done earlier included.
         seq: u64,
     },
     /// A failure, with an SMS error code.
@@ -90,8 +111,61 @@ pub enum Message {
         /// Text.
         message: String,
     },
-    /// Orderly end of the session.
+    /// Orderly end of a stream.
     Bye,
+    /// The chunks of `disk` already durable on the target in this pass (bit i = chunk i).
+    DoneMap {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Bitmap, LSB first.
+        bits: Vec<u8>,
+    },
+    /// The plan is accepted; data may flow.
+    Ready,
+    /// `len` bytes of zeros at `offset` (sent instead of an all-zero chunk).
+    Zero {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
+    /// Everything of chunk `chunk` has been sent; with a non-zero `hash` (sync passes) the
+    /// receiver marks it done only when its copy hashes to it.
+    Done {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Chunk index.
+        chunk: u64,
+        /// BLAKE3 of the whole chunk as the source read it, or zeros (no check).
+        hash: [u8; 32],
+    },
+    /// Sync: asks for the target's hashes of a chunk.
+    SumReq {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Chunk index.
+        chunk: u64,
+    },
+    /// Sync: the target's hash tree of a chunk: its root and one leaf per [`LEAF`] bytes.
+    Sums {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Chunk index.
+        chunk: u64,
+        /// BLAKE3 of the chunk.
+        hash: [u8; 32],
+        /// Truncated BLAKE3 of each leaf.
+        leaves: Vec<[u8; LEAF_HASH]>,
+    },
+    /// Sync: the target's copy of a chunk does not hash to what `Done` said; send it again.
+    Mismatch {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Chunk index.
+        chunk: u64,
+    },
 }
 
 /// A frame that cannot be decoded; the connection must be dropped.
@@ -130,13 +204,27 @@ pub enum WireError {
     Io(String),
 }
 
-/// Reads fields from a payload, never past its end.
-struct Reader<'a> {
+/// Reads fields from a payload, never past its end. Every decoder of untrusted bytes (block
+/// and file messages alike) goes through it.
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+    /// Bytes not yet read.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+    /// Everything not yet read (the reader is then at its end).
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
         if n > self.buf.len() {
             return Err(WireError::Truncated(what));
         }
@@ -144,24 +232,29 @@ impl<'a> Reader<'a> {
         self.buf = rest;
         Ok(head)
     }
-    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+    /// The next field (u8).
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         Ok(self.take(1, what)?[0])
     }
-    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+    /// The next field (u16).
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
         let b = self.take(2, what)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+    /// The next field (u32).
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
         let b = self.take(4, what)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+    /// The next field (u64).
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
         let b = self.take(8, what)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_be_bytes(a))
     }
-    fn string(&mut self, what: &'static str) -> Result<String, WireError> {
+    /// The next field (string).
+    pub fn string(&mut self, what: &'static str) -> Result<String, WireError> {
         let len = usize::from(self.u16(what)?);
         if len > MAX_STRING {
             return Err(WireError::TooLong {
@@ -172,7 +265,8 @@ impl<'a> Reader<'a> {
         }
         String::from_utf8(self.take(len, what)?.to_vec()).map_err(|_| WireError::Invalid(what))
     }
-    fn finish(self) -> Result<(), WireError> {
+    /// Ends decoding: bytes left over are an error.
+    pub fn finish(self) -> Result<(), WireError> {
         if self.buf.is_empty() {
             Ok(())
         } else {
@@ -181,7 +275,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
+/// Appends a length-prefixed string (at most [`MAX_STRING`] bytes).
+pub fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
     let len = s.len();
     if len > MAX_STRING {
         return Err(WireError::TooLong {
@@ -199,6 +294,64 @@ fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
     Ok(())
 }
 
+fn too_long(what: &'static str, len: usize, max: usize) -> WireError {
+    WireError::TooLong { what, len, max }
+}
+
+fn put_count(p: &mut Vec<u8>, what: &'static str, n: usize, max: usize) -> Result<(), WireError> {
+    if n > max {
+        return Err(too_long(what, n, max));
+    }
+    let n = u32::try_from(n).map_err(|_| WireError::Invalid(what))?;
+    p.extend_from_slice(&n.to_be_bytes());
+    Ok(())
+}
+
+fn get_count(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<usize, WireError> {
+    let n = usize::try_from(r.u32(what)?).unwrap_or(usize::MAX);
+    if n > max {
+        return Err(too_long(what, n, max));
+    }
+    Ok(n)
+}
+
+fn hash32(r: &mut Reader<'_>, what: &'static str) -> Result<[u8; 32], WireError> {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(r.take(32, what)?);
+    Ok(h)
+}
+
+/// Most leaves in one `Sums`: a chunk of [`MAX_CHUNK`] bytes.
+pub const MAX_LEAVES: usize = MAX_CHUNK / LEAF;
+
+/// Writes one frame of type `kind` around `payload`.
+pub fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> Result<(), WireError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(too_long("frame payload", payload.len(), MAX_PAYLOAD));
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| WireError::Invalid("payload"))?;
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[5] = kind;
+    h[8..].copy_from_slice(&len.to_be_bytes());
+    w.write_all(&h)
+        .and_then(|()| w.write_all(payload))
+        .map_err(|e| WireError::Io(e.to_string()))
+}
+
+/// Reads one frame: (type, payload), allocating at most [`MAX_PAYLOAD`] bytes.
+pub fn read_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    let (kind, len) = Message::parse_header(&h)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    Ok((kind, payload))
+}
+
 impl Message {
     fn kind(&self) -> u8 {
         match self {
@@ -210,11 +363,18 @@ impl Message {
             Message::Checkpoint { .. } => 6,
             Message::Error { .. } => 7,
             Message::Bye => 8,
+            Message::DoneMap { .. } => 9,
+            Message::Ready => 10,
+            Message::Zero { .. } => 11,
+            Message::Done { .. } => 12,
+            Message::SumReq { .. } => 13,
+            Message::Sums { .. } => 14,
+            Message::Mismatch { .. } => 15,
         }
     }
 
-    /// The whole frame: header and payload.
-    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+    /// The payload of this message (without the frame header).
+    pub fn payload(&self) -> Result<Vec<u8>, WireError> {
         let mut p = Vec::new();
         match self {
             Message::Hello {
@@ -222,6 +382,7 @@ impl Message {
                 mode,
                 stream,
                 streams,
+                session,
             } => {
                 put_string(&mut p, task_id)?;
                 p.push(match mode {
@@ -230,21 +391,22 @@ impl Message {
                 });
                 p.extend_from_slice(&stream.to_be_bytes());
                 p.extend_from_slice(&streams.to_be_bytes());
+                p.extend_from_slice(&session.to_be_bytes());
             }
-            Message::HelloAck { version } => p.push(*version),
-            Message::DiskPlan { disks } => {
-                if disks.len() > MAX_DISKS {
-                    return Err(WireError::TooLong {
-                        what: "disk plan",
-                        len: disks.len(),
-                        max: MAX_DISKS,
-                    });
-                }
-                p.extend_from_slice(
-                    &u16::try_from(disks.len())
-                        .map_err(|_| WireError::Invalid("disk plan"))?
-                        .to_be_bytes(),
-                );
+            Message::HelloAck { version, session } => {
+                p.push(*version);
+                p.extend_from_slice(&session.to_be_bytes());
+            }
+            Message::DiskPlan {
+                pass,
+                sync,
+                chunk_size,
+                disks,
+            } => {
+                p.extend_from_slice(&pass.to_be_bytes());
+                p.push(u8::from(*sync));
+                p.extend_from_slice(&chunk_size.to_be_bytes());
+                put_count(&mut p, "disk plan", disks.len(), MAX_DISKS)?;
                 for (name, size) in disks {
                     put_string(&mut p, name)?;
                     p.extend_from_slice(&size.to_be_bytes());
@@ -259,12 +421,9 @@ impl Message {
                 data,
             } => {
                 if data.len() > MAX_CHUNK || *len as usize > MAX_CHUNK {
-                    return Err(WireError::TooLong {
-                        what: "chunk",
-                        len: data.len().max(*len as usize),
-                        max: MAX_CHUNK,
-                    });
+                    return Err(too_long("chunk", data.len().max(*len as usize), MAX_CHUNK));
                 }
+                p.reserve(47 + data.len());
                 p.extend_from_slice(&disk.to_be_bytes());
                 p.extend_from_slice(&offset.to_be_bytes());
                 p.extend_from_slice(&len.to_be_bytes());
@@ -278,14 +437,49 @@ impl Message {
                 put_string(&mut p, code)?;
                 put_string(&mut p, message)?;
             }
-            Message::Bye => {}
+            Message::Bye | Message::Ready => {}
+            Message::DoneMap { disk, bits } => {
+                p.extend_from_slice(&disk.to_be_bytes());
+                put_count(&mut p, "done map", bits.len(), MAX_CHUNK)?;
+                p.extend_from_slice(bits);
+            }
+            Message::Zero { disk, offset, len } => {
+                p.extend_from_slice(&disk.to_be_bytes());
+                p.extend_from_slice(&offset.to_be_bytes());
+                p.extend_from_slice(&len.to_be_bytes());
+            }
+            Message::Done { disk, chunk, hash } => {
+                p.extend_from_slice(&disk.to_be_bytes());
+                p.extend_from_slice(&chunk.to_be_bytes());
+                p.extend_from_slice(hash);
+            }
+            Message::SumReq { disk, chunk } | Message::Mismatch { disk, chunk } => {
+                p.extend_from_slice(&disk.to_be_bytes());
+                p.extend_from_slice(&chunk.to_be_bytes());
+            }
+            Message::Sums {
+                disk,
+                chunk,
+                hash,
+                leaves,
+            } => {
+                p.extend_from_slice(&disk.to_be_bytes());
+                p.extend_from_slice(&chunk.to_be_bytes());
+                p.extend_from_slice(hash);
+                put_count(&mut p, "leaves", leaves.len(), MAX_LEAVES)?;
+                for l in leaves {
+                    p.extend_from_slice(l);
+                }
+            }
         }
-        let len = u32::try_from(p.len()).map_err(|_| WireError::Invalid("payload"))?;
+        Ok(p)
+    }
+
+    /// The whole frame: header and payload.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let p = self.payload()?;
         let mut f = Vec::with_capacity(HEADER_LEN + p.len());
-        f.extend_from_slice(MAGIC);
-        f.extend_from_slice(&[VERSION, self.kind(), 0, 0]);
-        f.extend_from_slice(&len.to_be_bytes());
-        f.extend_from_slice(&p);
+        write_frame(&mut f, self.kind(), &p)?;
         Ok(f)
     }
 
@@ -308,11 +502,7 @@ impl Message {
         let len =
             usize::try_from(u32::from_be_bytes([h[8], h[9], h[10], h[11]])).unwrap_or(usize::MAX);
         if len > MAX_PAYLOAD {
-            return Err(WireError::TooLong {
-                what: "frame payload",
-                len,
-                max: MAX_PAYLOAD,
-            });
+            return Err(too_long("frame payload", len, MAX_PAYLOAD));
         }
         Ok((h[5], len))
     }
@@ -330,47 +520,51 @@ impl Message {
                 },
                 stream: r.u16("stream")?,
                 streams: r.u16("streams")?,
+                session: r.u64("session")?,
             },
             2 => Message::HelloAck {
                 version: r.u8("version")?,
+                session: r.u64("session")?,
             },
             3 => {
-                let n = usize::from(r.u16("disk count")?);
-                if n > MAX_DISKS {
-                    return Err(WireError::TooLong {
-                        what: "disk plan",
-                        len: n,
-                        max: MAX_DISKS,
-                    });
-                }
+                let pass = r.u32("pass")?;
+                let sync = match r.u8("sync flag")? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("sync flag")),
+                };
+                let chunk_size = r.u32("chunk size")?;
+                let n = get_count(&mut r, "disk plan", MAX_DISKS)?;
                 let mut disks = Vec::with_capacity(n);
                 for _ in 0..n {
                     disks.push((r.string("disk name")?, r.u64("disk size")?));
                 }
-                Message::DiskPlan { disks }
+                Message::DiskPlan {
+                    pass,
+                    sync,
+                    chunk_size,
+                    disks,
+                }
             }
             4 => {
                 let disk = r.u16("chunk disk")?;
                 let offset = r.u64("chunk offset")?;
                 let len = r.u32("chunk length")?;
                 if len as usize > MAX_CHUNK {
-                    return Err(WireError::TooLong {
-                        what: "chunk",
-                        len: len as usize,
-                        max: MAX_CHUNK,
-                    });
+                    return Err(too_long("chunk", len as usize, MAX_CHUNK));
                 }
-                let mut hash = [0u8; 32];
-                hash.copy_from_slice(r.take(32, "chunk hash")?);
+                let hash = hash32(&mut r, "chunk hash")?;
                 let compressed = match r.u8("chunk flags")? {
                     0 => false,
                     1 => true,
                     _ => return Err(WireError::Invalid("chunk flags")),
                 };
-                let data = r.buf.to_vec();
-                r.buf = &[];
+                let data = r.rest().to_vec();
                 if !compressed && data.len() != len as usize {
                     return Err(WireError::Invalid("chunk length"));
+                }
+                if data.len() > MAX_CHUNK {
+                    return Err(too_long("chunk", data.len(), MAX_CHUNK));
                 }
                 Message::Chunk {
                     disk,
@@ -392,6 +586,51 @@ impl Message {
                 message: r.string("error message")?,
             },
             8 => Message::Bye,
+            9 => {
+                let disk = r.u16("done map disk")?;
+                let n = get_count(&mut r, "done map", MAX_CHUNK)?;
+                Message::DoneMap {
+                    disk,
+                    bits: r.take(n, "done map")?.to_vec(),
+                }
+            }
+            10 => Message::Ready,
+            11 => Message::Zero {
+                disk: r.u16("zero disk")?,
+                offset: r.u64("zero offset")?,
+                len: r.u32("zero length")?,
+            },
+            12 => Message::Done {
+                disk: r.u16("done disk")?,
+                chunk: r.u64("done chunk")?,
+                hash: hash32(&mut r, "done hash")?,
+            },
+            13 => Message::SumReq {
+                disk: r.u16("sum disk")?,
+                chunk: r.u64("sum chunk")?,
+            },
+            14 => {
+                let disk = r.u16("sums disk")?;
+                let chunk = r.u64("sums chunk")?;
+                let hash = hash32(&mut r, "sums hash")?;
+                let n = get_count(&mut r, "leaves", MAX_LEAVES)?;
+                let mut leaves = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut l = [0u8; LEAF_HASH];
+                    l.copy_from_slice(r.take(LEAF_HASH, "leaf")?);
+                    leaves.push(l);
+                }
+                Message::Sums {
+                    disk,
+                    chunk,
+                    hash,
+                    leaves,
+                }
+            }
+            15 => Message::Mismatch {
+                disk: r.u16("mismatch disk")?,
+                chunk: r.u64("mismatch chunk")?,
+            },
             other => return Err(WireError::Type(other)),
         };
         r.finish()?;
@@ -400,19 +639,12 @@ impl Message {
 
     /// Writes the frame to `w`.
     pub fn write_to(&self, w: &mut impl Write) -> Result<(), WireError> {
-        w.write_all(&self.encode()?)
-            .map_err(|e| WireError::Io(e.to_string()))
+        write_frame(w, self.kind(), &self.payload()?)
     }
 
     /// Reads one frame from `r`, allocating at most [`MAX_PAYLOAD`] bytes.
     pub fn read_from(r: &mut impl Read) -> Result<Self, WireError> {
-        let mut h = [0u8; HEADER_LEN];
-        r.read_exact(&mut h)
-            .map_err(|e| WireError::Io(e.to_string()))?;
-        let (kind, len) = Self::parse_header(&h)?;
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload)
-            .map_err(|e| WireError::Io(e.to_string()))?;
+        let (kind, payload) = read_frame(r)?;
         Self::decode(kind, &payload)
     }
 }
@@ -429,17 +661,48 @@ mod tests {
                 mode: Mode::Block,
                 stream: 2,
                 streams: 4,
+                session: 9,
             },
             Message::Hello {
                 task_id: String::new(),
                 mode: Mode::File,
                 stream: 0,
                 streams: 1,
+                session: 0,
             },
-            Message::HelloAck { version: VERSION },
+            Message::HelloAck {
+                version: VERSION,
+                session: u64::MAX,
+            },
             Message::DiskPlan {
+                pass: 3,
+                sync: true,
+                chunk_size: 1 << 20,
                 disks: vec![("/dev/vda".into(), 42 << 30), ("/dev/vdb".into(), 0)],
             },
+            Message::DoneMap {
+                disk: 1,
+                bits: vec![0xff, 0x01],
+            },
+            Message::Ready,
+            Message::Zero {
+                disk: 0,
+                offset: 4096,
+                len: 1 << 20,
+            },
+            Message::Done {
+                disk: 2,
+                chunk: 7,
+                hash: [3; 32],
+            },
+            Message::SumReq { disk: 0, chunk: 1 },
+            Message::Sums {
+                disk: 0,
+                chunk: 1,
+                hash: [5; 32],
+                leaves: vec![[1; LEAF_HASH], [2; LEAF_HASH]],
+            },
+            Message::Mismatch { disk: 3, chunk: 4 },
             Message::Chunk {
                 disk: 1,
                 offset: 1 << 40,
@@ -566,7 +829,7 @@ mod tests {
             crate::testutil::xorshift(&mut x);
             let len = (x % 96) as usize;
             let payload: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
-            let kind = (x >> 8) as u8 % 10;
+            let kind = (x >> 8) as u8 % 17;
             if let Ok(m) = Message::decode(kind, &payload) {
                 // Whatever decodes re-encodes to the same bytes.
                 assert_eq!(&m.encode().unwrap()[HEADER_LEN..], &payload[..]);
