@@ -7,10 +7,14 @@
 //! that use them come next.
 #![deny(unsafe_code)]
 
+pub mod alloc;
 pub mod certs;
 pub mod chunk;
+pub mod conn;
 pub mod limit;
 pub mod meter;
+pub mod session;
+pub mod task;
 pub mod tls;
 pub mod wire;
 

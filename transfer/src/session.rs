@@ -1,0 +1,511 @@
+//! Sessions over mutual TLS: the target's listener, which authenticates every connection,
+//! reads its `Hello` and hands control streams to the engine of their mode and data streams
+//! to the session they name; and the source's connector, which opens those streams.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::conn::{Conn, ConnReader, ConnWriter};
+use crate::wire::{Message, Mode, WireError, VERSION};
+
+/// How long a TLS handshake plus `Hello` may take before the connection is dropped: an
+/// unauthenticated peer must not hold a thread for long.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most data streams one session may open.
+pub const MAX_STREAMS: u16 = 64;
+/// Most sessions served at once; more are refused (each holds threads and buffers).
+pub const MAX_SESSIONS: usize = 16;
+/// Buffer of each stream's reader and writer: several frames per syscall on the small ones.
+const STREAM_BUF: usize = 256 << 10;
+
+/// Why a connection or session failed; each maps to the SMS code an operator will see.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The target cannot be reached (SMS.1807).
+    #[error("SMS.1807: cannot connect to the target {addr}: {source}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS failed: a certificate the peer refused, or the peer's we refused (SMS.0304).
+    #[error("SMS.0304: TLS with {peer} failed: {source}")]
+    Tls {
+        /// Peer address.
+        peer: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A message that does not fit the protocol state, or a malformed one.
+    #[error("SMS.1908: protocol error with {peer}: {what}")]
+    Protocol {
+        /// Peer address.
+        peer: String,
+        /// What was wrong.
+        what: String,
+    },
+    /// The peer reported an error.
+    #[error("{code}: the peer reported: {message}")]
+    Remote {
+        /// SMS code.
+        code: String,
+        /// Text.
+        message: String,
+    },
+    /// The wire failed (SMS.1908 data transmission failed).
+    #[error("SMS.1908: data transmission failed: {0}")]
+    Wire(#[from] WireError),
+}
+
+impl SessionError {
+    /// The SMS error code to report.
+    pub fn code(&self) -> &str {
+        match self {
+            SessionError::Connect { .. } => "SMS.1807",
+            SessionError::Tls { .. } => "SMS.0304",
+            SessionError::Protocol { .. } | SessionError::Wire(_) => "SMS.1908",
+            SessionError::Remote { code, .. } => code,
+        }
+    }
+}
+
+/// One authenticated stream: buffered halves plus who it is.
+pub struct Stream {
+    /// Reads frames.
+    pub reader: BufReader<ConnReader>,
+    /// Writes frames (flush to send).
+    pub writer: BufWriter<ConnWriter>,
+    /// Peer address, for logs.
+    pub peer: String,
+    conn_ctl: ConnCtl,
+}
+
+/// Socket controls that outlive the split.
+struct ConnCtl {
+    sock: TcpStream,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("peer", &self.peer).finish()
+    }
+}
+
+impl Stream {
+    fn new(conn: Conn, sock: TcpStream) -> Self {
+        let peer = conn.peer().to_string();
+        let (r, w) = conn.split();
+        Self {
+            reader: BufReader::with_capacity(STREAM_BUF, r),
+            writer: BufWriter::with_capacity(STREAM_BUF, w),
+            peer,
+            conn_ctl: ConnCtl { sock },
+        }
+    }
+
+    /// Sends one message (buffered; call [`Stream::flush`] to push it out).
+    pub fn send(&mut self, m: &Message) -> Result<(), WireError> {
+        m.write_to(&mut self.writer)
+    }
+
+    /// Pushes buffered messages to the peer.
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        self.writer
+            .flush()
+            .map_err(|e| WireError::Io(e.to_string()))
+    }
+
+    /// Reads one message.
+    pub fn recv(&mut self) -> Result<Message, WireError> {
+        Message::read_from(&mut self.reader)
+    }
+
+    /// Read timeout of the underlying socket.
+    pub fn set_read_timeout(&self, t: Option<Duration>) {
+        let _ = self.conn_ctl.sock.set_read_timeout(t);
+    }
+
+    /// Write timeout of the underlying socket.
+    pub fn set_write_timeout(&self, t: Option<Duration>) {
+        let _ = self.conn_ctl.sock.set_write_timeout(t);
+    }
+
+    /// Sends an error to the peer, best effort.
+    pub fn send_error(&mut self, code: &str, message: &str) {
+        let mut msg: String = message.chars().take(1000).collect();
+        if msg.len() > crate::wire::MAX_STRING {
+            msg.truncate(0);
+        }
+        let _ = self.send(&Message::Error {
+            code: code.to_string(),
+            message: msg,
+        });
+        let _ = self.flush();
+    }
+
+    /// Splits into an owned reader and writer for two threads.
+    pub fn into_halves(self) -> (BufReader<ConnReader>, BufWriter<ConnWriter>) {
+        (self.reader, self.writer)
+    }
+
+    /// Ends the stream cleanly (close_notify).
+    pub fn close(mut self) {
+        let _ = self.writer.flush();
+        let _ = self.writer.get_mut().close();
+    }
+}
+
+/// What the listener hands an engine: the control stream and the data streams as they join.
+pub struct Incoming {
+    /// The task the session belongs to.
+    pub task_id: String,
+    /// Transfer mode.
+    pub mode: Mode,
+    /// Data streams announced.
+    pub streams: u16,
+    /// Session id.
+    pub session: u64,
+    /// The control stream (HelloAck already sent).
+    pub control: Stream,
+    /// Data streams of this session, each after its HelloAck.
+    pub data: Receiver<Stream>,
+}
+
+type Registry = Arc<Mutex<HashMap<u64, Sender<Stream>>>>;
+
+/// A session id nobody can guess: the data streams prove they belong with it (on top of TLS).
+fn new_session_id() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b.copy_from_slice(&blake3::hash(&t.to_le_bytes()).as_bytes()[..8]);
+    }
+    u64::from_le_bytes(b) | 1
+}
+
+/// Unregisters a session when its engine returns.
+pub struct SessionGuard {
+    registry: Registry,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.registry.lock() {
+            r.remove(&self.id);
+        }
+    }
+}
+
+/// The target's listener.
+pub struct Listener {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    registry: Registry,
+}
+
+impl Listener {
+    /// Binds `addr`.
+    pub fn bind(addr: &str, tls: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr)?,
+            tls,
+            registry: Arc::default(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections forever; `engine` runs (on its own thread) for every new session and
+    /// returns whether the listener should stop (`--once`). Returns when an engine asked to stop.
+    pub fn serve<F>(&self, engine: F) -> std::io::Result<()>
+    where
+        F: Fn(Incoming, SessionGuard) -> bool + Send + Sync + 'static,
+    {
+        let engine = Arc::new(engine);
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        self.listener.set_nonblocking(true)?;
+        loop {
+            if stop_rx.try_recv().is_ok() {
+                return Ok(());
+            }
+            let sock = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let _ = sock.set_nonblocking(false);
+            let tls = Arc::clone(&self.tls);
+            let registry = Arc::clone(&self.registry);
+            let engine = Arc::clone(&engine);
+            let stop_tx = stop_tx.clone();
+            std::thread::spawn(move || {
+                let peer = sock
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                match accept_one(sock, tls, &registry) {
+                    Ok(Some((inc, guard))) => {
+                        tracing::info!(peer = %peer, task_id = %inc.task_id, streams = inc.streams, "session started");
+                        if engine(inc, guard) {
+                            let _ = stop_tx.send(());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(peer = %peer, error = %e, "connection refused"),
+                }
+            });
+        }
+    }
+}
+
+/// Handshake, `Hello`, and routing of one connection; a new session is returned to run.
+fn accept_one(
+    sock: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    registry: &Registry,
+) -> Result<Option<(Incoming, SessionGuard)>, SessionError> {
+    let peer = sock
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let server = rustls::ServerConnection::new(tls).map_err(|e| SessionError::Tls {
+        peer: peer.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let ctl = sock.try_clone().map_err(|e| SessionError::Tls {
+        peer: peer.clone(),
+        source: e,
+    })?;
+    let conn = Conn::handshake(sock, server, HELLO_TIMEOUT).map_err(|e| SessionError::Tls {
+        peer: peer.clone(),
+        source: e,
+    })?;
+    let mut s = Stream::new(conn, ctl);
+    s.set_read_timeout(Some(HELLO_TIMEOUT));
+    let hello = s.recv()?;
+    s.set_read_timeout(None);
+    let Message::Hello {
+        task_id,
+        mode,
+        stream,
+        streams,
+        session,
+    } = hello
+    else {
+        s.send_error("SMS.1908", "expected Hello");
+        return Err(SessionError::Protocol {
+            peer,
+            what: "the first message was not Hello".into(),
+        });
+    };
+    if streams == 0 || streams > MAX_STREAMS || stream > streams {
+        s.send_error("SMS.1908", "bad stream numbers");
+        return Err(SessionError::Protocol {
+            peer,
+            what: format!("stream {stream} of {streams} (1–{MAX_STREAMS} data streams allowed)"),
+        });
+    }
+    let mut reg = registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if stream == 0 {
+        if reg.len() >= MAX_SESSIONS {
+            drop(reg);
+            s.send_error("SMS.1908", "the target serves too many sessions");
+            return Err(SessionError::Protocol {
+                peer,
+                what: "too many sessions".into(),
+            });
+        }
+        let id = new_session_id();
+        let (tx, rx) = mpsc::channel();
+        reg.insert(id, tx);
+        drop(reg);
+        s.send(&Message::HelloAck {
+            version: VERSION,
+            session: id,
+        })?;
+        s.flush()?;
+        let guard = SessionGuard {
+            registry: Arc::clone(registry),
+            id,
+        };
+        return Ok(Some((
+            Incoming {
+                task_id,
+                mode,
+                streams,
+                session: id,
+                control: s,
+                data: rx,
+            },
+            guard,
+        )));
+    }
+    let Some(tx) = reg.get(&session).cloned() else {
+        drop(reg);
+        s.send_error("SMS.1908", "no such session");
+        return Err(SessionError::Protocol {
+            peer,
+            what: format!("data stream {stream} for an unknown session"),
+        });
+    };
+    drop(reg);
+    s.send(&Message::HelloAck {
+        version: VERSION,
+        session,
+    })?;
+    s.flush()?;
+    let _ = tx.send(s);
+    Ok(None)
+}
+
+/// The source's side: where the target is and how to authenticate.
+#[derive(Clone)]
+pub struct Connector {
+    /// `host:port`.
+    pub addr: String,
+    /// Client TLS config (task CA, source certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Connect timeout.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Connector {
+    /// Opens stream `stream` of a session (0 = control, `session` 0) and returns it with the
+    /// session id the target gave.
+    pub fn open(
+        &self,
+        task_id: &str,
+        mode: Mode,
+        stream: u16,
+        streams: u16,
+        session: u64,
+    ) -> Result<(Stream, u64), SessionError> {
+        let connect_err = |e| SessionError::Connect {
+            addr: self.addr.clone(),
+            source: e,
+        };
+        let addrs: Vec<_> = self
+            .addr
+            .to_socket_addrs()
+            .map_err(connect_err)?
+            .collect();
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+        let mut sock = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, self.timeout) {
+                Ok(s) => {
+                    sock = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let sock = sock.ok_or_else(|| connect_err(last))?;
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']))
+            .unwrap_or("sms-target")
+            .to_string();
+        // The name only fills SNI: the certificate is checked against the task CA, not a name.
+        let name = rustls::pki_types::ServerName::try_from(host).unwrap_or(
+            rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        );
+        let peer = self.addr.clone();
+        let client = rustls::ClientConnection::new(Arc::clone(&self.tls), name).map_err(|e| {
+            SessionError::Tls {
+                peer: peer.clone(),
+                source: std::io::Error::other(e),
+            }
+        })?;
+        let ctl = sock.try_clone().map_err(connect_err)?;
+        let conn = Conn::handshake(sock, client, HELLO_TIMEOUT).map_err(|e| SessionError::Tls {
+            peer: peer.clone(),
+            source: e,
+        })?;
+        let mut s = Stream::new(conn, ctl);
+        s.send(&Message::Hello {
+            task_id: task_id.to_string(),
+            mode,
+            stream,
+            streams,
+            session,
+        })?;
+        s.flush()?;
+        s.set_read_timeout(Some(HELLO_TIMEOUT));
+        // A refused client certificate surfaces here, as the first read after the handshake.
+        let reply = s.recv().map_err(|e| match e {
+            WireError::Io(m) => SessionError::Tls {
+                peer: peer.clone(),
+                source: std::io::Error::other(m),
+            },
+            other => SessionError::Wire(other),
+        })?;
+        s.set_read_timeout(None);
+        match reply {
+            Message::HelloAck { version, session } if version == VERSION => Ok((s, session)),
+            Message::HelloAck { version, .. } => Err(SessionError::Protocol {
+                peer,
+                what: format!("the target speaks protocol version {version}"),
+            }),
+            Message::Error { code, message } => Err(SessionError::Remote { code, message }),
+            other => Err(SessionError::Protocol {
+                peer,
+                what: format!("expected HelloAck, got {}", name_of(&other)),
+            }),
+        }
+    }
+}
+
+/// A short name of a message for error texts (never its data).
+pub fn name_of(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::HelloAck { .. } => "HelloAck",
+        Message::DiskPlan { .. } => "DiskPlan",
+        Message::Chunk { .. } => "Chunk",
+        Message::Ack { .. } => "Ack",
+        Message::Checkpoint { .. } => "Checkpoint",
+        Message::Error { .. } => "Error",
+        Message::Bye => "Bye",
+        Message::DoneMap { .. } => "DoneMap",
+        Message::Ready => "Ready",
+        Message::Zero { .. } => "Zero",
+        Message::Done { .. } => "Done",
+        Message::SumReq { .. } => "SumReq",
+        Message::Sums { .. } => "Sums",
+        Message::Mismatch { .. } => "Mismatch",
+    }
+}
