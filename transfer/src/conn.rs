@@ -127,6 +127,8 @@ impl Conn {
                 shared: Arc::clone(&self.shared),
                 sock: self.rsock,
                 buf: vec![0u8; READ_BUF],
+                start: 0,
+                end: 0,
             },
             ConnWriter {
                 shared: self.shared,
@@ -140,6 +142,9 @@ pub struct ConnReader {
     shared: Arc<Shared>,
     sock: TcpStream,
     buf: Vec<u8>,
+    /// Socket bytes not yet handed to rustls: `buf[start..end]`.
+    start: usize,
+    end: usize,
 }
 
 /// The writing half.
@@ -183,26 +188,31 @@ impl Read for ConnReader {
                     Err(e) => return Err(e),
                 }
             }
-            let n = match self.sock.read(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+            // rustls holds at most 16 KiB of plaintext: feed it more only once it is drained.
+            let eof = if self.start == self.end {
+                let n = match self.sock.read(&mut self.buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                self.start = 0;
+                self.end = n;
+                n == 0
+            } else {
+                false
             };
             let mut tls = self.shared.tls();
-            let mut data = &self.buf[..n];
-            loop {
-                // An empty slice tells rustls the peer closed the TCP stream.
-                tls.read_tls(&mut data)?;
-                if let Err(e) = tls.process_new_packets() {
-                    // Tell the peer why (an alert) before giving up.
-                    let _ = self.shared.flush_tls(tls, true);
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                }
-                if data.is_empty() {
-                    break;
-                }
+            let mut data = &self.buf[self.start..self.end];
+            let before = data.len();
+            // An empty slice tells rustls the peer closed the TCP stream.
+            tls.read_tls(&mut data)?;
+            self.start += before - data.len();
+            if let Err(e) = tls.process_new_packets() {
+                // Tell the peer why (an alert) before giving up.
+                let _ = self.shared.flush_tls(tls, true);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
-            if n == 0 {
+            if eof {
                 // rustls now reports either a clean close (Ok(0)) or an unexpected EOF.
                 return tls.reader().read(out);
             }

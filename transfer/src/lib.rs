@@ -8,9 +8,11 @@
 #![deny(unsafe_code)]
 
 pub mod alloc;
+pub mod block;
 pub mod certs;
 pub mod chunk;
 pub mod conn;
+pub mod file;
 pub mod limit;
 pub mod meter;
 pub mod session;

@@ -261,10 +261,7 @@ impl Listener {
             let engine = Arc::clone(&engine);
             let stop_tx = stop_tx.clone();
             std::thread::spawn(move || {
-                let peer = sock
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+                let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 match accept_one(sock, tls, &registry) {
                     Ok(Some((inc, guard))) => {
                         tracing::info!(peer = %peer, task_id = %inc.task_id, streams = inc.streams, "session started");
@@ -286,10 +283,7 @@ fn accept_one(
     tls: Arc<rustls::ServerConfig>,
     registry: &Registry,
 ) -> Result<Option<(Incoming, SessionGuard)>, SessionError> {
-    let peer = sock
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let server = rustls::ServerConnection::new(tls).map_err(|e| SessionError::Tls {
         peer: peer.clone(),
         source: std::io::Error::other(e),
@@ -416,11 +410,7 @@ impl Connector {
             addr: self.addr.clone(),
             source: e,
         };
-        let addrs: Vec<_> = self
-            .addr
-            .to_socket_addrs()
-            .map_err(connect_err)?
-            .collect();
+        let addrs: Vec<_> = self.addr.to_socket_addrs().map_err(connect_err)?.collect();
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
         let mut sock = None;
         for a in addrs {

@@ -1,0 +1,532 @@
+#!/usr/bin/env bash
+# Block-level migration benchmark: `sms-agent migrate --mode block` → `sms-agent receive` against
+# the tools an operator would use instead, all in one run, on the same loop-device sources, each
+# run starting with a cold page cache and ending when the target is flushed (`sync -f`):
+#   1. a disk of random data:             ours vs plain TCP (socat) vs dd | ssh dd
+#   2. a disk with one ext4, 10 % used:   ours vs dd | ssh dd vs partclone.ext4 | ssh partclone
+#   3. sync after 1 % of the data changed: ours --sync vs rsync --inplace --no-whole-file over ssh
+# plus CPU seconds (user+sys, both sides) and peak RSS of every run. Every copy is verified (cmp,
+# or e2fsck -fn and a checksum of all files) before its figure counts.
+#
+# Usage: sudo bench/block.sh [--quick]
+#   full:    4 GiB random disk, 8 GiB ext4 disk (about 50 GiB free space needed, 15-30 min)
+#   --quick: 0.25 GiB and 1 GiB, for CI smoke runs
+# Environment (all optional):
+#   S1_GIB, S2_GIB       disk sizes of scenario 1 and 2/3 (override the mode's sizes)
+#   FILL_PCT, CHANGE_PCT ext4 fill (default 10) and the share of its data changed (default 1)
+#   BENCH_TMPDIR         where the images go (default $TMPDIR or /tmp)
+#   RESULTS_DIR          where the JSON goes (default bench/results)
+#   NO_BUILD=1           skip `cargo build --release -p sms-agent`
+#   SMS_AGENT_BIN        use this sms-agent binary (implies NO_BUILD)
+#   RECEIVE_ARGS, MIGRATE_ARGS   extra arguments for our commands (word-split)
+# Output: a table on stdout and bench/results/block-DATE.json. Exit status 1 when a run failed or
+# the build failed; when sms-agent has no receive/migrate yet, only the baselines are measured
+# (said so loudly) and the exit status is 0.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+
+QUICK=0
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *) die "unknown argument: $arg (usage: $0 [--quick])" ;;
+  esac
+done
+if ((QUICK)); then
+  S1_GIB=${S1_GIB:-0.25} S2_GIB=${S2_GIB:-1}
+else
+  S1_GIB=${S1_GIB:-4} S2_GIB=${S2_GIB:-8}
+fi
+FILL_PCT=${FILL_PCT:-10}
+CHANGE_PCT=${CHANGE_PCT:-1}
+# GiB (decimals allowed) → bytes, whole MiB.
+gib_bytes() { awk -v g="$1" 'BEGIN {m = int(g * 1024 + 0.5); if (m < 16) m = 16; printf "%d\n", m * 1048576}'; }
+S1_BYTES=$(gib_bytes "$S1_GIB")
+S2_BYTES=$(gib_bytes "$S2_GIB")
+FILL_BYTES=$((S2_BYTES * FILL_PCT / 100))
+human() { awk -v b="$1" 'BEGIN {if (b >= 1073741824) printf "%.4gGiB\n", b / 1073741824; else printf "%.4gMiB\n", b / 1048576}'; }
+# Scenario labels, as the table shows them; the index is what the code uses.
+SCN=("" "1:random-$(human "$S1_BYTES")" "2:ext4-$(human "$S2_BYTES")-${FILL_PCT}%used" "3:sync-${CHANGE_PCT}%changed")
+OURS_TOOL=sms-agent
+
+need_root
+ensure_tools /usr/sbin/sshd=openssh-server ssh=openssh-client ssh-keygen=openssh-client \
+  socat=socat partclone.ext4=partclone rsync=rsync mkfs.ext4=e2fsprogs e2fsck=e2fsprogs \
+  losetup=mount /usr/bin/time=time openssl=openssl python3=python3 cmp=diffutils ss=iproute2
+
+WORK=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/sms-block-bench.XXXXXX")
+SSHD_PID=
+cleanup() {
+  set +e
+  bg_kill_all
+  [[ -n $SSHD_PID ]] && kill_tree "$SSHD_PID"
+  wait 2>/dev/null
+  # Mounts below WORK (deepest first), then loop devices backed by files in WORK.
+  awk -v w="$WORK/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m"
+  done
+  losetup -n -l -O NAME,BACK-FILE | awk -v w="$WORK/" 'index($2, w) == 1 {print $1}' | while read -r l; do
+    losetup -d "$l"
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$WORK/run" "$WORK/ok" "$WORK/mnt/src" "$WORK/mnt/verify"
+
+# --- space: scenario 1's files are removed before scenario 2, whose source is sparse but whose
+# dd target is written in full; at most 2 × the larger disk exist at once. Ask for 3 × that.
+NEED=$((2 * (S1_BYTES > S2_BYTES ? S1_BYTES : S2_BYTES)))
+AVAIL=$(df -B1 --output=avail "$WORK" | tail -n 1)
+if ((AVAIL < 3 * NEED)); then
+  die "$(dirname "$WORK") has $(human "$AVAIL") free; the run needs 3 × $(human "$NEED") = $(human $((3 * NEED))) (use --quick, smaller S1_GIB/S2_GIB or BENCH_TMPDIR elsewhere)"
+fi
+
+# --- our binary: build it, then check it has the commands (another engineer may still be
+# writing them; then the baselines are measured alone).
+BUILD_FAILED=0
+OURS_WHY=
+if [[ -n ${SMS_AGENT_BIN:-} ]]; then
+  BIN=$SMS_AGENT_BIN
+else
+  TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  [[ $TARGET_DIR == /* ]] || TARGET_DIR=$REPO/$TARGET_DIR
+  BIN=$TARGET_DIR/release/sms-agent
+  if [[ ${NO_BUILD:-0} != 1 ]]; then
+    log "cargo build --release -p sms-agent"
+    build=(cargo build --release -q -p sms-agent)
+    if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+      # Build as the user who ran sudo (their toolchain, no root-owned files in target/).
+      # shellcheck disable=SC2016 # expanded by the inner shell
+      sudo -u "$SUDO_USER" -H env ${CARGO_TARGET_DIR:+CARGO_TARGET_DIR="$CARGO_TARGET_DIR"} \
+        bash -lc 'cd "$1" && shift && "$@"' _ "$REPO" "${build[@]}" || BUILD_FAILED=1
+    else
+      command -v cargo >/dev/null || PATH=$HOME/.cargo/bin:$PATH
+      "${build[@]}" || BUILD_FAILED=1
+    fi
+    ((BUILD_FAILED == 0)) || OURS_WHY="cargo build --release -p sms-agent failed"
+  fi
+fi
+RECV_HELP='' MIGR_HELP=''
+if [[ -z $OURS_WHY ]]; then
+  if [[ ! -x $BIN ]]; then
+    OURS_WHY="$BIN does not exist"
+  elif ! MIGR_HELP=$("$BIN" migrate --help 2>&1) || ! RECV_HELP=$("$BIN" receive --help 2>&1); then
+    OURS_WHY="$BIN has no 'migrate'/'receive' commands yet"
+  elif ! "$BIN" certs --out "$WORK/certs" --target-name 127.0.0.1 >/dev/null; then
+    OURS_WHY="'sms-agent certs --out DIR --target-name 127.0.0.1' failed"
+  fi
+fi
+has_flag() { grep -q -- "$2" <<<"$1"; }
+if [[ -z $OURS_WHY ]]; then
+  OURS=1
+  CERTS=$WORK/certs
+  has_flag "$RECV_HELP" --once || warn "receive --help shows no --once; the receiver is stopped after each run"
+  has_flag "$RECV_HELP" --state-dir || warn "receive --help shows no --state-dir; its default state dir is used"
+  has_flag "$MIGR_HELP" --sync || warn "migrate --help shows no --sync; scenario 3 measures rsync only"
+  log "ours: $BIN ($("$BIN" --version 2>/dev/null || echo '?'))"
+else
+  OURS=0
+  warn "=================================================================================="
+  warn "NOT MEASURING OURS: $OURS_WHY."
+  warn "Only the baselines run; the sms-agent rows say SKIPPED."
+  warn "=================================================================================="
+fi
+read -ra RECEIVE_EXTRA <<<"${RECEIVE_ARGS:-}"
+read -ra MIGRATE_EXTRA <<<"${MIGRATE_ARGS:-}"
+
+start_sshd "$WORK/ssh"
+log "private sshd on 127.0.0.1:$SSH_PORT (pid $SSHD_PID)"
+
+# ------------------------------------------------------------------------------------------
+# Helpers for the runs
+
+# rand_file PATH BYTES: incompressible data, fast (AES-CTR keystream with a random key).
+rand_file() {
+  { openssl enc -aes-128-ctr -K "$(openssl rand -hex 16)" -iv "$(openssl rand -hex 16)" </dev/zero 2>/dev/null || true; } \
+    | head -c "$2" >"$1"
+  [[ $(stat -c %s "$1") -eq $2 ]] || die "could not write $2 bytes of random data to $1"
+}
+
+# tree_digest DIR: one SHA-256 over the names and contents of all regular files in DIR.
+tree_digest() {
+  (cd "$1" && find . -xdev -type f ! -path './lost+found/*' -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) \
+    | sha256sum | cut -c1-64
+}
+
+# A reason for the row when a run fails: `fail TEXT` records it and fails the run.
+fail() {
+  echo "$*" >"$WORK/why"
+  return 1
+}
+# log_tail FILE: last lines of a log, on one line, for a failure note.
+log_tail() { tail -n 3 "$1" 2>/dev/null | tr '\n\t' '  ' | cut -c1-300; }
+
+# verify_ext4 IMAGE DIGEST: e2fsck -fn clean and the files equal to the source's.
+verify_ext4() {
+  local img=$1 want=$2 loop got
+  e2fsck -fn "$img" >"$img.fsck" 2>&1 || fail "e2fsck -fn $img: $(log_tail "$img.fsck")"
+  loop=$(losetup -f --show -r "$img")
+  mount -o ro,noload "$loop" "$WORK/mnt/verify"
+  got=$(tree_digest "$WORK/mnt/verify")
+  umount "$WORK/mnt/verify"
+  losetup -d "$loop"
+  [[ $got == "$want" ]] || fail "files on the target differ from the source (sha256 of all files)"
+}
+
+# verify SCENARIO SRC_IMAGE DST: cmp for the raw disk, fsck + file checksums for ext4.
+verify() {
+  case $1 in
+    1) cmp -s "$2" "$3" || fail "target differs from the source (cmp)" ;;
+    *) verify_ext4 "$3" "$SRC_DIGEST" ;;
+  esac
+}
+
+# bench IDX TOOL FUNC ARGS...: one run in a subshell; a failure becomes a FAILED row (with the
+# reason) and whatever it left running or mounted is cleaned up, and the benchmark goes on.
+bench() {
+  local idx=$1 tool=$2
+  shift 2
+  log "${SCN[idx]}: $tool"
+  rm -f "$WORK/why"
+  try "$@"
+  if ((TRY_RC == 0)); then
+    touch "$WORK/ok/$idx-${tool//|/_}"
+    return 0
+  fi
+  local why="exit status $TRY_RC"
+  [[ -s $WORK/why ]] && why=$(cat "$WORK/why")
+  warn "${SCN[idx]}: $tool FAILED: $why"
+  result_add "${SCN[idx]}" "$tool" FAILED "" "" "" "" "" "" "$why"
+  bg_kill_all
+  mountpoint -q "$WORK/mnt/verify" && umount "$WORK/mnt/verify"
+  losetup -n -l -O NAME,BACK-FILE,RO | awk -v w="$WORK/" 'index($2, w) == 1 && $3 == 1 && $2 !~ /src\.img$/ {print $1}' \
+    | while read -r l; do losetup -d "$l"; done
+}
+ran_ok() { [[ -e $WORK/ok/$1-${2//|/_} ]]; }
+skip() { result_add "${SCN[$1]}" "$2" SKIPPED "" "" "" "" "" "" "$3"; }
+
+# Each run_* measures one copy: IDX SRC_DEV SRC_IMAGE DST BYTES. The target DST is created
+# fresh (sparse, full size, where the tool needs it to exist); the clock runs from the first
+# byte read to the target flushed; then the copy is verified and the row added.
+
+run_socat() {
+  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d port rpid t0 t1
+  d=$(mktemp -d "$WORK/run/socat.XXXX")
+  rm -f "$dst"
+  port=$(free_port)
+  /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" \
+    socat -u "TCP-LISTEN:$port,reuseaddr,bind=127.0.0.1" "OPEN:$dst,creat,trunc" 2>"$d/recv.log" &
+  rpid=$!
+  bg_register "$rpid"
+  wait_port "$port" "$rpid" || fail "socat listener: $(log_tail "$d/recv.log")"
+  drop_caches
+  t0=$(now)
+  timed "$d/send.time" socat -u "OPEN:$src" "TCP:127.0.0.1:$port" 2>"$d/send.log" \
+    || fail "socat sender: $(log_tail "$d/send.log")"
+  wait_exit "$rpid" 300 || fail "socat listener: $(log_tail "$d/recv.log")"
+  sync -f "$dst"
+  t1=$(now)
+  verify "$idx" "$img" "$dst"
+  result_add "${SCN[idx]}" socat ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
+    "$(time_cpu "$d/send.time")" "$(time_cpu "$d/recv.time")" "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" ""
+}
+
+# dd | ssh dd: the far side's CPU is everything the private sshd reaped during the run (sshd's
+# own crypto included); its RSS is the remote dd's (sshd's is not known).
+run_ddssh() {
+  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d c0 c1 t0 t1
+  d=$(mktemp -d "$WORK/run/ddssh.XXXX")
+  rm -f "$dst"
+  drop_caches
+  c0=$(sshd_children_cpu)
+  t0=$(now)
+  timed "$d/dd.time" dd if="$src" bs=4M status=none \
+    | timed "$d/ssh.time" "${SSH[@]}" "$(remote_cmd /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" dd of="$dst" bs=4M status=none)" \
+      2>"$d/ssh.log" || fail "dd | ssh dd: $(log_tail "$d/ssh.log")"
+  sync -f "$dst"
+  t1=$(now)
+  c1=$(sshd_children_cpu)
+  verify "$idx" "$img" "$dst"
+  result_add "${SCN[idx]}" "dd|ssh" ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
+    "$(time_cpu "$d/dd.time" "$d/ssh.time")" "$(awk -v a="$c0" -v b="$c1" 'BEGIN {printf "%.2f\n", b - a}')" \
+    "$(time_rss "$d/dd.time" "$d/ssh.time")" "$(time_rss "$d/recv.time")" "recv RSS: remote dd only"
+}
+
+# partclone.ext4 -c (used blocks only, in its image format) | ssh partclone.ext4 -r.
+run_partclone() {
+  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d c0 c1 t0 t1
+  d=$(mktemp -d "$WORK/run/partclone.XXXX")
+  rm -f "$dst"
+  truncate -s "$bytes" "$dst"
+  drop_caches
+  c0=$(sshd_children_cpu)
+  t0=$(now)
+  timed "$d/clone.time" partclone.ext4 -q -c -s "$src" -o - -L "$d/clone.log" 2>"$d/clone.err" \
+    | timed "$d/ssh.time" "${SSH[@]}" "$(remote_cmd /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" \
+      partclone.ext4 -q -r -s - -O "$dst" -L "$d/restore.log")" >/dev/null 2>"$d/ssh.log" \
+    || fail "partclone: $(log_tail "$d/clone.log") / $(log_tail "$d/restore.log") $(log_tail "$d/ssh.log")"
+  sync -f "$dst"
+  t1=$(now)
+  c1=$(sshd_children_cpu)
+  verify "$idx" "$img" "$dst"
+  result_add "${SCN[idx]}" "partclone|ssh" ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
+    "$(time_cpu "$d/clone.time" "$d/ssh.time")" "$(awk -v a="$c0" -v b="$c1" 'BEGIN {printf "%.2f\n", b - a}')" \
+    "$(time_rss "$d/clone.time" "$d/ssh.time")" "$(time_rss "$d/recv.time")" "recv RSS: remote partclone only"
+}
+
+# rsync of the image file behind the loop device onto an existing copy of its old state.
+# --ignore-times: always the delta algorithm, never the size+mtime shortcut.
+run_rsync() {
+  local idx=$1 img=$3 dst=$4 bytes=$5 d c0 c1 t0 t1
+  d=$(mktemp -d "$WORK/run/rsync.XXXX")
+  drop_caches
+  c0=$(sshd_children_cpu)
+  t0=$(now)
+  timed "$d/send.time" rsync --inplace --no-whole-file --ignore-times -e "$SSH_E" \
+    --rsync-path="$(remote_cmd /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" rsync)" \
+    --stats "$img" "root@127.0.0.1:$dst" >"$d/rsync.log" 2>&1 || fail "rsync: $(log_tail "$d/rsync.log")"
+  sync -f "$dst"
+  t1=$(now)
+  c1=$(sshd_children_cpu)
+  verify "$idx" "$img" "$dst"
+  local sent
+  sent=$(awk -F': ' '/^Total bytes sent/ {gsub(/,/, "", $2); print $2}' "$d/rsync.log")
+  result_add "${SCN[idx]}" rsync ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
+    "$(time_cpu "$d/send.time")" "$(awk -v a="$c0" -v b="$c1" 'BEGIN {printf "%.2f\n", b - a}')" \
+    "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" "sent ${sent:-?} bytes; recv RSS: remote rsync only"
+}
+
+# Ours: receive (in the background, --once) and migrate --mode block, each under GNU time.
+# run_ours IDX SRC_DEV SRC_IMAGE DST BYTES STATE_DIR [MIGRATE_FLAGS...]; DST must exist.
+run_ours() {
+  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 state=$6 d port rpid t0 t1 rrc=0
+  shift 6
+  d=$(mktemp -d "$WORK/run/ours.XXXX")
+  mkdir -p "$state"
+  port=$(free_port)
+  local recv=("$BIN" receive --listen "127.0.0.1:$port" --ca "$CERTS/ca.pem" --cert "$CERTS/target.pem"
+    --key "$CERTS/target-key.pem" --disk "disk0=$dst")
+  has_flag "$RECV_HELP" --once && recv+=(--once)
+  has_flag "$RECV_HELP" --state-dir && recv+=(--state-dir "$state")
+  /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" "${recv[@]}" "${RECEIVE_EXTRA[@]}" >"$d/receive.log" 2>&1 &
+  rpid=$!
+  bg_register "$rpid"
+  wait_port "$port" "$rpid" || fail "receive did not listen: $(log_tail "$d/receive.log")"
+  drop_caches
+  t0=$(now)
+  timed "$d/send.time" "$BIN" migrate --mode block --target "127.0.0.1:$port" --ca "$CERTS/ca.pem" \
+    --cert "$CERTS/source.pem" --key "$CERTS/source-key.pem" --disk "$src=disk0" "$@" "${MIGRATE_EXTRA[@]}" \
+    >"$d/migrate.log" 2>&1 || fail "migrate: $(log_tail "$d/migrate.log")"
+  sync -f "$dst"
+  t1=$(now)
+  # With --once the receiver ends by itself after the session; without, it is stopped.
+  if has_flag "$RECV_HELP" --once; then
+    wait_exit "$rpid" 60 || rrc=$?
+    ((rrc == 0)) || fail "receive exited with status $rrc: $(log_tail "$d/receive.log")"
+  else
+    kill_tree "$rpid"
+    wait "$rpid" 2>/dev/null || true
+  fi
+  verify "$idx" "$img" "$dst"
+  result_add "${SCN[idx]}" "$OURS_TOOL${*:+ $*}" ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
+    "$(time_cpu "$d/send.time")" "$(time_cpu "$d/recv.time")" "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" ""
+}
+
+# ------------------------------------------------------------------------------------------
+# Scenario 1: a disk full of random data (nothing to skip, nothing to compress).
+scenario1() {
+  local dir=$WORK/s1 loop
+  mkdir -p "$dir"
+  log "${SCN[1]}: writing $(human "$S1_BYTES") of random data"
+  rand_file "$dir/src.img" "$S1_BYTES"
+  loop=$(losetup -f --show -r "$dir/src.img")
+  bench 1 socat run_socat 1 "$loop" "$dir/src.img" "$dir/dst.img" "$S1_BYTES"
+  bench 1 "dd|ssh" run_ddssh 1 "$loop" "$dir/src.img" "$dir/dst.img" "$S1_BYTES"
+  if ((OURS)); then
+    rm -f "$dir/dst.img"
+    truncate -s "$S1_BYTES" "$dir/dst.img"
+    bench 1 "$OURS_TOOL" run_ours 1 "$loop" "$dir/src.img" "$dir/dst.img" "$S1_BYTES" "$dir/state"
+  else
+    skip 1 "$OURS_TOOL" "$OURS_WHY"
+  fi
+  losetup -d "$loop"
+  rm -rf "$dir"
+}
+
+# fill_fs DIR BYTES: half incompressible files (1-32 MiB), a quarter real files copied from
+# /usr/share (many small ones, some already gzip'ed), a quarter log-like text (compressible).
+fill_fs() {
+  python3 - "$1" "$2" <<'EOP'
+import os, random, shutil, sys
+root, budget = sys.argv[1], int(sys.argv[2])
+rng = random.Random(42)
+def write(path, n, gen):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        while n > 0:
+            b = gen(min(n, 1 << 20))
+            f.write(b)
+            n -= len(b)
+done, i = 0, 0
+while done < budget // 2:
+    n = min(rng.choice((1, 2, 4, 8, 16, 32)) << 20, budget // 2 - done)
+    write(f"{root}/random/r{i:04}.bin", n, os.urandom)
+    done, i = done + n, i + 1
+share = budget // 4
+for dirpath, dirs, files in os.walk("/usr/share"):
+    dirs.sort()
+    for name in sorted(files):
+        src = os.path.join(dirpath, name)
+        if share <= 0 or os.path.islink(src) or not os.path.isfile(src):
+            continue
+        size = os.path.getsize(src)
+        if size > share:
+            continue
+        dst = os.path.join(root, "share", os.path.relpath(src, "/usr/share"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            shutil.copyfile(src, dst)
+        except OSError:
+            continue
+        share -= size
+        done += size
+lines = "".join(
+    f"2024-05-{1 + j % 28:02} {j % 24:02}:{j % 60:02}:{j * 7 % 60:02} INFO worker-{j % 16} "
+    f"GET /api/v1/items/{rng.randrange(10**6)} status={rng.choice((200, 200, 200, 304, 404, 500))} "
+    f"bytes={rng.randrange(100000)} ms={rng.randrange(900)}\n" for j in range(16000)).encode()
+i = 0
+while done < budget:
+    n = min(8 << 20, budget - done)
+    k = rng.randrange(len(lines))
+    block = lines[k:] + lines[:k]
+    write(f"{root}/logs/app{i:03}.log", n, lambda m: (block * (m // len(block) + 1))[:m])
+    done, i = done + n, i + 1
+EOP
+  sync -f "$1"
+}
+
+# change_fs DIR PCT: overwrite PCT % of the files' 4 KiB blocks in place (random blocks of
+# random files, weighted by size) with random data; prints the bytes changed.
+change_fs() {
+  python3 - "$1" "$2" <<'EOP'
+import bisect, os, random, sys
+root, pct = sys.argv[1], float(sys.argv[2])
+rng = random.Random(7)
+files, ends, total = [], [], 0
+for dirpath, dirs, names in os.walk(root):
+    dirs.sort()
+    for n in sorted(names):
+        p = os.path.join(dirpath, n)
+        if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) >= 4096:
+            total += os.path.getsize(p) // 4096
+            files.append(p)
+            ends.append(total)
+picked = rng.sample(range(total), max(1, int(total * pct / 100)))
+fds = {}
+for b in picked:
+    i = bisect.bisect_right(ends, b)
+    start = ends[i - 1] if i else 0
+    fd = fds.setdefault(i, os.open(files[i], os.O_WRONLY))
+    os.pwrite(fd, os.urandom(4096), (b - start) * 4096)
+for fd in fds.values():
+    os.fsync(fd)
+    os.close(fd)
+print(len(picked) * 4096)
+EOP
+}
+
+# Scenario 2: one ext4 (whole disk, no partition table), FILL_PCT used.
+LOOP2=
+scenario2() {
+  local dir=$WORK/s2
+  mkdir -p "$dir"
+  truncate -s "$S2_BYTES" "$dir/src.img"
+  LOOP2=$(losetup -f --show "$dir/src.img")
+  # Initialise inode tables and journal now, so no ext4lazyinit writes during the runs.
+  mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$LOOP2"
+  mount "$LOOP2" "$WORK/mnt/src"
+  log "${SCN[2]}: filling the filesystem with $(human "$FILL_BYTES")"
+  fill_fs "$WORK/mnt/src" "$FILL_BYTES"
+  SRC_DIGEST=$(tree_digest "$WORK/mnt/src")
+  meta_set s2_fs_used_bytes "$(df -B1 --output=used "$WORK/mnt/src" | tail -n 1)"
+  meta_set s2_files "$(find "$WORK/mnt/src" -type f | wc -l)"
+  umount "$WORK/mnt/src"
+  bench 2 "dd|ssh" run_ddssh 2 "$LOOP2" "$dir/src.img" "$dir/dd.img" "$S2_BYTES"
+  bench 2 "partclone|ssh" run_partclone 2 "$LOOP2" "$dir/src.img" "$dir/pc.img" "$S2_BYTES"
+  rm -f "$dir/pc.img" # not needed later
+  if ((OURS)); then
+    truncate -s "$S2_BYTES" "$dir/ours.img"
+    bench 2 "$OURS_TOOL" run_ours 2 "$LOOP2" "$dir/src.img" "$dir/ours.img" "$S2_BYTES" "$dir/state"
+  else
+    skip 2 "$OURS_TOOL" "$OURS_WHY"
+  fi
+}
+
+# Scenario 3: change CHANGE_PCT % of scenario 2's file data in place, then bring the targets of
+# scenario 2 up to date: ours (--sync, same receiver state dir) vs rsync of the image file onto
+# the dd copy.
+scenario3() {
+  local dir=$WORK/s2 changed
+  mount "$LOOP2" "$WORK/mnt/src"
+  changed=$(change_fs "$WORK/mnt/src" "$CHANGE_PCT")
+  log "${SCN[3]}: changed $(human "$changed") in place"
+  meta_set s3_changed_bytes "$changed"
+  SRC_DIGEST=$(tree_digest "$WORK/mnt/src")
+  umount "$WORK/mnt/src"
+  blockdev --flushbufs "$LOOP2"
+  sync
+  if ((OURS == 0)); then
+    skip 3 "$OURS_TOOL --sync" "$OURS_WHY"
+  elif ! has_flag "$MIGR_HELP" --sync; then
+    skip 3 "$OURS_TOOL --sync" "migrate has no --sync"
+  elif ! ran_ok 2 "$OURS_TOOL"; then
+    skip 3 "$OURS_TOOL --sync" "no target: the full copy of scenario 2 failed"
+  else
+    bench 3 "$OURS_TOOL --sync" run_ours 3 "$LOOP2" "$dir/src.img" "$dir/ours.img" "$S2_BYTES" "$dir/state" --sync
+  fi
+  if ran_ok 2 "dd|ssh"; then
+    bench 3 rsync run_rsync 3 "$LOOP2" "$dir/src.img" "$dir/dd.img" "$S2_BYTES"
+  else
+    skip 3 rsync "no target: dd|ssh of scenario 2 failed"
+  fi
+  losetup -d "$LOOP2"
+  rm -rf "$dir"
+}
+
+# ------------------------------------------------------------------------------------------
+meta_set date "$(date -Iseconds)"
+meta_set mode "$( ((QUICK)) && echo quick || echo full)"
+meta_set s1_bytes "$S1_BYTES"
+meta_set s2_bytes "$S2_BYTES"
+meta_set s2_fill_bytes "$FILL_BYTES"
+meta_set change_pct "$CHANGE_PCT"
+meta_set kernel "$(uname -r)"
+meta_set cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+meta_set cpus "$(nproc)"
+meta_set mem_bytes "$(awk '/^MemTotal/ {printf "%d\n", $2 * 1024}' /proc/meminfo)"
+meta_set commit "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo -dirty)"
+meta_set ssh_cipher aes128-gcm@openssh.com
+meta_set ours_available "$( ((OURS)) && echo true || echo false)"
+meta_set ours_note "${OURS_WHY:-$BIN}"
+
+scenario1
+scenario2
+scenario3
+
+RESULTS_DIR=${RESULTS_DIR:-$REPO/bench/results}
+mkdir -p "$RESULTS_DIR"
+results_report "$RESULTS_DIR/block-$(date +%Y%m%d-%H%M%S).json" \
+  "${SCN[1]}=socat;${SCN[2]}=dd|ssh;${SCN[3]}=rsync" \
+  "${SCN[1]}=$OURS_TOOL/socat/1.15;${SCN[1]}=$OURS_TOOL/dd|ssh;${SCN[2]}=$OURS_TOOL/dd|ssh;${SCN[2]}=$OURS_TOOL/partclone|ssh;${SCN[3]}=$OURS_TOOL --sync/rsync"
+((OURS)) || warn "sms-agent was NOT measured: $OURS_WHY (baselines only)"
+if ((BUILD_FAILED)) || grep -q $'\tFAILED\t' "$WORK/results.tsv"; then
+  exit 1
+fi

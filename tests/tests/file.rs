@@ -1,0 +1,1139 @@
+//! File-level migration end to end: real mutual TLS over loopback (`session::Listener` and
+//! `Connector`), real trees in temporary directories, the result compared with rsync. Needs
+//! root (owners, device nodes, trusted xattrs) and rsync, setfacl and setfattr
+//! (`apt-get install -y rsync acl attr`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::missing_panics_doc,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::tests_outside_test_module,
+    clippy::type_complexity,
+    missing_docs
+)]
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use transfer::file::proto::{Compare, FileMsg, Meta, PassKind, Time, S_IFLNK, S_IFREG};
+use transfer::file::{
+    consistency, receive, send, CheckOptions, FileError, ReceiveOptions, ReceiveReport,
+    SendOptions, SendReport,
+};
+use transfer::session::{Connector, Listener};
+use transfer::task::{Control, Progress};
+use transfer::tls::{client_config, server_config, Identity};
+use transfer::wire::{Message, Mode};
+
+use tokio_rustls::rustls;
+
+type Configs = (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>);
+
+/// One CA and pair of certificates for all tests of this binary.
+fn tls() -> &'static Configs {
+    static TLS: OnceLock<Configs> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        transfer::certs::generate(dir.path(), &[]).unwrap();
+        let r = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+        let ca = r("ca.pem");
+        (
+            server_config(
+                Identity::from_pem(&r("target.pem"), &r("target-key.pem"), None).unwrap(),
+                &ca,
+            )
+            .unwrap(),
+            client_config(
+                Identity::from_pem(&r("source.pem"), &r("source-key.pem"), None).unwrap(),
+                &ca,
+            )
+            .unwrap(),
+        )
+    })
+}
+
+/// A receiver serving file sessions into `root`; each session's result arrives on `done`.
+struct Rig {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    addr: String,
+    done: mpsc::Receiver<Result<ReceiveReport, String>>,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    rig_at(dir, root)
+}
+
+/// A receiver into `root`, keeping its state in `dir` (which the rig owns).
+fn rig_at(dir: tempfile::TempDir, root: PathBuf) -> Rig {
+    let l = Listener::bind("127.0.0.1:0", Arc::clone(&tls().0)).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let opts = ReceiveOptions {
+        root: root.clone(),
+        state_dir: dir.path().to_path_buf(),
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let tx = Mutex::new(tx);
+        let _ = l.serve(move |inc, _guard| {
+            assert_eq!(inc.mode, Mode::File);
+            let r = receive(inc, &opts).map_err(|e| e.to_string());
+            let _ = tx.lock().unwrap().send(r);
+            false
+        });
+    });
+    Rig {
+        _dir: dir,
+        root,
+        addr,
+        done: rx,
+    }
+}
+
+fn connector(addr: &str) -> Connector {
+    Connector {
+        addr: addr.to_string(),
+        tls: Arc::clone(&tls().1),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn opts(src: &Path, sync: bool) -> SendOptions {
+    SendOptions {
+        sources: vec![src.to_path_buf()],
+        map_to_root: true,
+        excludes: Vec::new(),
+        streams: 4,
+        sync,
+        hash_mode: false,
+        task_id: "t-file".into(),
+    }
+}
+
+impl Rig {
+    fn send(&self, o: &SendOptions) -> SendReport {
+        let r = send(
+            &connector(&self.addr),
+            o,
+            &Progress::default(),
+            &Control::default(),
+        )
+        .unwrap();
+        let rr = self
+            .done
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        assert!(rr.complete, "{rr:?}");
+        r
+    }
+}
+
+/// rsync's verdict: the itemized differences (nothing when identical).
+fn rsync_diff(src: &Path, dst: &Path, delete: bool) -> String {
+    rsync(src, dst, delete, true, &[])
+}
+
+/// The same with `--checksum` (contents compared), leaving out `skip` (rsync exclude rules).
+fn rsync_diff_checksum(src: &Path, dst: &Path, skip: &[&str]) -> String {
+    rsync(src, dst, true, true, skip)
+}
+
+fn rsync(src: &Path, dst: &Path, delete: bool, checksum: bool, skip: &[&str]) -> String {
+    let mut c = Command::new("rsync");
+    c.args(["-aHAXS", "--dry-run", "--itemize-changes"]);
+    if checksum {
+        c.arg("--checksum");
+    }
+    for s in skip {
+        c.arg(format!("--exclude={s}"));
+    }
+    if delete {
+        c.arg("--delete");
+    }
+    let out = c
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display()))
+        .output()
+        .expect("rsync (apt-get install -y rsync)");
+    assert!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run(cmd: &str, args: &[&OsStr]) {
+    let st = Command::new(cmd).args(args).status().expect(cmd);
+    assert!(st.success(), "{cmd} {args:?}");
+}
+
+fn write(p: &Path, data: &[u8]) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, data).unwrap();
+}
+
+fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    utimensat(
+        None,
+        p,
+        &TimeSpec::new(atime.0, atime.1),
+        &TimeSpec::new(mtime.0, mtime.1),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+}
+
+/// Names of leftover temporaries under `dir`.
+fn temps(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().as_bytes().starts_with(b".sms~") {
+                out.push(e.path());
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// A tree with every kind of entry issue 5 names.
+fn rich_tree(src: &Path) {
+    write(&src.join("etc/hosts"), b"127.0.0.1 localhost\n");
+    write(&src.join("etc/empty"), b"");
+    write(&src.join("bin/tool"), &noise(300_000, 7));
+    write(
+        &src.join("text/big.txt"),
+        &b"all work and no play ".repeat(200_000),
+    );
+    std::fs::set_permissions(src.join("bin/tool"), PermissionsExt::from_mode(0o4755)).unwrap();
+    std::fs::create_dir_all(src.join("shared")).unwrap();
+    std::fs::set_permissions(src.join("shared"), PermissionsExt::from_mode(0o2775)).unwrap();
+    std::fs::create_dir_all(src.join("tmp")).unwrap();
+    std::fs::set_permissions(src.join("tmp"), PermissionsExt::from_mode(0o1777)).unwrap();
+    // Owners, numerically, including ones no user database names.
+    write(&src.join("home/u/file"), b"owned");
+    std::os::unix::fs::chown(src.join("home/u/file"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::chown(src.join("home/u"), Some(1234), Some(5678)).unwrap();
+    // Hard-link groups, across directories.
+    write(&src.join("links/a"), b"linked data");
+    std::fs::create_dir_all(src.join("links/sub")).unwrap();
+    std::fs::hard_link(src.join("links/a"), src.join("links/b")).unwrap();
+    std::fs::hard_link(src.join("links/a"), src.join("links/sub/c")).unwrap();
+    write(&src.join("links/x"), &noise(2 << 20, 3));
+    std::fs::hard_link(src.join("links/x"), src.join("etc/x-again")).unwrap();
+    // Symlinks: relative, absolute, dangling.
+    std::os::unix::fs::symlink("../etc/hosts", src.join("links/rel")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", src.join("links/abs")).unwrap();
+    std::os::unix::fs::symlink("nowhere", src.join("links/dangling")).unwrap();
+    // Sparse: 10 GiB with 1 MiB of data in the middle and 4 KiB at the end.
+    let f = std::fs::File::create(src.join("sparse.img")).unwrap();
+    f.set_len(10 << 30).unwrap();
+    f.write_all_at(&noise(1 << 20, 11), 5 << 30).unwrap();
+    f.write_all_at(&noise(4096, 12), (10 << 30) - 4096).unwrap();
+    drop(f);
+    // ACLs (access and default), a user xattr, an SELinux label and a trusted xattr.
+    run(
+        "setfacl",
+        &[
+            "-m".as_ref(),
+            "u:1234:rwx,g:5678:r".as_ref(),
+            src.join("etc/hosts").as_os_str(),
+        ],
+    );
+    run(
+        "setfacl",
+        &[
+            "-d".as_ref(),
+            "-m".as_ref(),
+            "u:1234:rx".as_ref(),
+            src.join("shared").as_os_str(),
+        ],
+    );
+    write(&src.join("shared/inherits"), b"x");
+    let label = "system_u:object_r:etc_t:s0";
+    for (n, v) in [
+        ("user.comment", "hello"),
+        ("security.selinux", label),
+        ("trusted.sms", "t"),
+    ] {
+        run(
+            "setfattr",
+            &[
+                "-n".as_ref(),
+                n.as_ref(),
+                "-v".as_ref(),
+                v.as_ref(),
+                src.join("etc/hosts").as_os_str(),
+            ],
+        );
+    }
+    run(
+        "setfattr",
+        &[
+            "-h".as_ref(),
+            "-n".as_ref(),
+            "trusted.lnk".as_ref(),
+            "-v".as_ref(),
+            "1".as_ref(),
+            src.join("links/rel").as_os_str(),
+        ],
+    );
+    // Not UTF-8.
+    write(
+        &src.join(OsStr::from_bytes(b"names/\xff\xfe-latin1-\xe9")),
+        b"bytes",
+    );
+    std::fs::create_dir_all(src.join(OsStr::from_bytes(b"names/dir-\xc3\x28"))).unwrap();
+    // A 4,000-byte path: 20 components of 199 bytes.
+    // 4 + 20 × 200 + 5 bytes below the root; built by changing directories, since the
+    // absolute path exceeds PATH_MAX.
+    mkdir_deep(&src.join("long"), 20);
+    // FIFO and devices.
+    nix::unistd::mkfifo(
+        &src.join("dev-fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &src.join("dev-null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &src.join("dev-loop"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o660),
+        nix::sys::stat::makedev(7, 200),
+    )
+    .unwrap();
+    // Times with nanoseconds; atime distinct from mtime.
+    set_times(
+        &src.join("etc/hosts"),
+        (1_600_000_000, 123),
+        (1_500_000_000, 987_654_321),
+    );
+    set_times(
+        &src.join("links/abs"),
+        (1_400_000_000, 5),
+        (1_300_000_000, 6),
+    );
+    set_times(&src.join("home/u"), (1_200_000_000, 0), (1_100_000_000, 42));
+}
+
+/// Creates `levels` nested 199-byte directories below `base` with a file at the bottom, by
+/// changing into each (an absolute path to the bottom would exceed PATH_MAX).
+fn mkdir_deep(base: &Path, levels: u8) {
+    std::fs::create_dir_all(base).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && for c in {}; do n=$(printf \"%199s\" | tr ' ' $c); mkdir $n && cd $n || exit 1; done && echo deep > leaf",
+            base.display(),
+            (0..levels).map(|i| char::from(b'a' + i).to_string()).collect::<Vec<_>>().join(" ")
+        ))
+        .status()
+        .unwrap();
+    assert!(out.success());
+}
+
+/// The data extents (SEEK_DATA/SEEK_HOLE) of a file, with their bytes.
+fn extents(p: &Path) -> Vec<(u64, Vec<u8>)> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(p).unwrap();
+    let size = f.metadata().unwrap().len() as i64;
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < size {
+        let Ok(d) = lseek(f.as_raw_fd(), pos, Whence::SeekData) else {
+            break;
+        };
+        let h = lseek(f.as_raw_fd(), d, Whence::SeekHole).unwrap();
+        let mut buf = vec![0u8; (h - d) as usize];
+        f.read_exact_at(&mut buf, d as u64).unwrap();
+        out.push((d as u64, buf));
+        pos = h;
+    }
+    out
+}
+
+/// Same size, and the target's data is the source's data (holes where the source has holes
+/// or zeros).
+fn same_extents(src: &Path, dst: &Path) {
+    assert_eq!(
+        std::fs::metadata(src).unwrap().len(),
+        std::fs::metadata(dst).unwrap().len()
+    );
+    let (s, d) = (extents(src), extents(dst));
+    let sd: u64 = s.iter().map(|(_, b)| b.len() as u64).sum();
+    let dd: u64 = d.iter().map(|(_, b)| b.len() as u64).sum();
+    assert!(dd <= sd, "target has {dd} data bytes, source {sd}");
+    let f = std::fs::File::open(src).unwrap();
+    for (off, bytes) in &d {
+        let mut want = vec![0u8; bytes.len()];
+        f.read_exact_at(&mut want, *off).unwrap();
+        assert!(want == *bytes, "extent at {off} differs");
+    }
+    for (off, bytes) in &s {
+        let covered: Vec<_> = d
+            .iter()
+            .filter(|(o, b)| o < &(off + bytes.len() as u64) && o + b.len() as u64 > *off)
+            .collect();
+        if bytes.iter().any(|&b| b != 0) {
+            assert!(
+                !covered.is_empty(),
+                "source data at {off} missing on the target"
+            );
+        }
+    }
+}
+
+fn blocks(p: &Path) -> u64 {
+    std::fs::symlink_metadata(p).unwrap().blocks()
+}
+
+#[test]
+fn every_kind_of_entry_arrives_identical() {
+    let src = tempfile::tempdir().unwrap();
+    rich_tree(src.path());
+    let r = rig();
+    let t0 = Instant::now();
+    let rep = r.send(&opts(src.path(), false));
+    eprintln!("rich tree: {rep:?} in {:?}", t0.elapsed());
+    // atime (rsync does not compare it) and nanosecond mtimes.
+    let m = std::fs::metadata(r.root.join("etc/hosts")).unwrap();
+    assert_eq!((m.atime(), m.atime_nsec()), (1_600_000_000, 123));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 987_654_321));
+    // rsync --checksum would read 2 × 10 GiB of holes: the sparse file is compared by size,
+    // times and metadata there, and by its data extents here.
+    assert_eq!(rsync(src.path(), &r.root, true, false, &[]), "");
+    assert_eq!(
+        rsync_diff_checksum(src.path(), &r.root, &["/sparse.img"]),
+        ""
+    );
+    same_extents(&src.path().join("sparse.img"), &r.root.join("sparse.img"));
+    // Holes stay holes: st_blocks of the 10 GiB file stays about 1 MiB.
+    let (sb, db) = (
+        blocks(&src.path().join("sparse.img")),
+        blocks(&r.root.join("sparse.img")),
+    );
+    assert!(db <= sb + 16, "source {sb} blocks, target {db}");
+    assert!(db * 512 < 4 << 20);
+    // Hard links are links: one inode per group.
+    let ino = |p: &str| std::fs::metadata(r.root.join(p)).unwrap().ino();
+    assert_eq!(ino("links/a"), ino("links/b"));
+    assert_eq!(ino("links/a"), ino("links/sub/c"));
+    assert_eq!(ino("links/x"), ino("etc/x-again"));
+    assert_eq!(
+        std::fs::metadata(r.root.join("bin/tool"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o4755
+    );
+    let sel = Command::new("getfattr")
+        .args(["-n", "security.selinux", "--only-values"])
+        .arg(r.root.join("etc/hosts"))
+        .output()
+        .unwrap();
+    assert_eq!(sel.stdout, b"system_u:object_r:etc_t:s0");
+    // The text compressed on the wire.
+    assert!(rep.bytes_sent < rep.bytes_plain, "{rep:?}");
+    // A pass right after sends nothing.
+    let again = r.send(&opts(src.path(), true));
+    assert_eq!(
+        (again.files, again.bytes_plain, again.deleted),
+        (0, 0, 0),
+        "{again:?}"
+    );
+    assert!(temps(&r.root).is_empty());
+}
+
+#[test]
+fn many_small_files() {
+    let n: usize = std::env::var("SMS_FILE_TEST_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let src = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    for i in 0..n {
+        let p = src.path().join(format!("d{:03}/f{i:06}", i % 200));
+        if i < 200 {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        }
+        std::fs::write(&p, noise(1 + (i * 7919) % 4096, i as u64 + 1)).unwrap();
+    }
+    eprintln!("made {n} files in {:?}", t0.elapsed());
+    let r = rig();
+    let t0 = Instant::now();
+    let rep = r.send(&opts(src.path(), false));
+    let el = t0.elapsed();
+    eprintln!(
+        "{n} small files: {:?}, {:.0} files/s; {rep:?}",
+        el,
+        n as f64 / el.as_secs_f64()
+    );
+    assert_eq!(rep.files, n as u64);
+    assert_eq!(rsync_diff(src.path(), &r.root, true), "");
+    let t0 = Instant::now();
+    let again = r.send(&opts(src.path(), true));
+    eprintln!("unchanged sync of {n} files: {:?}", t0.elapsed());
+    assert_eq!(again.files, 0);
+    assert_eq!(again.skipped, n as u64);
+}
+
+#[test]
+fn a_file_changing_while_read_is_sent_again_next_pass() {
+    let src = tempfile::tempdir().unwrap();
+    write(&src.path().join("stable"), &noise(1 << 20, 1));
+    write(&src.path().join("log"), &noise(24 << 20, 2));
+    let r = rig();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, p) = (Arc::clone(&stop), src.path().join("log"));
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(format!("line {n}\n").as_bytes()).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let rep = r.send(&opts(src.path(), false));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(
+        rep.changed_during_read,
+        vec![src.path().join("log")],
+        "{rep:?}"
+    );
+    // The next pass sends it again and the trees agree.
+    let again = r.send(&opts(src.path(), true));
+    assert!(again.changed_during_read.is_empty());
+    assert_eq!(again.files, 1, "{again:?}");
+    assert_eq!(rsync_diff(src.path(), &r.root, true), "");
+}
+
+/// Forwards TCP to `to`, cutting every connection once `limit` bytes went source → target.
+fn cutting_proxy(to: String, limit: u64) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let sent = Arc::new(AtomicU64::new(0));
+    let socks: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { break };
+            if sent.load(Ordering::Relaxed) >= limit {
+                continue;
+            }
+            let Ok(t) = std::net::TcpStream::connect(&to) else {
+                break;
+            };
+            socks.lock().unwrap().push(c.try_clone().unwrap());
+            socks.lock().unwrap().push(t.try_clone().unwrap());
+            let (mut c2, mut t2) = (c.try_clone().unwrap(), t.try_clone().unwrap());
+            let (sent, socks) = (Arc::clone(&sent), Arc::clone(&socks));
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match c2.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if sent.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= limit {
+                        // Like kill -9 of a peer: every connection drops at once.
+                        for s in socks.lock().unwrap().iter() {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                        break;
+                    }
+                    if t2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = t2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut c3, mut t3) = (c, t);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut t3, &mut c3);
+                let _ = c3.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn resume_tree(src: &Path) -> u64 {
+    let mut total = 0;
+    for i in 0..60u64 {
+        let d = noise(256 << 10, i + 100);
+        total += d.len() as u64;
+        write(&src.join(format!("d{}/f{i}", i % 4)), &d);
+    }
+    for i in 0..3u64 {
+        let d = noise(6 << 20, i + 900);
+        total += d.len() as u64;
+        write(&src.join(format!("big{i}")), &d);
+    }
+    total
+}
+
+#[test]
+fn a_dropped_connection_resumes_without_resending_what_is_complete() {
+    let src = tempfile::tempdir().unwrap();
+    let total = resume_tree(src.path());
+    let r = rig();
+    let proxy = cutting_proxy(r.addr.clone(), total * 6 / 10);
+    let first = send(
+        &connector(&proxy),
+        &opts(src.path(), false),
+        &Progress::default(),
+        &Control::default(),
+    );
+    assert!(first.is_err(), "the cut must fail the pass: {first:?}");
+    assert!(r
+        .done
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .is_err());
+    // Nothing half-written carries a final name: every final name is complete.
+    for e in std::fs::read_dir(r.root.join("d0")).into_iter().flatten() {
+        let e = e.unwrap();
+        let n = e.file_name();
+        if !n.as_bytes().starts_with(b".sms~") {
+            assert_eq!(
+                std::fs::read(e.path()).unwrap(),
+                std::fs::read(src.path().join("d0").join(&n)).unwrap()
+            );
+        }
+    }
+    let again = r.send(&opts(src.path(), false));
+    eprintln!("resume after a cut at 60 %: {again:?}");
+    assert!(again.skipped > 0);
+    assert!(
+        again.bytes_plain < total * 6 / 10,
+        "resent {} of {total}",
+        again.bytes_plain
+    );
+    assert_eq!(rsync_diff(src.path(), &r.root, true), "");
+    assert!(temps(&r.root).is_empty(), "{:?}", temps(&r.root));
+}
+
+#[test]
+fn a_cancelled_pass_stops_at_a_checkpoint_and_resumes() {
+    let src = tempfile::tempdir().unwrap();
+    let total = resume_tree(src.path());
+    let r = rig();
+    let progress = Progress::default();
+    let control = Control::default();
+    let res = std::thread::scope(|s| {
+        s.spawn(|| {
+            while Progress::get(&progress.done) < total / 3 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            control.cancel.store(true, Ordering::Relaxed);
+        });
+        send(
+            &connector(&r.addr),
+            &opts(src.path(), false),
+            &progress,
+            &control,
+        )
+    });
+    // The session may have completed before the cancel was seen; usually it stops early.
+    let rr = r
+        .done
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
+    assert!(
+        rr.complete,
+        "a cancel ends with an acknowledged checkpoint: {rr:?}"
+    );
+    if let Err(e) = &res {
+        assert!(matches!(e, FileError::Cancelled), "{e}");
+    }
+    let again = r.send(&opts(src.path(), false));
+    assert_eq!(rsync_diff(src.path(), &r.root, true), "");
+    assert_eq!(again.files + again.skipped, 63);
+    assert!(temps(&r.root).is_empty());
+}
+
+#[test]
+fn sync_after_changes_renames_and_deletions() {
+    let src = tempfile::tempdir().unwrap();
+    let s = src.path();
+    write(&s.join("keep"), b"unchanged");
+    write(&s.join("edit"), b"version 1");
+    write(&s.join("dir/a"), b"a");
+    write(&s.join("dir/sub/b"), b"b");
+    write(&s.join("old-name"), b"renamed later");
+    write(&s.join("gone"), b"deleted later");
+    write(&s.join("gone-dir/x/y"), b"deleted later");
+    write(&s.join("becomes-dir"), b"file");
+    write(&s.join("becomes-file/z"), b"dir");
+    write(&s.join("cache/c"), b"excluded");
+    std::os::unix::fs::symlink("keep", s.join("link")).unwrap();
+    let mut big = noise(16 << 20, 5);
+    write(&s.join("big.db"), &big);
+    let mut o = opts(s, true);
+    o.excludes = vec![s.join("cache")];
+    let r = rig();
+    r.send(&o);
+    assert!(!r.root.join("cache").exists());
+    write(
+        &r.root.join("cache/target-only"),
+        b"excluded on the target too",
+    );
+
+    std::thread::sleep(Duration::from_millis(10));
+    write(&s.join("edit"), b"version 2");
+    std::fs::rename(s.join("old-name"), s.join("new-name")).unwrap();
+    std::fs::rename(s.join("dir"), s.join("moved-dir")).unwrap();
+    std::fs::remove_file(s.join("gone")).unwrap();
+    std::fs::remove_dir_all(s.join("gone-dir")).unwrap();
+    std::fs::remove_file(s.join("becomes-dir")).unwrap();
+    write(&s.join("becomes-dir/inside"), b"now a dir");
+    std::fs::remove_dir_all(s.join("becomes-file")).unwrap();
+    write(&s.join("becomes-file"), b"now a file");
+    std::fs::remove_file(s.join("link")).unwrap();
+    std::os::unix::fs::symlink("edit", s.join("link")).unwrap();
+    std::fs::set_permissions(s.join("keep"), PermissionsExt::from_mode(0o600)).unwrap();
+    write(&s.join("new/file"), b"new");
+    // A database-like file: two 4 KiB pages change, 64 KiB appended.
+    big[100..4196].copy_from_slice(&noise(4096, 77));
+    big[9 << 20..(9 << 20) + 4096].copy_from_slice(&noise(4096, 78));
+    big.extend_from_slice(&noise(64 << 10, 79));
+    write(&s.join("big.db"), &big);
+
+    let rep = r.send(&o);
+    eprintln!("sync: {rep:?}");
+    // Identical but for the excluded directory, which is left alone on the target.
+    assert_eq!(rsync_diff_checksum(s, &r.root, &["/cache"]), "");
+    assert!(r.root.join("cache/target-only").exists());
+    assert!(!r.root.join("gone").exists() && !r.root.join("gone-dir").exists());
+    assert!(rep.deleted >= 6, "{rep:?}");
+    // The big file: two changed chunks and the tail travel, the rest is reused.
+    assert!(rep.bytes_reused >= 13 << 20, "{rep:?}");
+    assert!(rep.bytes_plain < 4 << 20, "{rep:?}");
+}
+
+/// A hostile sender: a session driven by hand-made frames.
+struct Hostile {
+    ctl: transfer::session::Stream,
+    data: transfer::session::Stream,
+}
+
+impl Hostile {
+    fn open(addr: &str) -> Self {
+        let c = connector(addr);
+        let (ctl, sid) = c.open("evil", Mode::File, 0, 1, 0).unwrap();
+        let (data, _) = c.open("evil", Mode::File, 1, 1, sid).unwrap();
+        let mut h = Self { ctl, data };
+        h.ctl(&FileMsg::Plan {
+            pass: PassKind::Copy,
+            compare: Compare::Quick,
+            delete: true,
+            excludes: vec![],
+        });
+        h
+    }
+    fn ctl(&mut self, m: &FileMsg) {
+        let _ = m.write_to(&mut self.ctl.writer);
+        let _ = self.ctl.flush();
+    }
+    fn data(&mut self, m: &FileMsg) {
+        let _ = m.write_to(&mut self.data.writer);
+        let _ = self.data.flush();
+    }
+}
+
+fn meta(kind: u32) -> Meta {
+    Meta {
+        mode: kind | 0o644,
+        size: 5,
+        mtime: Time { sec: 1, nsec: 0 },
+        ..Meta::default()
+    }
+}
+
+fn entry(id: u64, path: &[u8], kind: u32, target: &[u8]) -> FileMsg {
+    FileMsg::Entry {
+        id,
+        path: path.to_vec(),
+        meta: meta(kind),
+        target: target.to_vec(),
+        linked: false,
+        hash: None,
+    }
+}
+
+fn file(path: &[u8]) -> FileMsg {
+    FileMsg::whole_file(0, path.to_vec(), meta(S_IFREG), b"owned".to_vec()).unwrap()
+}
+
+#[test]
+fn a_hostile_sender_changes_nothing_outside_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&root).unwrap();
+    write(&outside.join("sentinel"), b"precious");
+    write(&outside.join("passwd"), b"root:x:0:0");
+    // Everything outside the root: names beside it, and the outside tree with contents.
+    let names = |p: &Path| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let snapshot = |p: &Path| {
+        let mut v: Vec<(PathBuf, Vec<u8>, u32, i64)> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = std::fs::symlink_metadata(e.path()).unwrap();
+                (
+                    e.path(),
+                    std::fs::read(e.path()).unwrap_or_default(),
+                    m.mode(),
+                    m.mtime(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let parent = dir.path().to_path_buf();
+    let before = (names(&parent), snapshot(&outside));
+    let state = tempfile::tempdir().unwrap();
+    let r = rig_at(state, root.clone());
+    let _keep = dir;
+    let out_abs = outside.as_os_str().as_bytes().to_vec();
+    let mut sentinel_abs = out_abs.clone();
+    sentinel_abs.extend_from_slice(b"/sentinel");
+    let rel_up = b"../outside/sentinel".to_vec();
+    let scripts: Vec<Box<dyn Fn(&mut Hostile)>> = vec![
+        // `..` and an absolute path, as entries and as files.
+        Box::new(|h| h.ctl(&entry(0, b"../../etc/passwd", S_IFREG, b""))),
+        Box::new(|h| h.ctl(&entry(0, &rel_up, S_IFREG, b""))),
+        Box::new(|h| h.ctl(&entry(0, &sentinel_abs, S_IFREG, b""))),
+        Box::new(|h| h.data(&file(&rel_up))),
+        Box::new(|h| h.data(&file(&sentinel_abs))),
+        // A symlink to the outside, then writes and deletions through it.
+        Box::new(|h| {
+            h.ctl(&entry(0, b"evil", S_IFLNK, &out_abs));
+            h.ctl(&entry(1, b"evil/sentinel", S_IFREG, b""));
+            h.ctl(&FileMsg::DirEnd {
+                id: 2,
+                path: b"evil".to_vec(),
+            });
+            h.ctl(&FileMsg::ListEnd);
+        }),
+        Box::new(|h| {
+            h.ctl(&entry(0, b"evil2", S_IFLNK, &out_abs));
+            h.ctl(&FileMsg::ListEnd);
+            h.data(&file(b"evil2/passwd"));
+        }),
+        // A symlink to the sentinel file, then a file of that name: replaces the link only.
+        Box::new(|h| {
+            h.ctl(&entry(0, b"lnk", S_IFLNK, &sentinel_abs));
+            h.ctl(&FileMsg::ListEnd);
+            h.data(&file(b"lnk"));
+            h.data(&FileMsg::StreamEnd);
+            h.ctl(&FileMsg::Finish);
+            let _ = Message::Checkpoint { seq: 1 }.write_to(&mut h.ctl.writer);
+            let _ = Message::Bye.write_to(&mut h.ctl.writer);
+            let _ = h.ctl.flush();
+        }),
+        // A directory named like the root's parent in a listing end.
+        Box::new(|h| {
+            h.ctl(&FileMsg::DirEnd {
+                id: 0,
+                path: b"..".to_vec(),
+            })
+        }),
+        // Hard links to the outside, and to a path never listed as linked.
+        Box::new(|h| {
+            h.ctl(&FileMsg::ListEnd);
+            h.data(&FileMsg::StreamEnd);
+            h.ctl(&FileMsg::Finish);
+            h.ctl(&FileMsg::Link {
+                path: b"hl".to_vec(),
+                target: rel_up.clone(),
+            });
+        }),
+        Box::new(|h| {
+            h.ctl(&entry(0, b"evil3", S_IFLNK, &out_abs));
+            h.ctl(&FileMsg::ListEnd);
+            h.data(&FileMsg::StreamEnd);
+            h.ctl(&FileMsg::Finish);
+            h.ctl(&FileMsg::Link {
+                path: b"hl".to_vec(),
+                target: b"evil3/sentinel".to_vec(),
+            });
+        }),
+        // A directory entry over the root's name and garbage frames.
+        Box::new(|h| h.ctl(&entry(0, b"", S_IFLNK, b"/"))),
+        Box::new(|h| {
+            let _ = transfer::wire::write_frame(&mut h.ctl.writer, 65, &[0xff; 40]);
+            let _ = h.ctl.flush();
+        }),
+    ];
+    for (i, script) in scripts.iter().enumerate() {
+        let mut h = Hostile::open(&r.addr);
+        script(&mut h);
+        let res = r.done.recv_timeout(Duration::from_secs(30)).unwrap();
+        eprintln!("hostile script {i}: {res:?}");
+        assert_eq!(
+            (
+                snapshot(r.root.parent().unwrap()).len(),
+                snapshot(&outside)
+            ),
+            (before.0.len(), before.1.clone()),
+            "script {i} changed something outside the root"
+        );
+    }
+    assert_eq!(
+        std::fs::read(outside.join("sentinel")).unwrap(),
+        b"precious"
+    );
+    assert_eq!(
+        std::fs::read(outside.join("passwd")).unwrap(),
+        b"root:x:0:0"
+    );
+    // Inside the root, the write replaced the symlink instead of following it.
+    assert!(std::fs::symlink_metadata(root.join("lnk"))
+        .unwrap()
+        .is_file());
+    assert_eq!(std::fs::read(root.join("lnk")).unwrap(), b"owned");
+}
+
+#[test]
+fn consistency_counts_per_directory_in_quick_and_hash_mode() {
+    let src = tempfile::tempdir().unwrap();
+    let s = src.path();
+    for i in 0..10 {
+        write(&s.join(format!("a/f{i}")), format!("file {i}").as_bytes());
+        write(
+            &s.join(format!("b/sub/g{i}")),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    let r = rig();
+    r.send(&opts(s, false));
+    // Damage the target: one missing, one different (size), two extra (one in a new dir),
+    // and one same-size same-mtime content change only hash mode sees.
+    std::fs::remove_file(r.root.join("a/f1")).unwrap();
+    write(&r.root.join("a/f2"), b"longer content");
+    write(&r.root.join("a/extra"), b"x");
+    write(&r.root.join("b/sub/newdir/extra"), b"x");
+    let g3 = r.root.join("b/sub/g3");
+    let m = std::fs::metadata(&g3).unwrap();
+    write(&g3, b"FILE 3");
+    set_times(
+        &g3,
+        (m.atime(), m.atime_nsec()),
+        (m.mtime(), m.mtime_nsec()),
+    );
+    let check = |hash_mode| {
+        let c = consistency(
+            &connector(&r.addr),
+            &CheckOptions {
+                sources: vec![s.to_path_buf()],
+                map_to_root: true,
+                dirs: vec![s.join("a"), s.join("b")],
+                excludes: vec![],
+                hash_mode,
+                task_id: "t-check".into(),
+            },
+            &Progress::default(),
+            &Control::default(),
+        )
+        .unwrap();
+        let rr = r
+            .done
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        assert!(rr.check && rr.complete);
+        c
+    };
+    let quick = check(false);
+    let json = serde_json::to_value(&quick).unwrap();
+    eprintln!("{json}");
+    assert_eq!(quick[0].dir_check, s.join("a").display().to_string());
+    assert_eq!(
+        (
+            quick[0].num_total_files,
+            quick[0].num_different_files,
+            quick[0].num_target_miss_files,
+            quick[0].num_target_more_files
+        ),
+        (10, 1, 1, 1)
+    );
+    assert_eq!(
+        (
+            quick[1].num_total_files,
+            quick[1].num_different_files,
+            quick[1].num_target_more_files
+        ),
+        (10, 0, 1)
+    );
+    let hash = check(true);
+    assert_eq!(hash[1].num_different_files, 1);
+    assert_eq!(hash[0].num_different_files, 1);
+    // The check changed nothing.
+    assert!(!r.root.join("a/f1").exists());
+    assert!(r.root.join("a/extra").exists());
+}
+
+fn secs(cmd: &str) -> f64 {
+    let t0 = Instant::now();
+    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}");
+    t0.elapsed().as_secs_f64()
+}
+
+/// The benchmark of issue 5 (run by `bench/file.sh`, release build): files of 1–64 KiB plus four
+/// 256 MiB files, ours against `tar c | tar x` and `rsync -a` on this machine, then a sync
+/// after 1 % of the files changed and 1 % were deleted. `SMS_BENCH_FILES` sets the count.
+#[test]
+#[ignore = "benchmark: run bench/file.sh"]
+fn bench_against_tar_and_rsync() {
+    let n: usize = std::env::var("SMS_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let work =
+        tempfile::tempdir_in(std::env::var("SMS_BENCH_DIR").unwrap_or("/var/tmp".into())).unwrap();
+    let src = work.path().join("src");
+    for i in 0..n {
+        let p = src.join(format!("d{:03}/f{i:06}", i % 500));
+        if i < 500 {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        }
+        let len = 1024 + (i * 7919) % (63 * 1024);
+        // Half text-like, half random: realistic compressibility.
+        let data = if i % 2 == 0 {
+            noise(len, i as u64 + 1)
+        } else {
+            format!("line {i} of a config file\n")
+                .repeat(len / 24 + 1)
+                .into_bytes()[..len]
+                .to_vec()
+        };
+        std::fs::write(&p, data).unwrap();
+    }
+    for i in 0..4u64 {
+        write(
+            &src.join(format!("big{i}.img")),
+            &noise(256 << 20, 1000 + i),
+        );
+    }
+    let bytes: u64 = (0..n)
+        .map(|i| 1024 + ((i * 7919) % (63 * 1024)) as u64)
+        .sum::<u64>()
+        + (1 << 30);
+    let drop_caches = || {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg("sync; echo 3 > /proc/sys/vm/drop_caches")
+            .status();
+    };
+    let mb = |s: f64| bytes as f64 / s / 1e6;
+    let r = rig();
+    drop_caches();
+    let t0 = Instant::now();
+    let rep = r.send(&opts(&src, false));
+    let ours = t0.elapsed().as_secs_f64();
+    assert_eq!(rep.files as usize, n + 4);
+    let tar_dst = work.path().join("tar");
+    std::fs::create_dir(&tar_dst).unwrap();
+    drop_caches();
+    let tar = secs(&format!(
+        "tar -C {} -cf - . | tar -C {} -xf -",
+        src.display(),
+        tar_dst.display()
+    ));
+    let rs_dst = work.path().join("rsync");
+    drop_caches();
+    let rs = secs(&format!(
+        "rsync -a {}/ {}/",
+        src.display(),
+        rs_dst.display()
+    ));
+    println!(
+        "full copy, {n} files + 4 × 256 MiB ({:.0} MB): ours {ours:.2} s ({:.0} files/s, {:.0} MB/s), tar|tar {tar:.2} s, rsync -a (local) {rs:.2} s; ours/tar {:.2}, ours/rsync {:.2}",
+        bytes as f64 / 1e6,
+        (n + 4) as f64 / ours,
+        mb(ours),
+        ours / tar,
+        ours / rs
+    );
+    // 1 % changed, 1 % deleted.
+    for i in (0..n).step_by(100) {
+        let p = src.join(format!("d{:03}/f{i:06}", i % 500));
+        std::fs::write(&p, noise(4096, i as u64 + 7)).unwrap();
+        let q = src.join(format!("d{:03}/f{:06}", (i + 1) % 500, i + 1));
+        let _ = std::fs::remove_file(q);
+    }
+    drop_caches();
+    let t0 = Instant::now();
+    let rep = r.send(&opts(&src, true));
+    let ours_sync = t0.elapsed().as_secs_f64();
+    drop_caches();
+    let rs_sync = secs(&format!(
+        "rsync -a --delete {}/ {}/",
+        src.display(),
+        rs_dst.display()
+    ));
+    println!(
+        "sync after 1 % changed and 1 % deleted: ours {ours_sync:.2} s ({} files sent, {} deleted), rsync -a --delete (local) {rs_sync:.2} s; ratio {:.2}",
+        rep.files,
+        rep.deleted,
+        ours_sync / rs_sync
+    );
+}

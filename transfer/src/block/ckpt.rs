@@ -1,0 +1,170 @@
+//! The receiver's checkpoint of a block pass: which chunks are durable on the target. It is
+//! written only after the target files were fdatasync'ed, atomically (temp file, fsync,
+//! rename, fsync of the directory), and sealed with a BLAKE3 trailer so a torn or tampered
+//! file is refused (the pass then restarts for that task rather than trusting it).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::map::Bitmap;
+
+/// Largest checkpoint file read back (bitmaps of 256 disks of 32 TiB at 1 MiB chunks fit).
+const MAX_FILE: u64 = 1 << 30;
+
+/// What a checkpoint is about; a session resumes it only when all of it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Task id.
+    pub task_id: String,
+    /// Pass number.
+    pub pass: u32,
+    /// Sync pass.
+    pub sync: bool,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// (name, size) of each disk, in plan order.
+    pub disks: Vec<(String, u64)>,
+    /// Whether the sender finished the pass.
+    #[serde(default)]
+    pub complete: bool,
+}
+
+/// Why a checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CkptError {
+    /// I/O on the state directory.
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a checkpoint we wrote.
+    #[error("checkpoint {0} is damaged; ignoring it")]
+    Damaged(PathBuf),
+}
+
+/// The checkpoint file of `task_id` in `dir` (the id is hex-encoded: it comes from the peer).
+pub fn path(dir: &Path, task_id: &str) -> PathBuf {
+    let hex: String = task_id.bytes().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("block-{hex}.ckpt"))
+}
+
+/// Writes `meta` and `maps` to `file` atomically and durably.
+pub fn save(file: &Path, meta: &Meta, maps: &[Bitmap]) -> Result<(), CkptError> {
+    let io = |source| CkptError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let mut body = serde_json::to_vec(meta).map_err(|e| io(std::io::Error::other(e)))?;
+    body.push(b'\n');
+    for m in maps {
+        body.extend_from_slice(m.as_bytes());
+    }
+    let seal = blake3::hash(&body);
+    body.extend_from_slice(seal.as_bytes());
+    let dir = file.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io)?;
+    let tmp = file.with_extension("ckpt.tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(&body).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    fs::rename(&tmp, file).map_err(io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+/// Reads a checkpoint; `Ok(None)` when there is none.
+pub fn load(file: &Path) -> Result<Option<(Meta, Vec<Bitmap>)>, CkptError> {
+    let io = |source| CkptError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let f = match File::open(file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let mut body = Vec::new();
+    f.take(MAX_FILE).read_to_end(&mut body).map_err(io)?;
+    let damaged = || CkptError::Damaged(file.to_path_buf());
+    if body.len() < 32 {
+        return Err(damaged());
+    }
+    let (content, seal) = body.split_at(body.len() - 32);
+    if blake3::hash(content).as_bytes() != seal {
+        return Err(damaged());
+    }
+    let nl = content
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(damaged)?;
+    let meta: Meta = serde_json::from_slice(&content[..nl]).map_err(|_| damaged())?;
+    let mut rest = &content[nl + 1..];
+    let mut maps = Vec::with_capacity(meta.disks.len());
+    for (_, size) in &meta.disks {
+        let bits = super::map::chunk_count(*size, u64::from(meta.chunk_size.max(1)));
+        let n = usize::try_from(bits.div_ceil(8)).map_err(|_| damaged())?;
+        if rest.len() < n {
+            return Err(damaged());
+        }
+        let (b, r) = rest.split_at(n);
+        rest = r;
+        maps.push(Bitmap::from_bytes(b.to_vec(), bits).ok_or_else(damaged)?);
+    }
+    if !rest.is_empty() {
+        return Err(damaged());
+    }
+    Ok(Some((meta, maps)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = path(dir.path(), "t-1/../x");
+        assert!(f
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("block-"));
+        assert_eq!(f.parent().unwrap(), dir.path());
+        assert!(load(&f).unwrap().is_none());
+        let meta = Meta {
+            task_id: "t-1/../x".into(),
+            pass: 2,
+            sync: true,
+            chunk_size: 1 << 20,
+            disks: vec![("a".into(), 10 << 20), ("b".into(), 3)],
+            complete: false,
+        };
+        let mut m1 = Bitmap::new(10);
+        m1.set(3);
+        let maps = vec![m1, Bitmap::new(1)];
+        save(&f, &meta, &maps).unwrap();
+        assert_eq!(load(&f).unwrap(), Some((meta.clone(), maps.clone())));
+        // Any flipped byte is detected.
+        let mut raw = fs::read(&f).unwrap();
+        raw[5] ^= 1;
+        fs::write(&f, &raw).unwrap();
+        assert!(matches!(load(&f), Err(CkptError::Damaged(_))));
+        fs::write(&f, b"short").unwrap();
+        assert!(matches!(load(&f), Err(CkptError::Damaged(_))));
+    }
+}

@@ -1,0 +1,220 @@
+//! Block passes end to end over real mutual TLS on loopback, with image files for disks.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::session::{Connector, Listener};
+use crate::task::{Control, Progress};
+use crate::tls::{client_config, server_config, Identity};
+
+struct Rig {
+    dir: tempfile::TempDir,
+    connector: Connector,
+    stop: std::sync::mpsc::Receiver<Result<ReceiveReport, String>>,
+}
+
+fn tls(dir: &Path) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    crate::certs::generate(dir, &[]).unwrap();
+    let r = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+    let ca = r("ca.pem");
+    (
+        server_config(
+            Identity::from_pem(&r("target.pem"), &r("target-key.pem"), None).unwrap(),
+            &ca,
+        )
+        .unwrap(),
+        client_config(
+            Identity::from_pem(&r("source.pem"), &r("source-key.pem"), None).unwrap(),
+            &ca,
+        )
+        .unwrap(),
+    )
+}
+
+/// A receiver serving sessions for the disks `names` (files `DIR/tgt-NAME.img`).
+fn rig(names: &[&str]) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = tls(dir.path());
+    let l = Listener::bind("127.0.0.1:0", server).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let opts = ReceiveOptions {
+        disks: names
+            .iter()
+            .map(|n| TargetMap {
+                name: (*n).to_string(),
+                path: dir.path().join(format!("tgt-{n}.img")),
+            })
+            .collect(),
+        state_dir: dir.path().join("state"),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let tx = Mutex::new(tx);
+        let _ = l.serve(move |inc, _guard| {
+            let r = receive(inc, &opts).map_err(|e| e.to_string());
+            let _ = tx.lock().unwrap().send(r);
+            false
+        });
+    });
+    Rig {
+        dir,
+        connector: Connector {
+            addr,
+            tls: client,
+            timeout: Duration::from_secs(5),
+        },
+        stop: rx,
+    }
+}
+
+use std::sync::Mutex;
+
+fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            crate::testutil::xorshift(&mut x);
+            #[allow(clippy::cast_possible_truncation)]
+            let b = x as u8;
+            b
+        })
+        .collect()
+}
+
+/// A 16 MiB source image with data in a few places; returns its path and used ranges.
+fn source(dir: &Path) -> (std::path::PathBuf, Vec<std::ops::Range<u64>>) {
+    let p = dir.join("src.img");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&noise(3 << 20, 1), 0).unwrap();
+    f.write_all_at(&b"text ".repeat(200_000), 5 << 20).unwrap();
+    f.write_all_at(&noise(4096, 2), (9 << 20) + 12288).unwrap();
+    // Data outside the used ranges must not travel.
+    f.write_all_at(&noise(1 << 20, 3), 12 << 20).unwrap();
+    (
+        p,
+        vec![0..(3 << 20), (5 << 20)..(6 << 20), (9 << 20)..(10 << 20)],
+    )
+}
+
+fn run(rig: &Rig, disks: &[SourceDisk], pass: u32, sync: bool) -> PassReport {
+    let opts = SendOptions {
+        task_id: "task-1".into(),
+        pass,
+        sync,
+        streams: 3,
+        ..SendOptions::default()
+    };
+    let r = send(
+        &rig.connector,
+        disks,
+        &opts,
+        &Progress::default(),
+        &Control::default(),
+    )
+    .unwrap();
+    let rr = rig
+        .stop
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
+    assert!(rr.complete);
+    r
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn full_copy_then_sync_sends_only_changes() {
+    let rig = rig(&["d0"]);
+    let (src, used) = source(rig.dir.path());
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: used.clone(),
+    }];
+    let r = run(&rig, &disks, 0, false);
+    assert_eq!(r.chunks, 5);
+    let (s, t) = (read(&src), read(&rig.dir.path().join("tgt-d0.img")));
+    assert_eq!(s.len(), t.len());
+    for u in &used {
+        let (a, b) = (
+            usize::try_from(u.start).unwrap(),
+            usize::try_from(u.end).unwrap(),
+        );
+        assert!(s[a..b] == t[a..b], "range {u:?} differs");
+    }
+    assert!(
+        t[12 << 20..13 << 20].iter().all(|&b| b == 0),
+        "free space was copied"
+    );
+    // Zeros and free space are not sent.
+    assert!(r.plain_sent < (4 << 20) + 100_000, "{r:?}");
+
+    // Change three leaves; a sync sends about that much.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(4096, 9), 8192).unwrap();
+    f.write_all_at(&noise(4096, 10), (5 << 20) + 40960).unwrap();
+    f.write_all_at(&noise(100, 11), (9 << 20) + 12288).unwrap();
+    let r = run(&rig, &disks, 1, true);
+    assert!(r.plain_sent <= 3 * 4096, "{r:?}");
+    let (s, t) = (read(&src), read(&rig.dir.path().join("tgt-d0.img")));
+    for u in &used {
+        let (a, b) = (
+            usize::try_from(u.start).unwrap(),
+            usize::try_from(u.end).unwrap(),
+        );
+        assert!(s[a..b] == t[a..b], "range {u:?} differs after sync");
+    }
+    // An unchanged sync sends nothing at all.
+    let r = run(&rig, &disks, 2, true);
+    assert_eq!(r.plain_sent, 0, "{r:?}");
+}
+
+#[test]
+fn a_target_smaller_than_the_source_or_unmapped_is_refused() {
+    let rig = rig(&["d0"]);
+    let (src, used) = source(rig.dir.path());
+    let tgt = rig.dir.path().join("tgt-d0.img");
+    std::fs::File::create(&tgt)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: used.clone(),
+    }];
+    let opts = SendOptions {
+        task_id: "t".into(),
+        ..SendOptions::default()
+    };
+    let e = send(
+        &rig.connector,
+        &disks,
+        &opts,
+        &Progress::default(),
+        &Control::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "SMS.1504", "{e}");
+    assert_eq!(std::fs::metadata(&tgt).unwrap().len(), 1 << 20);
+    let disks = vec![SourceDisk {
+        path: src,
+        name: "other".into(),
+        used,
+    }];
+    let e = send(
+        &rig.connector,
+        &disks,
+        &opts,
+        &Progress::default(),
+        &Control::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "SMS.1311", "{e}");
+}

@@ -1,0 +1,687 @@
+//! The target side of a block pass: checks the plan against the mapped disks, writes only
+//! verified data inside them, answers sync hash requests, and checkpoints durably.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use super::ckpt::{self, Meta};
+use super::map::{chunk_count, chunk_range, Bitmap};
+use super::{leaf_hash, BlockError};
+use crate::chunk::verify;
+use crate::session::{name_of, Incoming, Stream};
+use crate::wire::{Message, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
+
+/// How long the receiver waits for the sender on any stream before giving up on it: the
+/// sender checkpoints every few seconds and streams data continuously.
+const PEER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the data streams of a session may take to connect.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most sync hash requests one stream may have outstanding (the sender keeps far fewer).
+const MAX_OUTSTANDING: usize = 256;
+
+/// One `--disk NAME=PATH` of the receiver.
+#[derive(Debug, Clone)]
+pub struct TargetMap {
+    /// Target disk name (the task's `target_server.disks[].name`).
+    pub name: String,
+    /// Device or image file written.
+    pub path: PathBuf,
+}
+
+/// How the receiver runs.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// The disks it may write; nothing else is ever opened for writing.
+    pub disks: Vec<TargetMap>,
+    /// Where checkpoints live.
+    pub state_dir: PathBuf,
+}
+
+/// What a session did.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveReport {
+    /// Task id.
+    pub task_id: String,
+    /// Pass.
+    pub pass: u32,
+    /// Whether the sender completed the pass.
+    pub complete: bool,
+    /// Chunks durable at the end.
+    pub chunks_done: u64,
+    /// Bytes written (data and zeroed ranges).
+    pub bytes_written: u64,
+    /// Chunks the sender resumed instead of sending (done before this session).
+    pub chunks_resumed: u64,
+}
+
+struct Target {
+    name: String,
+    path: PathBuf,
+    file: File,
+    /// The plan's size: no write may pass it.
+    size: u64,
+    is_dev: bool,
+}
+
+struct Sess {
+    targets: Vec<Target>,
+    maps: Mutex<Vec<Bitmap>>,
+    chunk: u64,
+    sync: bool,
+    failed: AtomicBool,
+    error: Mutex<Option<BlockError>>,
+    written: AtomicU64,
+}
+
+impl Sess {
+    fn fail(&self, e: BlockError) {
+        self.failed.store(true, Ordering::SeqCst);
+        let mut slot = self
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Vec<Bitmap>> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// fdatasync of every target, then the bitmap as it was before the sync is recorded.
+    fn checkpoint(&self, file: &Path, meta: &Meta) -> Result<u64, BlockError> {
+        let snapshot = self.maps().clone();
+        for t in &self.targets {
+            t.file
+                .sync_data()
+                .map_err(|e| target_err(t, "SMS.1908", e))?;
+        }
+        ckpt::save(file, meta, &snapshot)?;
+        Ok(snapshot.iter().map(Bitmap::count).sum())
+    }
+
+    /// The target of `disk` after checking that `[offset, offset+len)` lies inside one chunk
+    /// of it: a frame never writes past the disk or across a chunk.
+    fn range(&self, disk: u16, offset: u64, len: u64) -> Result<(&Target, u64), BlockError> {
+        let t = self
+            .targets
+            .get(usize::from(disk))
+            .ok_or_else(|| BlockError::Protocol(format!("disk index {disk} is not in the plan")))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= t.size && len > 0)
+            .ok_or_else(|| {
+                BlockError::Protocol(format!(
+                    "write of {len} bytes at {offset} is outside disk {} ({} bytes)",
+                    t.name, t.size
+                ))
+            })?;
+        let c = offset / self.chunk;
+        if (end - 1) / self.chunk != c {
+            return Err(BlockError::Protocol(format!(
+                "write at {offset} of {len} bytes crosses a chunk boundary"
+            )));
+        }
+        Ok((t, c))
+    }
+
+    fn chunk_of(&self, disk: u16, chunk: u64) -> Result<&Target, BlockError> {
+        let t = self
+            .targets
+            .get(usize::from(disk))
+            .ok_or_else(|| BlockError::Protocol(format!("disk index {disk} is not in the plan")))?;
+        if chunk >= chunk_count(t.size, self.chunk) {
+            return Err(BlockError::Protocol(format!(
+                "chunk {chunk} is past the end of disk {}",
+                t.name
+            )));
+        }
+        Ok(t)
+    }
+}
+
+fn target_err(t: &Target, code: &'static str, e: std::io::Error) -> BlockError {
+    BlockError::Target {
+        code,
+        name: t.name.clone(),
+        path: t.path.clone(),
+        message: e.to_string(),
+    }
+}
+
+/// Zeroes a range: a hole punched where the target supports it (image files, and block
+/// devices that zero on discard), plain zeros otherwise.
+fn zero_range(t: &Target, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let punched = match (i64::try_from(offset), i64::try_from(len)) {
+        (Ok(o), Ok(l)) => fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&t.file),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+        .is_ok(),
+        _ => false,
+    };
+    if punched {
+        return Ok(());
+    }
+    let zeros = vec![0u8; usize::try_from(len.min(MAX_CHUNK as u64)).unwrap_or(MAX_CHUNK)];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64);
+        t.file
+            .write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// Whether `dev` (or one of its partitions) is mounted: writing under a mounted filesystem
+/// would corrupt it.
+fn mounted(dev: &Path) -> Option<String> {
+    let canon = std::fs::canonicalize(dev).ok()?;
+    let canon = canon.to_str()?.to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|src| {
+            src.starts_with('/')
+                && std::fs::canonicalize(src)
+                    .ok()
+                    .and_then(|p| p.to_str().map(str::to_string))
+                    .is_some_and(|p| {
+                        p == canon
+                            || (p.starts_with(&canon)
+                                && p[canon.len()..]
+                                    .trim_start_matches('p')
+                                    .chars()
+                                    .all(|c| c.is_ascii_digit()))
+                    })
+        })
+        .map(str::to_string)
+}
+
+/// Opens (or creates, for an image file) the target of one plan disk and checks its size.
+fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
+    let err = |code, message: String| BlockError::Target {
+        code,
+        name: m.name.clone(),
+        path: m.path.clone(),
+        message,
+    };
+    let existed = m.path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!existed)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(&m.path)
+        .map_err(|e| err("SMS.1908", format!("cannot open: {e}")))?;
+    let ft = file
+        .metadata()
+        .map_err(|e| err("SMS.1908", e.to_string()))?
+        .file_type();
+    let is_dev = ft.is_block_device();
+    if !is_dev && !ft.is_file() {
+        return Err(err(
+            "SMS.1908",
+            "neither a block device nor a regular file".into(),
+        ));
+    }
+    if is_dev {
+        if let Some(src) = mounted(&m.path) {
+            return Err(err(
+                "SMS.1404",
+                format!("{src} is mounted; refusing to write under a mounted filesystem"),
+            ));
+        }
+    }
+    if !existed {
+        file.set_len(size)
+            .map_err(|e| err("SMS.1908", format!("cannot size the image: {e}")))?;
+    }
+    let mut f = &file;
+    let have = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| err("SMS.1908", e.to_string()))?;
+    if have < size {
+        return Err(err(
+            "SMS.1504",
+            format!("it has {have} bytes, less than the source disk's {size}"),
+        ));
+    }
+    Ok(Target {
+        name: m.name.clone(),
+        path: m.path.clone(),
+        file,
+        size,
+        is_dev,
+    })
+}
+
+/// Serves one block session.
+pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, BlockError> {
+    let Incoming {
+        task_id,
+        streams,
+        mut control,
+        data,
+        ..
+    } = inc;
+    control.set_read_timeout(Some(PEER_TIMEOUT));
+    let plan = control.recv()?;
+    let Message::DiskPlan {
+        pass,
+        sync,
+        chunk_size,
+        disks,
+    } = plan
+    else {
+        control.send_error("SMS.1908", "expected DiskPlan");
+        return Err(BlockError::Protocol(format!(
+            "expected DiskPlan, got {}",
+            name_of(&plan)
+        )));
+    };
+    let prepared = prepare(&task_id, pass, sync, chunk_size, &disks, opts);
+    let (sess, meta, file, resumed) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            control.send_error(&e.code(), &e.to_string());
+            return Err(e);
+        }
+    };
+    tracing::info!(task_id = %task_id, pass, sync, disks = disks.len(), resumed_chunks = resumed, "block pass accepted");
+    {
+        let maps = sess.maps();
+        for (i, m) in maps.iter().enumerate() {
+            control.send(&Message::DoneMap {
+                disk: u16::try_from(i).unwrap_or(u16::MAX),
+                bits: m.as_bytes().to_vec(),
+            })?;
+        }
+    }
+    control.send(&Message::Ready)?;
+    control.flush()?;
+
+    let mut workers = Vec::new();
+    let mut aborts = Vec::new();
+    for _ in 0..streams {
+        let Ok(s) = data.recv_timeout(JOIN_TIMEOUT) else {
+            break;
+        };
+        aborts.push(s.peer.clone());
+        let sess = Arc::clone(&sess);
+        workers.push(std::thread::spawn(move || {
+            if let Err(e) = serve_stream(s, &sess) {
+                tracing::warn!(error = %e, "data stream failed");
+                sess.fail(e);
+            }
+        }));
+    }
+    let complete = if workers.len() == usize::from(streams) {
+        control_loop(&mut control, &sess, &file, &meta)
+    } else {
+        let e = BlockError::Protocol(format!(
+            "only {} of {streams} data streams connected",
+            workers.len()
+        ));
+        control.send_error("SMS.1908", &e.to_string());
+        sess.fail(e);
+        false
+    };
+    for w in workers {
+        let _ = w.join();
+    }
+    // Whatever arrived is made durable and recorded, complete or not.
+    let mut final_meta = meta.clone();
+    let failed = sess.failed.load(Ordering::SeqCst);
+    final_meta.complete = complete && !failed;
+    let done = sess.checkpoint(&file, &final_meta)?;
+    if final_meta.complete {
+        let _ = control.send(&Message::Bye);
+        let _ = control.flush();
+        control.close();
+    }
+    let report = ReceiveReport {
+        task_id,
+        pass,
+        complete: final_meta.complete,
+        chunks_done: done,
+        bytes_written: sess.written.load(Ordering::Relaxed),
+        chunks_resumed: resumed,
+    };
+    let err = sess
+        .error
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    match err {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+type Prepared = (Arc<Sess>, Meta, PathBuf, u64);
+
+fn prepare(
+    task_id: &str,
+    pass: u32,
+    sync: bool,
+    chunk_size: u32,
+    disks: &[(String, u64)],
+    opts: &ReceiveOptions,
+) -> Result<Prepared, BlockError> {
+    if !chunk_size.is_power_of_two()
+        || !(MIN_BLOCK_CHUNK..=u32::try_from(MAX_CHUNK).unwrap_or(u32::MAX)).contains(&chunk_size)
+    {
+        return Err(BlockError::Protocol(format!(
+            "chunk size {chunk_size} is not a power of two between {MIN_BLOCK_CHUNK} and {MAX_CHUNK}"
+        )));
+    }
+    if disks.is_empty() {
+        return Err(BlockError::Protocol("the plan has no disks".into()));
+    }
+    let mut targets = Vec::new();
+    for (name, size) in disks {
+        let m = opts
+            .disks
+            .iter()
+            .find(|m| &m.name == name)
+            .ok_or_else(|| BlockError::Target {
+                code: "SMS.1311",
+                name: name.clone(),
+                path: PathBuf::new(),
+                message: "not mapped on the target (receive --disk NAME=PATH)".into(),
+            })?;
+        if targets.iter().any(|t: &Target| t.name == *name) {
+            return Err(BlockError::Protocol(format!(
+                "disk {name} twice in the plan"
+            )));
+        }
+        targets.push(open_target(m, *size)?);
+    }
+    let meta = Meta {
+        task_id: task_id.to_string(),
+        pass,
+        sync,
+        chunk_size,
+        disks: disks.to_vec(),
+        complete: false,
+    };
+    let file = ckpt::path(&opts.state_dir, task_id);
+    let chunk = u64::from(chunk_size);
+    let fresh = || -> Vec<Bitmap> {
+        disks
+            .iter()
+            .map(|(_, s)| Bitmap::new(chunk_count(*s, chunk)))
+            .collect()
+    };
+    let maps = match ckpt::load(&file) {
+        Ok(Some((old, maps)))
+            if Meta {
+                complete: false,
+                ..old.clone()
+            } == meta =>
+        {
+            maps
+        }
+        Ok(_) => fresh(),
+        Err(e) => {
+            tracing::warn!(error = %e, "starting the pass afresh");
+            fresh()
+        }
+    };
+    let resumed = maps.iter().map(Bitmap::count).sum();
+    Ok((
+        Arc::new(Sess {
+            targets,
+            maps: Mutex::new(maps),
+            chunk,
+            sync,
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            written: AtomicU64::new(0),
+        }),
+        meta,
+        file,
+        resumed,
+    ))
+}
+
+/// Checkpoints on request until the sender says the pass is over; returns whether it
+/// completed it.
+fn control_loop(control: &mut Stream, sess: &Sess, file: &Path, meta: &Meta) -> bool {
+    loop {
+        let m = match control.recv() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(error = %e, "control stream ended");
+                return false;
+            }
+        };
+        match m {
+            Message::Checkpoint { .. } => match sess.checkpoint(file, meta) {
+                Ok(n) => {
+                    if sess.failed.load(Ordering::SeqCst) {
+                        let msg = sess
+                            .error
+                            .lock()
+                            .ok()
+                            .and_then(|e| e.as_ref().map(|e| (e.code(), e.to_string())));
+                        if let Some((code, text)) = msg {
+                            control.send_error(&code, &text);
+                        }
+                        return false;
+                    }
+                    if control
+                        .send(&Message::Ack { upto: n })
+                        .and_then(|()| control.flush())
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    control.send_error(&e.code(), &e.to_string());
+                    sess.fail(e);
+                    return false;
+                }
+            },
+            Message::Bye => return true,
+            Message::Error { code, message } => {
+                tracing::info!(code = %code, message = %message, "the sender ended the pass");
+                return false;
+            }
+            other => {
+                let e = BlockError::Protocol(format!(
+                    "unexpected {} on the control stream",
+                    name_of(&other)
+                ));
+                control.send_error("SMS.1908", &e.to_string());
+                sess.fail(e);
+                return false;
+            }
+        }
+    }
+}
+
+/// What a stream remembers of a chunk whose sums it sent.
+struct Pending {
+    hash: [u8; 32],
+    written: bool,
+}
+
+/// Serves one data stream; replies go through a writer thread so this reader never waits on
+/// the peer reading (the sender bounds how many replies can pile up).
+fn serve_stream(s: Stream, sess: &Sess) -> Result<(), BlockError> {
+    s.set_read_timeout(Some(PEER_TIMEOUT));
+    s.set_write_timeout(Some(PEER_TIMEOUT));
+    let (mut rd, mut wr) = s.into_halves();
+    let (tx, rx) = mpsc::channel::<Message>();
+    let writer = std::thread::spawn(move || {
+        while let Ok(m) = rx.recv() {
+            let last = matches!(m, Message::Bye | Message::Error { .. });
+            if m.write_to(&mut wr).is_err() {
+                return;
+            }
+            // Batch what is queued, then push it out.
+            let mut more = true;
+            while more {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        if m.write_to(&mut wr).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => more = false,
+                }
+            }
+            if wr.flush().is_err() || last {
+                let _ = wr.get_mut().close();
+                return;
+            }
+        }
+    });
+    let result = stream_loop(&mut rd, &tx, sess);
+    if let Err(e) = &result {
+        let _ = tx.send(Message::Error {
+            code: e.code(),
+            message: e.to_string().chars().take(1000).collect(),
+        });
+    }
+    drop(tx);
+    let _ = writer.join();
+    result
+}
+
+fn stream_loop(
+    rd: &mut impl std::io::Read,
+    tx: &mpsc::Sender<Message>,
+    sess: &Sess,
+) -> Result<(), BlockError> {
+    let mut pending: HashMap<(u16, u64), Pending> = HashMap::new();
+    let mut buf = Vec::new();
+    loop {
+        if sess.failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let m = Message::read_from(rd)?;
+        match m {
+            Message::Chunk {
+                disk, offset, len, ..
+            } => {
+                let (t, c) = sess.range(disk, offset, u64::from(len))?;
+                let plain = verify(&m).map_err(|e| BlockError::Protocol(e.to_string()))?;
+                t.file
+                    .write_all_at(&plain, offset)
+                    .map_err(|e| target_err(t, "SMS.1908", e))?;
+                sess.written.fetch_add(u64::from(len), Ordering::Relaxed);
+                if let Some(p) = pending.get_mut(&(disk, c)) {
+                    p.written = true;
+                }
+            }
+            Message::Zero { disk, offset, len } => {
+                let (t, c) = sess.range(disk, offset, u64::from(len))?;
+                zero_range(t, offset, u64::from(len)).map_err(|e| target_err(t, "SMS.1908", e))?;
+                sess.written.fetch_add(u64::from(len), Ordering::Relaxed);
+                if let Some(p) = pending.get_mut(&(disk, c)) {
+                    p.written = true;
+                }
+            }
+            Message::Done { disk, chunk, hash } => {
+                let t = sess.chunk_of(disk, chunk)?;
+                let ok = if hash == [0; 32] {
+                    if sess.sync {
+                        return Err(BlockError::Protocol(
+                            "a sync pass must give each chunk's hash".into(),
+                        ));
+                    }
+                    true
+                } else {
+                    match pending.remove(&(disk, chunk)) {
+                        Some(p) if !p.written => p.hash == hash,
+                        _ => {
+                            read_chunk(t, chunk, sess.chunk, &mut buf)?;
+                            *blake3::hash(&buf).as_bytes() == hash
+                        }
+                    }
+                };
+                if ok {
+                    let mut maps = sess.maps();
+                    if let Some(m) = maps.get_mut(usize::from(disk)) {
+                        m.set(chunk);
+                    }
+                } else {
+                    let _ = tx.send(Message::Mismatch { disk, chunk });
+                }
+            }
+            Message::SumReq { disk, chunk } => {
+                if !sess.sync {
+                    return Err(BlockError::Protocol("SumReq outside a sync pass".into()));
+                }
+                let t = sess.chunk_of(disk, chunk)?;
+                if pending.len() >= MAX_OUTSTANDING {
+                    return Err(BlockError::Protocol(format!(
+                        "more than {MAX_OUTSTANDING} hash requests outstanding"
+                    )));
+                }
+                read_chunk(t, chunk, sess.chunk, &mut buf)?;
+                let hash = *blake3::hash(&buf).as_bytes();
+                let leaves = buf.chunks(LEAF).map(leaf_hash).collect();
+                pending.insert(
+                    (disk, chunk),
+                    Pending {
+                        hash,
+                        written: false,
+                    },
+                );
+                let _ = tx.send(Message::Sums {
+                    disk,
+                    chunk,
+                    hash,
+                    leaves,
+                });
+            }
+            Message::Checkpoint { seq } => {
+                // A barrier: everything before it on this stream has been processed.
+                let _ = tx.send(Message::Ack { upto: seq });
+            }
+            Message::Bye => {
+                let _ = tx.send(Message::Bye);
+                return Ok(());
+            }
+            Message::Error { code, message } => {
+                return Err(BlockError::Remote { code, message });
+            }
+            other => {
+                return Err(BlockError::Protocol(format!(
+                    "unexpected {} on a data stream",
+                    name_of(&other)
+                )))
+            }
+        }
+    }
+}
+
+fn read_chunk(t: &Target, chunk: u64, size: u64, buf: &mut Vec<u8>) -> Result<(), BlockError> {
+    let r = chunk_range(chunk, size, t.size);
+    buf.resize(usize::try_from(r.end - r.start).unwrap_or(0), 0);
+    t.file
+        .read_exact_at(buf, r.start)
+        .map_err(|e| target_err(t, "SMS.1908", e))?;
+    let _ = t.is_dev;
+    Ok(())
+}

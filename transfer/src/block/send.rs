@@ -1,0 +1,755 @@
+//! The source side of a block pass: N streams share the chunks that hold used bytes; a full
+//! pass sends their data, a sync pass only the leaves whose hashes differ from the target's.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::map::{chunk_count, chunk_range, done_bytes, normalize, Bitmap, DiskItems, Item};
+use super::{is_zero, leaf_hash, BlockError, SourceDisk, DEFAULT_CHUNK};
+use crate::chunk::Compressor;
+use crate::session::{name_of, Connector, Stream};
+use crate::task::{Control, Progress};
+use crate::wire::{Message, Mode, LEAF};
+
+/// Outstanding sync hash requests per stream: enough to hide a round trip at disk speed,
+/// few enough that the receiver's queued answers stay small.
+const SYNC_WINDOW: usize = 16;
+/// Zero runs at least this long travel as `Zero` frames; shorter ones ride along with the
+/// data (zstd shrinks them to nothing) instead of costing a frame each.
+const MIN_ZERO_RUN: usize = 32 << 10;
+/// How often a chunk may fail the receiver's check before the pass fails.
+const MAX_RESENDS: u32 = 3;
+/// How long the control stream may wait for an ack (an fdatasync of a large cache can take
+/// a while on slow disks).
+const ACK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How a pass runs.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// Task id (the receiver's checkpoint is kept per task).
+    pub task_id: String,
+    /// Pass number: 0 for the full copy, then one more per sync pass.
+    pub pass: u32,
+    /// Compare hashes and send only differences.
+    pub sync: bool,
+    /// Parallel data streams.
+    pub streams: u16,
+    /// Chunk size (power of two).
+    pub chunk_size: u32,
+    /// How often the receiver is asked to make data durable.
+    pub checkpoint_every: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            task_id: String::new(),
+            pass: 0,
+            sync: false,
+            streams: 4,
+            chunk_size: DEFAULT_CHUNK,
+            checkpoint_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Default)]
+pub struct PassReport {
+    /// Chunks with used bytes.
+    pub chunks: u64,
+    /// Of those, already on the target when the pass started.
+    pub chunks_resumed: u64,
+    /// Used bytes of the pass.
+    pub used_bytes: u64,
+    /// Bytes read from the source disks.
+    pub bytes_read: u64,
+    /// Data bytes sent, before compression.
+    pub plain_sent: u64,
+    /// Data bytes on the wire, after compression.
+    pub wire_sent: u64,
+    /// Bytes sent as zero runs (no data).
+    pub zero_bytes: u64,
+    /// Chunks the receiver found different after they were sent, and got again.
+    pub resent: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+struct Disk {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    used: Vec<Range<u64>>,
+}
+
+/// State shared by the streams of one pass.
+struct Ctx<'a> {
+    task_id: String,
+    disks: Vec<Disk>,
+    chunk: u64,
+    sync: bool,
+    work: Mutex<Work>,
+    progress: &'a Progress,
+    control: &'a Control,
+    abort: AtomicBool,
+    error: Mutex<Option<BlockError>>,
+    sent_items: AtomicU64,
+    bytes_read: AtomicU64,
+    zero_bytes: AtomicU64,
+    resent: AtomicU64,
+}
+
+/// The items still to hand out, disk after disk, skipping those already done.
+struct Work {
+    disk: usize,
+    /// Per disk: (used range index, next chunk) of its walk.
+    pos: Vec<(usize, u64)>,
+    done: Vec<Bitmap>,
+}
+
+impl Ctx<'_> {
+    fn fail(&self, e: BlockError) {
+        self.abort.store(true, Ordering::SeqCst);
+        let mut slot = self
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.abort.load(Ordering::Relaxed) || self.control.cancelled()
+    }
+
+    /// The next item of work, or `None` when all are handed out.
+    fn next(&self) -> Option<Item> {
+        let mut w = self
+            .work
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(disk) = self.disks.get(w.disk) {
+            let d = w.disk;
+            let (at, next_chunk) = w.pos[d];
+            let mut it = DiskItems::resume(
+                u16::try_from(d).unwrap_or(u16::MAX),
+                self.chunk,
+                disk.size,
+                &disk.used,
+                at,
+                next_chunk,
+            );
+            let found = it.by_ref().find(|item| !w.done[d].get(item.chunk));
+            w.pos[d] = it.position();
+            if found.is_some() {
+                return found;
+            }
+            w.disk += 1;
+        }
+        None
+    }
+
+    /// The item of a chunk (for a resend), rebuilt from the used ranges.
+    fn item_for(&self, disk: u16, chunk: u64) -> Option<Item> {
+        let d = self.disks.get(usize::from(disk))?;
+        let start = chunk.saturating_mul(self.chunk);
+        let first = d.used.partition_point(|r| r.end <= start);
+        DiskItems::resume(disk, self.chunk, d.size, &d.used, first, chunk)
+            .next()
+            .filter(|i| i.chunk == chunk)
+    }
+
+    /// Reads the item's chunk into `buf` with every byte outside the used ranges zero: the
+    /// view of the disk the target must end up with.
+    fn read_masked(&self, item: &Item, buf: &mut Vec<u8>) -> Result<u64, BlockError> {
+        let disk = &self.disks[usize::from(item.disk)];
+        let cr = chunk_range(item.chunk, self.chunk, disk.size);
+        buf.clear();
+        buf.resize(usize::try_from(cr.end - cr.start).unwrap_or(0), 0);
+        let mut read = 0;
+        for r in &item.ranges {
+            let a = usize::try_from(r.start - cr.start).unwrap_or(0);
+            let b = usize::try_from(r.end - cr.start).unwrap_or(0);
+            let Some(dst) = buf.get_mut(a..b) else {
+                continue;
+            };
+            disk.file
+                .read_exact_at(dst, r.start)
+                .map_err(|e| BlockError::ReadDisk {
+                    path: disk.path.clone(),
+                    source: e,
+                })?;
+            read += r.end - r.start;
+        }
+        // Migrating must not evict the source host's working set from its page cache.
+        if let (Ok(o), Ok(l)) = (i64::try_from(cr.start), i64::try_from(cr.end - cr.start)) {
+            let _ = nix::fcntl::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&disk.file),
+                o,
+                l,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+        self.bytes_read.fetch_add(read, Ordering::Relaxed);
+        Ok(read)
+    }
+}
+
+/// Runs one pass against the target; returns when the receiver has acked every item durable.
+pub fn send(
+    connector: &Connector,
+    disks: &[SourceDisk],
+    opts: &SendOptions,
+    progress: &Progress,
+    control: &Control,
+) -> Result<PassReport, BlockError> {
+    let started = Instant::now();
+    let chunk = u64::from(opts.chunk_size);
+    let streams = opts.streams.max(1);
+    let mut open = Vec::new();
+    for d in disks {
+        let mut file = File::open(&d.path).map_err(|e| BlockError::ReadDisk {
+            path: d.path.clone(),
+            source: e,
+        })?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| BlockError::ReadDisk {
+                path: d.path.clone(),
+                source: e,
+            })?;
+        open.push(Disk {
+            file,
+            path: d.path.clone(),
+            size,
+            used: normalize(d.used.clone(), size),
+        });
+    }
+    let (mut ctl, session) = connector.open(&opts.task_id, Mode::Block, 0, streams, 0)?;
+    ctl.send(&Message::DiskPlan {
+        pass: opts.pass,
+        sync: opts.sync,
+        chunk_size: opts.chunk_size,
+        disks: disks
+            .iter()
+            .zip(&open)
+            .map(|(d, o)| (d.name.clone(), o.size))
+            .collect(),
+    })?;
+    ctl.flush()?;
+    ctl.set_read_timeout(Some(ACK_TIMEOUT));
+    let mut done = Vec::new();
+    for (i, d) in open.iter().enumerate() {
+        match ctl.recv()? {
+            Message::DoneMap { disk, bits } if usize::from(disk) == i => {
+                let n = chunk_count(d.size, chunk);
+                done.push(Bitmap::from_bytes(bits, n).ok_or_else(|| {
+                    BlockError::Protocol(format!("done map of disk {i} has the wrong length"))
+                })?);
+            }
+            Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
+            other => {
+                return Err(BlockError::Protocol(format!(
+                    "expected DoneMap, got {}",
+                    name_of(&other)
+                )))
+            }
+        }
+    }
+    match ctl.recv()? {
+        Message::Ready => {}
+        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
+        other => {
+            return Err(BlockError::Protocol(format!(
+                "expected Ready, got {}",
+                name_of(&other)
+            )))
+        }
+    }
+    let mut report = PassReport::default();
+    for (i, d) in open.iter().enumerate() {
+        let items = DiskItems::new(0, chunk, d.size, &d.used);
+        for it in items {
+            report.chunks += 1;
+            report.used_bytes += it.bytes();
+            if done[i].get(it.chunk) {
+                report.chunks_resumed += 1;
+            }
+        }
+    }
+    let resumed_bytes: u64 = open
+        .iter()
+        .zip(&done)
+        .map(|(d, m)| done_bytes(&d.used, chunk, d.size, m))
+        .sum();
+    progress.total.store(report.used_bytes, Ordering::Relaxed);
+    progress.done.store(resumed_bytes, Ordering::Relaxed);
+    tracing::info!(
+        task_id = %opts.task_id,
+        pass = opts.pass,
+        sync = opts.sync,
+        chunks = report.chunks,
+        resumed = report.chunks_resumed,
+        used_bytes = report.used_bytes,
+        "block pass started"
+    );
+    let n = open.len();
+    let ctx = Ctx {
+        disks: open,
+        chunk,
+        sync: opts.sync,
+        work: Mutex::new(Work {
+            disk: 0,
+            pos: vec![(0, 0); n],
+            done,
+        }),
+        task_id: opts.task_id.clone(),
+        progress,
+        control,
+        abort: AtomicBool::new(false),
+        error: Mutex::new(None),
+        sent_items: AtomicU64::new(report.chunks_resumed),
+        bytes_read: AtomicU64::new(0),
+        zero_bytes: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
+    };
+    let running = AtomicUsize::new(usize::from(streams));
+    let plain0 = Progress::get(&progress.plain_sent);
+    let wire0 = Progress::get(&progress.wire_sent);
+    let ctl_result = std::thread::scope(|scope| {
+        for i in 1..=streams {
+            let ctx = &ctx;
+            let running = &running;
+            scope.spawn(move || {
+                let r = connector
+                    .open(&ctx.task_id, Mode::Block, i, streams, session)
+                    .map_err(BlockError::from)
+                    .and_then(|(s, _)| stream_worker(ctx, s));
+                if let Err(e) = r {
+                    tracing::warn!(stream = i, error = %e, "data stream failed");
+                    ctx.fail(e);
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        checkpoints(&mut ctl, &ctx, &running, opts.checkpoint_every)
+    });
+    report.bytes_read = ctx.bytes_read.load(Ordering::Relaxed);
+    report.zero_bytes = ctx.zero_bytes.load(Ordering::Relaxed);
+    report.resent = ctx.resent.load(Ordering::Relaxed);
+    report.plain_sent = Progress::get(&progress.plain_sent) - plain0;
+    report.wire_sent = Progress::get(&progress.wire_sent) - wire0;
+    let err = ctx
+        .error
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(e) = err {
+        return Err(e);
+    }
+    ctl_result?;
+    if control.cancelled() {
+        // What arrived is durable (the last checkpoint ran after the streams stopped).
+        ctl.send_error("SMS.1802", "the pass was stopped");
+        return Err(BlockError::Cancelled);
+    }
+    // Every item must now be durable on the target.
+    ctl.send(&Message::Checkpoint { seq: report.chunks })?;
+    ctl.flush()?;
+    let upto = expect_ack(&mut ctl)?;
+    if upto < report.chunks {
+        return Err(BlockError::Protocol(format!(
+            "the target holds {upto} of {} chunks after the pass",
+            report.chunks
+        )));
+    }
+    progress.durable.store(report.used_bytes, Ordering::Relaxed);
+    ctl.send(&Message::Bye)?;
+    ctl.flush()?;
+    match ctl.recv()? {
+        Message::Bye => {}
+        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
+        other => {
+            return Err(BlockError::Protocol(format!(
+                "expected Bye, got {}",
+                name_of(&other)
+            )))
+        }
+    }
+    ctl.close();
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        task_id = %opts.task_id,
+        pass = opts.pass,
+        bytes_read = report.bytes_read,
+        wire_sent = report.wire_sent,
+        resent = report.resent,
+        secs = report.elapsed.as_secs_f64(),
+        "block pass complete"
+    );
+    Ok(report)
+}
+
+fn expect_ack(ctl: &mut Stream) -> Result<u64, BlockError> {
+    match ctl.recv()? {
+        Message::Ack { upto } => Ok(upto),
+        Message::Error { code, message } => Err(BlockError::Remote { code, message }),
+        other => Err(BlockError::Protocol(format!(
+            "expected Ack, got {}",
+            name_of(&other)
+        ))),
+    }
+}
+
+/// Asks for a checkpoint every `every` while the streams run, and once more after they end.
+fn checkpoints(
+    ctl: &mut Stream,
+    ctx: &Ctx<'_>,
+    running: &AtomicUsize,
+    every: Duration,
+) -> Result<(), BlockError> {
+    let mut last = Instant::now();
+    loop {
+        let finished = running.load(Ordering::SeqCst) == 0;
+        if finished || last.elapsed() >= every {
+            last = Instant::now();
+            let done_before = ctx.progress.done.load(Ordering::Relaxed);
+            let r = ctl
+                .send(&Message::Checkpoint {
+                    seq: ctx.sent_items.load(Ordering::Relaxed),
+                })
+                .and_then(|()| ctl.flush())
+                .map_err(BlockError::from)
+                .and_then(|()| expect_ack(ctl));
+            match r {
+                Ok(_) => {
+                    // Everything covered before the request is durable now.
+                    ctx.progress.durable.store(done_before, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    ctx.fail(e);
+                    // Let the streams see the abort and stop.
+                    while running.load(Ordering::SeqCst) > 0 {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    return Ok(());
+                }
+            }
+            if finished {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One data stream: sends items until none are left, then waits until the receiver has
+/// processed (and checked) everything it sent.
+fn stream_worker(ctx: &Ctx<'_>, s: Stream) -> Result<(), BlockError> {
+    s.set_write_timeout(Some(ACK_TIMEOUT));
+    let (mut rd, wr) = s.into_halves();
+    let (tx, rx) = mpsc::channel::<Message>();
+    let reader = std::thread::spawn(move || loop {
+        match Message::read_from(&mut rd) {
+            Ok(m) => {
+                let end = matches!(m, Message::Bye | Message::Error { .. });
+                if tx.send(m).is_err() || end {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Message::Error {
+                    code: "SMS.1908".into(),
+                    message: format!("data stream: {e}"),
+                });
+                return;
+            }
+        }
+    });
+    let mut out = Out {
+        w: wr,
+        comp: Compressor::default(),
+    };
+    let r = run_stream(ctx, &mut out, &rx);
+    if r.is_err() {
+        out.w.get_ref().abort();
+    } else {
+        let _ = out.w.get_mut().close();
+    }
+    let _ = reader.join();
+    r
+}
+
+struct Out {
+    w: std::io::BufWriter<crate::conn::ConnWriter>,
+    comp: Compressor,
+}
+
+impl Out {
+    fn send(&mut self, m: &Message) -> Result<(), BlockError> {
+        Ok(m.write_to(&mut self.w)?)
+    }
+
+    fn flush(&mut self) -> Result<(), BlockError> {
+        use std::io::Write;
+        self.w
+            .flush()
+            .map_err(|e| BlockError::Wire(crate::wire::WireError::Io(e.to_string())))
+    }
+
+    /// Sends `data` (at disk offset `at`) as zero runs and data frames.
+    fn send_span(
+        &mut self,
+        ctx: &Ctx<'_>,
+        disk: u16,
+        at: u64,
+        data: &[u8],
+    ) -> Result<(), BlockError> {
+        let mut i = 0;
+        while i < data.len() {
+            // Find the next long zero run; everything before it is one data frame.
+            let (zs, ze) = next_zero_run(data, i);
+            if zs > i {
+                let m = self.comp.chunk(disk, at + i as u64, &data[i..zs])?;
+                if let Message::Chunk { data: d, .. } = &m {
+                    ctx.control.pace(d.len() as u64);
+                    Progress::add(&ctx.progress.wire_sent, d.len() as u64);
+                }
+                Progress::add(&ctx.progress.plain_sent, (zs - i) as u64);
+                self.send(&m)?;
+            }
+            if ze > zs {
+                self.send(&Message::Zero {
+                    disk,
+                    offset: at + zs as u64,
+                    len: u32::try_from(ze - zs).unwrap_or(u32::MAX),
+                })?;
+                ctx.zero_bytes
+                    .fetch_add((ze - zs) as u64, Ordering::Relaxed);
+            }
+            i = ze.max(zs);
+        }
+        Ok(())
+    }
+}
+
+/// The first zero run of at least [`MIN_ZERO_RUN`] bytes at or after `from`, aligned to
+/// leaves: (start, end); (len, len) when there is none. Short tails count as zero runs when
+/// the whole rest is zero.
+fn next_zero_run(data: &[u8], from: usize) -> (usize, usize) {
+    let mut i = from;
+    while i < data.len() {
+        let leaf_end = (i - i % LEAF + LEAF).min(data.len());
+        if is_zero(&data[i..leaf_end]) {
+            let start = i;
+            let mut end = leaf_end;
+            while end < data.len() {
+                let e = (end + LEAF).min(data.len());
+                if !is_zero(&data[end..e]) {
+                    break;
+                }
+                end = e;
+            }
+            if end - start >= MIN_ZERO_RUN || (end == data.len() && start == from) {
+                return (start, end);
+            }
+            i = end;
+        } else {
+            i = leaf_end;
+        }
+    }
+    (data.len(), data.len())
+}
+
+fn run_stream(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    rx: &mpsc::Receiver<Message>,
+) -> Result<(), BlockError> {
+    let mut buf = Vec::new();
+    let mut tries: HashMap<(u16, u64), u32> = HashMap::new();
+    let mut pending: VecDeque<Item> = VecDeque::new();
+    let mut exhausted = false;
+    loop {
+        // An error from the receiver stops the stream at once.
+        while let Ok(m) = rx.try_recv() {
+            handle_reply(ctx, out, m, &mut pending, &mut tries, &mut buf)?;
+        }
+        if ctx.stopped() {
+            break;
+        }
+        if !ctx.sync {
+            let Some(item) = ctx.next() else { break };
+            let data = {
+                ctx.read_masked(&item, &mut buf)?;
+                std::mem::take(&mut buf)
+            };
+            let base = item.chunk * ctx.chunk;
+            for r in &item.ranges {
+                let a = usize::try_from(r.start - base).unwrap_or(0);
+                let b = usize::try_from(r.end - base).unwrap_or(0);
+                out.send_span(ctx, item.disk, r.start, &data[a..b])?;
+            }
+            buf = data;
+            out.send(&Message::Done {
+                disk: item.disk,
+                chunk: item.chunk,
+                hash: [0; 32],
+            })?;
+            ctx.sent_items.fetch_add(1, Ordering::Relaxed);
+            Progress::add(&ctx.progress.done, item.bytes());
+            continue;
+        }
+        while !exhausted && pending.len() < SYNC_WINDOW {
+            match ctx.next() {
+                Some(item) => {
+                    out.send(&Message::SumReq {
+                        disk: item.disk,
+                        chunk: item.chunk,
+                    })?;
+                    pending.push_back(item);
+                }
+                None => exhausted = true,
+            }
+        }
+        out.flush()?;
+        if pending.is_empty() {
+            break;
+        }
+        let m = rx
+            .recv()
+            .map_err(|_| BlockError::Protocol("the data stream closed".into()))?;
+        handle_reply(ctx, out, m, &mut pending, &mut tries, &mut buf)?;
+    }
+    // Barrier: once the receiver acks it, every Done before it has been checked; repeat
+    // while mismatches made us resend something.
+    let mut seq = 0;
+    // When stopping, no barrier: the receiver processes everything before Bye anyway.
+    while !ctx.stopped() {
+        seq += 1;
+        out.send(&Message::Checkpoint { seq })?;
+        out.flush()?;
+        let before = ctx.resent.load(Ordering::Relaxed);
+        loop {
+            let m = rx
+                .recv()
+                .map_err(|_| BlockError::Protocol("the data stream closed".into()))?;
+            if matches!(m, Message::Ack { upto } if upto == seq) {
+                break;
+            }
+            handle_reply(ctx, out, m, &mut pending, &mut tries, &mut buf)?;
+            out.flush()?;
+        }
+        if ctx.resent.load(Ordering::Relaxed) == before {
+            break;
+        }
+    }
+    out.send(&Message::Bye)?;
+    out.flush()?;
+    match rx.recv() {
+        Ok(Message::Bye) => Ok(()),
+        Ok(Message::Error { code, message }) => Err(BlockError::Remote { code, message }),
+        Ok(other) => Err(BlockError::Protocol(format!(
+            "expected Bye, got {}",
+            name_of(&other)
+        ))),
+        Err(_) => Err(BlockError::Protocol("the data stream closed".into())),
+    }
+}
+
+/// Acts on one message from the receiver on a data stream.
+fn handle_reply(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    m: Message,
+    pending: &mut VecDeque<Item>,
+    tries: &mut HashMap<(u16, u64), u32>,
+    buf: &mut Vec<u8>,
+) -> Result<(), BlockError> {
+    match m {
+        Message::Sums {
+            disk,
+            chunk,
+            hash,
+            leaves,
+        } => {
+            let item = pending
+                .pop_front()
+                .filter(|i| i.disk == disk && i.chunk == chunk)
+                .ok_or_else(|| BlockError::Protocol("sums for a chunk not asked for".into()))?;
+            ctx.read_masked(&item, buf)?;
+            let mine = *blake3::hash(buf).as_bytes();
+            if mine != hash {
+                let base = item.chunk * ctx.chunk;
+                let same_shape = leaves.len() == buf.len().div_ceil(LEAF);
+                let mut i = 0;
+                let n = buf.len().div_ceil(LEAF);
+                while i < n {
+                    let differs = |k: usize| {
+                        !same_shape
+                            || leaves.get(k).is_none_or(|l| {
+                                *l != leaf_hash(&buf[k * LEAF..((k + 1) * LEAF).min(buf.len())])
+                            })
+                    };
+                    if !differs(i) {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < n && differs(j) {
+                        j += 1;
+                    }
+                    let (a, b) = (i * LEAF, (j * LEAF).min(buf.len()));
+                    let span = buf[a..b].to_vec();
+                    out.send_span(ctx, disk, base + a as u64, &span)?;
+                    i = j;
+                }
+            }
+            out.send(&Message::Done {
+                disk,
+                chunk,
+                hash: mine,
+            })?;
+            ctx.sent_items.fetch_add(1, Ordering::Relaxed);
+            Progress::add(&ctx.progress.done, item.bytes());
+            Ok(())
+        }
+        Message::Mismatch { disk, chunk } => {
+            let t = tries.entry((disk, chunk)).or_insert(0);
+            *t += 1;
+            if *t > MAX_RESENDS {
+                return Err(BlockError::Protocol(format!(
+                    "chunk {chunk} of disk {disk} still differs on the target after {MAX_RESENDS} resends"
+                )));
+            }
+            let item = ctx.item_for(disk, chunk).ok_or_else(|| {
+                BlockError::Protocol(format!("mismatch for unknown chunk {chunk}"))
+            })?;
+            ctx.read_masked(&item, buf)?;
+            let hash = *blake3::hash(buf).as_bytes();
+            let data = std::mem::take(buf);
+            out.send_span(ctx, disk, item.chunk * ctx.chunk, &data)?;
+            *buf = data;
+            out.send(&Message::Done { disk, chunk, hash })?;
+            ctx.resent.fetch_add(1, Ordering::Relaxed);
+            ctx.progress.note(format!(
+                "chunk {chunk} of disk {disk} re-sent after a hash mismatch"
+            ));
+            Ok(())
+        }
+        Message::Error { code, message } => Err(BlockError::Remote { code, message }),
+        other => Err(BlockError::Protocol(format!(
+            "unexpected {} on a data stream",
+            name_of(&other)
+        ))),
+    }
+}

@@ -1,0 +1,168 @@
+//! The few syscalls the file engine needs that have no safe wrapper in nix 0.29: `openat`
+//! returning an owned descriptor, and the xattr calls (on a descriptor, or on a path whose last
+//! component is not followed).
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::libc;
+use nix::sys::stat::Mode;
+
+/// Opens `name` relative to `dir` (one component or a relative path; the caller decides the
+/// flags, `O_CLOEXEC` is always added).
+pub fn openat(dir: BorrowedFd<'_>, name: &[u8], flags: OFlag, mode: u32) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        OsStr::from_bytes(name),
+        flags | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(mode),
+    )?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a path the operator gave (the root directories; may follow symlinks).
+pub fn open(path: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::open(path, flags | OFlag::O_CLOEXEC, Mode::empty())?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `/proc/self/fd/N`: names exactly the object of descriptor N (used to reach a directory
+/// opened with `O_PATH`, or a node that must not be opened for I/O).
+pub fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// `/proc/self/fd/N/name`: the entry `name` of directory N. With the `l*` calls the final
+/// component is not followed, so this path reaches the entry itself even when it is a symlink.
+pub fn child_path(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    CString::new(p).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// The names in directory `dir` (without `.` and `..`).
+pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(fd_path(dir))? {
+        names.push(e?.file_name().as_bytes().to_vec());
+    }
+    Ok(names)
+}
+
+/// What an xattr call acts on.
+#[derive(Clone, Copy)]
+pub enum Node<'a> {
+    /// An open descriptor (regular files, directories).
+    Fd(BorrowedFd<'a>),
+    /// A path whose last component is not followed (symlinks and other nodes).
+    Path(&'a CStr),
+    /// A path that is followed (a `/proc/self/fd/N` of an `O_PATH` descriptor).
+    Follow(&'a CStr),
+}
+
+fn check(r: isize) -> io::Result<usize> {
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+fn list_raw(n: Node<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let (p, len) = (buf.as_mut_ptr().cast::<libc::c_char>(), buf.len());
+    let r = match n {
+        // SAFETY: the buffer pointer and length describe `buf`; the fd is open.
+        Node::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), p, len) },
+        // SAFETY: as above; the path is NUL-terminated.
+        Node::Path(c) => unsafe { libc::llistxattr(c.as_ptr(), p, len) },
+        // SAFETY: as above.
+        Node::Follow(c) => unsafe { libc::listxattr(c.as_ptr(), p, len) },
+    };
+    check(r)
+}
+
+fn get_raw(n: Node<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    let (p, len) = (buf.as_mut_ptr().cast::<libc::c_void>(), buf.len());
+    let r = match n {
+        // SAFETY: the buffer pointer and length describe `buf`; name is NUL-terminated.
+        Node::Fd(fd) => unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), p, len) },
+        // SAFETY: as above; the path is NUL-terminated.
+        Node::Path(c) => unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), p, len) },
+        // SAFETY: as above.
+        Node::Follow(c) => unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), p, len) },
+    };
+    check(r)
+}
+
+/// Runs a size-query-then-fill call, growing the buffer if the value grew in between.
+fn sized(mut f: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
+    for _ in 0..4 {
+        let n = f(&mut [])?;
+        let mut buf = vec![0u8; n];
+        match f(&mut buf) {
+            Ok(m) => {
+                buf.truncate(m);
+                return Ok(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// The xattr names of a node (empty where the filesystem has none).
+pub fn xattr_list(n: Node<'_>) -> io::Result<Vec<Vec<u8>>> {
+    match sized(|b| list_raw(n, b)) {
+        Ok(buf) => Ok(buf
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One xattr value.
+pub fn xattr_get(n: Node<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    sized(|b| get_raw(n, name, b))
+}
+
+/// Sets an xattr.
+pub fn xattr_set(n: Node<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
+    let (p, len) = (value.as_ptr().cast::<libc::c_void>(), value.len());
+    let r = match n {
+        // SAFETY: pointer and length describe `value`; name is NUL-terminated.
+        Node::Fd(fd) => unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), p, len, 0) },
+        // SAFETY: as above; the path is NUL-terminated.
+        Node::Path(c) => unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), p, len, 0) },
+        // SAFETY: as above.
+        Node::Follow(c) => unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), p, len, 0) },
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Removes an xattr.
+pub fn xattr_remove(n: Node<'_>, name: &CStr) -> io::Result<()> {
+    let r = match n {
+        // SAFETY: name is NUL-terminated; the fd is open.
+        Node::Fd(fd) => unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) },
+        // SAFETY: both strings are NUL-terminated.
+        Node::Path(c) => unsafe { libc::lremovexattr(c.as_ptr(), name.as_ptr()) },
+        // SAFETY: both strings are NUL-terminated.
+        Node::Follow(c) => unsafe { libc::removexattr(c.as_ptr(), name.as_ptr()) },
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
