@@ -9,10 +9,15 @@
 # or e2fsck -fn and a checksum of all files) before its figure counts.
 #
 # Usage: sudo bench/block.sh [--quick]
-#   full:    4 GiB random disk, 8 GiB ext4 disk (about 50 GiB free space needed, 15-30 min)
-#   --quick: 0.25 GiB and 1 GiB, for CI smoke runs
+#   full:    4 GiB random disk, 8 GiB ext4 disk (48 GiB free space needed; about 5 min per
+#            round on a 2-core VM, so 15 min with the default 3 rounds)
+#   --quick: 0.25 GiB and 1 GiB, for CI smoke runs (about 1 min, plus the build)
+# On a slow disk, scenario 1 measures the disk as much as the tools; BENCH_TMPDIR=/dev/shm puts
+# the images in memory (needs the space in RAM).
 # Environment (all optional):
 #   S1_GIB, S2_GIB       disk sizes of scenario 1 and 2/3 (override the mode's sizes)
+#   RUNS                 runs of each copy in scenarios 1 and 2 (default 3; the median counts;
+#                        scenario 3 runs once, as a sync changes its target)
 #   FILL_PCT, CHANGE_PCT ext4 fill (default 10) and the share of its data changed (default 1)
 #   BENCH_TMPDIR         where the images go (default $TMPDIR or /tmp)
 #   RESULTS_DIR          where the JSON goes (default bench/results)
@@ -44,10 +49,11 @@ if ((QUICK)); then
 else
   S1_GIB=${S1_GIB:-4} S2_GIB=${S2_GIB:-8}
 fi
+RUNS=${RUNS:-3}
 FILL_PCT=${FILL_PCT:-10}
 CHANGE_PCT=${CHANGE_PCT:-1}
 # GiB (decimals allowed) → bytes, whole MiB.
-gib_bytes() { awk -v g="$1" 'BEGIN {m = int(g * 1024 + 0.5); if (m < 16) m = 16; printf "%d\n", m * 1048576}'; }
+gib_bytes() { awk -v g="$1" 'BEGIN {m = int(g * 1024 + 0.5); if (m < 16) m = 16; printf "%.0f\n", m * 1048576}'; }
 S1_BYTES=$(gib_bytes "$S1_GIB")
 S2_BYTES=$(gib_bytes "$S2_GIB")
 FILL_BYTES=$((S2_BYTES * FILL_PCT / 100))
@@ -78,7 +84,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p "$WORK/run" "$WORK/ok" "$WORK/mnt/src" "$WORK/mnt/verify"
 
 # --- space: scenario 1's files are removed before scenario 2, whose source is sparse but whose
@@ -104,9 +111,11 @@ else
     build=(cargo build --release -q -p sms-agent)
     if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
       # Build as the user who ran sudo (their toolchain, no root-owned files in target/).
-      # shellcheck disable=SC2016 # expanded by the inner shell
-      sudo -u "$SUDO_USER" -H env ${CARGO_TARGET_DIR:+CARGO_TARGET_DIR="$CARGO_TARGET_DIR"} \
-        bash -lc 'cd "$1" && shift && "$@"' _ "$REPO" "${build[@]}" || BUILD_FAILED=1
+      envs=()
+      [[ -n ${CARGO_TARGET_DIR:-} ]] && envs+=("CARGO_TARGET_DIR=$CARGO_TARGET_DIR")
+      # shellcheck disable=SC2016 # expanded by the inner (login) shell
+      sudo -u "$SUDO_USER" -H env "${envs[@]}" bash -lc 'cd "$1" && shift && "$@"' _ "$REPO" "${build[@]}" \
+        || BUILD_FAILED=1
     else
       command -v cargo >/dev/null || PATH=$HOME/.cargo/bin:$PATH
       "${build[@]}" || BUILD_FAILED=1
@@ -115,16 +124,17 @@ else
   fi
 fi
 RECV_HELP='' MIGR_HELP=''
+has_flag() { grep -q -- "$2" <<<"$1"; } # has_flag HELP_TEXT --flag
 if [[ -z $OURS_WHY ]]; then
   if [[ ! -x $BIN ]]; then
     OURS_WHY="$BIN does not exist"
-  elif ! MIGR_HELP=$("$BIN" migrate --help 2>&1) || ! RECV_HELP=$("$BIN" receive --help 2>&1); then
+  elif ! MIGR_HELP=$("$BIN" migrate --help 2>&1) || ! RECV_HELP=$("$BIN" receive --help 2>&1) \
+    || ! has_flag "$MIGR_HELP" --target || ! has_flag "$RECV_HELP" --listen; then
     OURS_WHY="$BIN has no 'migrate'/'receive' commands yet"
   elif ! "$BIN" certs --out "$WORK/certs" --target-name 127.0.0.1 >/dev/null; then
     OURS_WHY="'sms-agent certs --out DIR --target-name 127.0.0.1' failed"
   fi
 fi
-has_flag() { grep -q -- "$2" <<<"$1"; }
 if [[ -z $OURS_WHY ]]; then
   OURS=1
   CERTS=$WORK/certs
@@ -161,13 +171,21 @@ tree_digest() {
     | sha256sum | cut -c1-64
 }
 
+# rundir NAME: a new directory for one run's logs (shown when the run fails).
+rundir() { mktemp -d "$WORK/run/$1.XXXX" | tee "$WORK/rundir"; }
+
 # A reason for the row when a run fails: `fail TEXT` records it and fails the run.
 fail() {
   echo "$*" >"$WORK/why"
   return 1
 }
-# log_tail FILE: last lines of a log, on one line, for a failure note.
-log_tail() { tail -n 3 "$1" 2>/dev/null | tr '\n\t' '  ' | cut -c1-300; }
+# log_tail FILE: the last error line of a log (else its last lines), colours stripped, on one
+# line, for a failure note.
+log_tail() {
+  local text
+  text=$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null) || return 0
+  { grep -i 'error' <<<"$text" | tail -n 1 | grep . || tail -n 3 <<<"$text"; } | tr '\n\t' '  ' | cut -c1-300
+}
 
 # verify_ext4 IMAGE DIGEST: e2fsck -fn clean and the files equal to the source's.
 verify_ext4() {
@@ -190,20 +208,25 @@ verify() {
 }
 
 # bench IDX TOOL FUNC ARGS...: one run in a subshell; a failure becomes a FAILED row (with the
-# reason) and whatever it left running or mounted is cleaned up, and the benchmark goes on.
+# reason), whatever it left running or mounted is cleaned up, and the benchmark goes on.
 bench() {
   local idx=$1 tool=$2
   shift 2
+  local mark=$WORK/ok/$idx-${tool//|/_} # exists when the tool's last run here succeeded
   log "${SCN[idx]}: $tool"
-  rm -f "$WORK/why"
+  rm -f "$WORK/why" "$WORK/rundir" "$mark"
   try "$@"
   if ((TRY_RC == 0)); then
-    touch "$WORK/ok/$idx-${tool//|/_}"
+    touch "$mark"
     return 0
   fi
   local why="exit status $TRY_RC"
   [[ -s $WORK/why ]] && why=$(cat "$WORK/why")
   warn "${SCN[idx]}: $tool FAILED: $why"
+  local f
+  for f in "$(cat "$WORK/rundir" 2>/dev/null)"/*.{log,err}; do
+    [[ -s $f ]] && { warn "--- ${f##*/}:"; tail -n 20 "$f" >&2; }
+  done
   result_add "${SCN[idx]}" "$tool" FAILED "" "" "" "" "" "" "$why"
   bg_kill_all
   mountpoint -q "$WORK/mnt/verify" && umount "$WORK/mnt/verify"
@@ -219,7 +242,7 @@ skip() { result_add "${SCN[$1]}" "$2" SKIPPED "" "" "" "" "" "" "$3"; }
 
 run_socat() {
   local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d port rpid t0 t1
-  d=$(mktemp -d "$WORK/run/socat.XXXX")
+  d=$(rundir socat)
   rm -f "$dst"
   port=$(free_port)
   /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" \
@@ -243,7 +266,7 @@ run_socat() {
 # own crypto included); its RSS is the remote dd's (sshd's is not known).
 run_ddssh() {
   local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d c0 c1 t0 t1
-  d=$(mktemp -d "$WORK/run/ddssh.XXXX")
+  d=$(rundir ddssh)
   rm -f "$dst"
   drop_caches
   c0=$(sshd_children_cpu)
@@ -263,7 +286,7 @@ run_ddssh() {
 # partclone.ext4 -c (used blocks only, in its image format) | ssh partclone.ext4 -r.
 run_partclone() {
   local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d c0 c1 t0 t1
-  d=$(mktemp -d "$WORK/run/partclone.XXXX")
+  d=$(rundir partclone)
   rm -f "$dst"
   truncate -s "$bytes" "$dst"
   drop_caches
@@ -286,7 +309,7 @@ run_partclone() {
 # --ignore-times: always the delta algorithm, never the size+mtime shortcut.
 run_rsync() {
   local idx=$1 img=$3 dst=$4 bytes=$5 d c0 c1 t0 t1
-  d=$(mktemp -d "$WORK/run/rsync.XXXX")
+  d=$(rundir rsync)
   drop_caches
   c0=$(sshd_children_cpu)
   t0=$(now)
@@ -304,17 +327,21 @@ run_rsync() {
     "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" "sent ${sent:-?} bytes; recv RSS: remote rsync only"
 }
 
-# Ours: receive (in the background, --once) and migrate --mode block, each under GNU time.
+# Ours: receive (in the background) and migrate --mode block, each under GNU time.
 # run_ours IDX SRC_DEV SRC_IMAGE DST BYTES STATE_DIR [MIGRATE_FLAGS...]; DST must exist.
+# A full copy runs the receiver with --once (it ends after the session). A sync (--sync) may
+# take more than one session (migrate first checks the full copy is complete, then syncs), so
+# there the receiver serves until migrate is done and is then stopped.
 run_ours() {
-  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 state=$6 d port rpid t0 t1 rrc=0
+  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 state=$6 d port rpid t0 t1 rrc=0 once=0
   shift 6
-  d=$(mktemp -d "$WORK/run/ours.XXXX")
+  d=$(rundir ours)
   mkdir -p "$state"
   port=$(free_port)
   local recv=("$BIN" receive --listen "127.0.0.1:$port" --ca "$CERTS/ca.pem" --cert "$CERTS/target.pem"
     --key "$CERTS/target-key.pem" --disk "disk0=$dst")
-  has_flag "$RECV_HELP" --once && recv+=(--once)
+  [[ " $* " != *" --sync "* ]] && has_flag "$RECV_HELP" --once && once=1
+  ((once)) && recv+=(--once)
   has_flag "$RECV_HELP" --state-dir && recv+=(--state-dir "$state")
   /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" "${recv[@]}" "${RECEIVE_EXTRA[@]}" >"$d/receive.log" 2>&1 &
   rpid=$!
@@ -327,13 +354,11 @@ run_ours() {
     >"$d/migrate.log" 2>&1 || fail "migrate: $(log_tail "$d/migrate.log")"
   sync -f "$dst"
   t1=$(now)
-  # With --once the receiver ends by itself after the session; without, it is stopped.
-  if has_flag "$RECV_HELP" --once; then
+  if ((once)); then
     wait_exit "$rpid" 60 || rrc=$?
-    ((rrc == 0)) || fail "receive exited with status $rrc: $(log_tail "$d/receive.log")"
+    ((rrc == 0)) || fail "receive --once exited with status $rrc: $(log_tail "$d/receive.log")"
   else
-    kill_tree "$rpid"
-    wait "$rpid" 2>/dev/null || true
+    stop_timed "$rpid"
   fi
   verify "$idx" "$img" "$dst"
   result_add "${SCN[idx]}" "$OURS_TOOL${*:+ $*}" ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
@@ -341,24 +366,48 @@ run_ours() {
 }
 
 # ------------------------------------------------------------------------------------------
+# rounds CALLBACK TOOL...: RUNS rounds of CALLBACK TOOL for every tool, the order rotated by
+# one each round (so no tool always runs first, right after the data was written).
+rounds() {
+  local cb=$1 r k
+  shift
+  local tools=("$@") n=$#
+  for ((r = 0; r < RUNS; r++)); do
+    for ((k = 0; k < n; k++)); do "$cb" "${tools[(k + r) % n]}"; done
+  done
+}
+
 # Scenario 1: a disk full of random data (nothing to skip, nothing to compress).
+S1_DIR=
+S1_LOOP=
+s1_run() {
+  local src=$S1_DIR/src.img dst=$S1_DIR/dst.img
+  case $1 in
+    socat) bench 1 socat run_socat 1 "$S1_LOOP" "$src" "$dst" "$S1_BYTES" ;;
+    "dd|ssh") bench 1 "dd|ssh" run_ddssh 1 "$S1_LOOP" "$src" "$dst" "$S1_BYTES" ;;
+    "$OURS_TOOL")
+      # Every run a full copy from zero: empty sparse target, no receiver state.
+      rm -rf "$dst" "$S1_DIR/state"
+      truncate -s "$S1_BYTES" "$dst"
+      bench 1 "$OURS_TOOL" run_ours 1 "$S1_LOOP" "$src" "$dst" "$S1_BYTES" "$S1_DIR/state"
+      ;;
+  esac
+  rm -f "$dst"
+}
 scenario1() {
-  local dir=$WORK/s1 loop
-  mkdir -p "$dir"
+  S1_DIR=$WORK/s1
+  mkdir -p "$S1_DIR"
   log "${SCN[1]}: writing $(human "$S1_BYTES") of random data"
-  rand_file "$dir/src.img" "$S1_BYTES"
-  loop=$(losetup -f --show -r "$dir/src.img")
-  bench 1 socat run_socat 1 "$loop" "$dir/src.img" "$dir/dst.img" "$S1_BYTES"
-  bench 1 "dd|ssh" run_ddssh 1 "$loop" "$dir/src.img" "$dir/dst.img" "$S1_BYTES"
+  rand_file "$S1_DIR/src.img" "$S1_BYTES"
+  S1_LOOP=$(losetup -f --show -r "$S1_DIR/src.img")
   if ((OURS)); then
-    rm -f "$dir/dst.img"
-    truncate -s "$S1_BYTES" "$dir/dst.img"
-    bench 1 "$OURS_TOOL" run_ours 1 "$loop" "$dir/src.img" "$dir/dst.img" "$S1_BYTES" "$dir/state"
+    rounds s1_run socat "dd|ssh" "$OURS_TOOL"
   else
+    rounds s1_run socat "dd|ssh"
     skip 1 "$OURS_TOOL" "$OURS_WHY"
   fi
-  losetup -d "$loop"
-  rm -rf "$dir"
+  losetup -d "$S1_LOOP"
+  rm -rf "$S1_DIR"
 }
 
 # fill_fs DIR BYTES: half incompressible files (1-32 MiB), a quarter real files copied from
@@ -443,13 +492,32 @@ print(len(picked) * 4096)
 EOP
 }
 
-# Scenario 2: one ext4 (whole disk, no partition table), FILL_PCT used.
+# Scenario 2: one ext4 (whole disk, no partition table), FILL_PCT used. The targets of the
+# last runs of dd|ssh and of ours stay for scenario 3.
+S2_DIR=
 LOOP2=
+s2_run() {
+  local src=$S2_DIR/src.img
+  case $1 in
+    "dd|ssh") bench 2 "dd|ssh" run_ddssh 2 "$LOOP2" "$src" "$S2_DIR/dd.img" "$S2_BYTES" ;;
+    "partclone|ssh")
+      bench 2 "partclone|ssh" run_partclone 2 "$LOOP2" "$src" "$S2_DIR/pc.img" "$S2_BYTES"
+      rm -f "$S2_DIR/pc.img" # not needed later
+      ;;
+    "$OURS_TOOL")
+      # A full copy from zero each run: new sparse target, the state dir emptied (the sync
+      # of scenario 3 then continues from the state the last run left).
+      rm -rf "$S2_DIR/ours.img" "$S2_DIR/state"
+      truncate -s "$S2_BYTES" "$S2_DIR/ours.img"
+      bench 2 "$OURS_TOOL" run_ours 2 "$LOOP2" "$src" "$S2_DIR/ours.img" "$S2_BYTES" "$S2_DIR/state"
+      ;;
+  esac
+}
 scenario2() {
-  local dir=$WORK/s2
-  mkdir -p "$dir"
-  truncate -s "$S2_BYTES" "$dir/src.img"
-  LOOP2=$(losetup -f --show "$dir/src.img")
+  S2_DIR=$WORK/s2
+  mkdir -p "$S2_DIR"
+  truncate -s "$S2_BYTES" "$S2_DIR/src.img"
+  LOOP2=$(losetup -f --show "$S2_DIR/src.img")
   # Initialise inode tables and journal now, so no ext4lazyinit writes during the runs.
   mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$LOOP2"
   mount "$LOOP2" "$WORK/mnt/src"
@@ -459,13 +527,10 @@ scenario2() {
   meta_set s2_fs_used_bytes "$(df -B1 --output=used "$WORK/mnt/src" | tail -n 1)"
   meta_set s2_files "$(find "$WORK/mnt/src" -type f | wc -l)"
   umount "$WORK/mnt/src"
-  bench 2 "dd|ssh" run_ddssh 2 "$LOOP2" "$dir/src.img" "$dir/dd.img" "$S2_BYTES"
-  bench 2 "partclone|ssh" run_partclone 2 "$LOOP2" "$dir/src.img" "$dir/pc.img" "$S2_BYTES"
-  rm -f "$dir/pc.img" # not needed later
   if ((OURS)); then
-    truncate -s "$S2_BYTES" "$dir/ours.img"
-    bench 2 "$OURS_TOOL" run_ours 2 "$LOOP2" "$dir/src.img" "$dir/ours.img" "$S2_BYTES" "$dir/state"
+    rounds s2_run "dd|ssh" "partclone|ssh" "$OURS_TOOL"
   else
+    rounds s2_run "dd|ssh" "partclone|ssh"
     skip 2 "$OURS_TOOL" "$OURS_WHY"
   fi
 }
@@ -474,7 +539,7 @@ scenario2() {
 # scenario 2 up to date: ours (--sync, same receiver state dir) vs rsync of the image file onto
 # the dd copy.
 scenario3() {
-  local dir=$WORK/s2 changed
+  local dir=$S2_DIR changed
   mount "$LOOP2" "$WORK/mnt/src"
   changed=$(change_fs "$WORK/mnt/src" "$CHANGE_PCT")
   log "${SCN[3]}: changed $(human "$changed") in place"
@@ -508,10 +573,11 @@ meta_set s1_bytes "$S1_BYTES"
 meta_set s2_bytes "$S2_BYTES"
 meta_set s2_fill_bytes "$FILL_BYTES"
 meta_set change_pct "$CHANGE_PCT"
+meta_set runs "$RUNS"
 meta_set kernel "$(uname -r)"
 meta_set cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 meta_set cpus "$(nproc)"
-meta_set mem_bytes "$(awk '/^MemTotal/ {printf "%d\n", $2 * 1024}' /proc/meminfo)"
+meta_set mem_bytes "$(awk '/^MemTotal/ {printf "%.0f\n", $2 * 1024}' /proc/meminfo)"
 meta_set commit "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo -dirty)"
 meta_set ssh_cipher aes128-gcm@openssh.com
 meta_set ours_available "$( ((OURS)) && echo true || echo false)"

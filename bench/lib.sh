@@ -9,7 +9,7 @@
 #   drop_caches             flush dirty data and drop the page cache, so the next run is cold
 #   free_port               a random TCP port nobody listens on
 #   wait_port PORT [PID]    wait until something listens on 127.0.0.1:PORT (and PID still lives)
-#   bg_register/kill_tree/bg_kill_all   background processes started by the scripts
+#   bg_register/kill_tree/bg_kill_all/stop_timed/wait_exit   background processes
 #   try FUNC ARGS..         run FUNC in a subshell under `set -e`; its status lands in TRY_RC
 #   timed FILE CMD..        GNU time: "user sys maxrss_kib" of CMD in FILE
 #   time_cpu/time_rss FILE  read such a file (seconds of user+sys, KiB)
@@ -104,6 +104,14 @@ bg_kill_all() {
   [[ -f $WORK/bg.pids ]] || return 0
   while read -r pid; do kill_tree "$pid"; done <"$WORK/bg.pids"
   : >"$WORK/bg.pids"
+}
+
+# stop_timed PID: stop what the background `/usr/bin/time` PID runs and wait until time has
+# written its figures (killing time itself would lose them).
+stop_timed() {
+  local child
+  for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+  wait "$1" 2>/dev/null || true
 }
 
 # wait_exit PID TIMEOUT_S: wait for a background child of this shell; kill it after TIMEOUT_S.

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod blockplan;
 mod probe_cmd;
+mod transfer_cmd;
 
 /// Exit status for an unusable configuration (as linkerd2-proxy uses; sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -38,6 +40,20 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Show what the daemon is doing: source id, task, phase, bytes, rate, ETA.
     Status(run_cmd::StatusArgs),
+    /// Target side of a standalone migration: receive disks (--disk) or files (--root).
+    ///
+    /// Serves sessions over mutual TLS until stopped (--once: until one pass completes).
+    /// Writes only to the devices or image files named by --disk (refusing ones smaller than
+    /// the source disk or mounted) or under --root, and keeps checkpoints in --state-dir so an
+    /// interrupted pass resumes where it was, on either side.
+    Receive(transfer_cmd::ReceiveArgs),
+    /// Source side of a standalone migration: send disks (--mode block) or a tree (--mode file).
+    ///
+    /// Block mode reads only the blocks the filesystems use (ext4/XFS maps, LVM extents; other
+    /// regions in full), skips zeros, and resumes from the receiver's checkpoint; --sync then
+    /// sends only chunks whose hashes differ and verifies every chunk. Exits 0 only when the
+    /// copy (and sync) is complete and verified.
+    Migrate(transfer_cmd::MigrateArgs),
     /// Make a CA and source/target certificates for standalone mode (receive/migrate).
     ///
     /// Writes ca.pem, ca-key.pem, source.pem, source-key.pem, target.pem and target-key.pem
@@ -86,6 +102,8 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Run(args) => run_cmd::run(&args),
         Command::Status(args) => run_cmd::status(&args),
+        Command::Receive(args) => transfer_cmd::receive(&args),
+        Command::Migrate(args) => transfer_cmd::migrate(&args),
         Command::Certs { out, target_names } => transfer::certs::generate(&out, &target_names)
             .map(|paths| {
                 for p in paths {

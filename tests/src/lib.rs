@@ -64,6 +64,8 @@ pub struct LoopDisk {
     pub dir: tempfile::TempDir,
     mounts: Vec<PathBuf>,
     vgs: Vec<String>,
+    /// An attached existing image: its contents are kept on drop.
+    keep: bool,
 }
 
 impl LoopDisk {
@@ -81,6 +83,20 @@ impl LoopDisk {
             dir,
             mounts: Vec::new(),
             vgs: Vec::new(),
+            keep: false,
+        }
+    }
+
+    /// Attaches an existing image (a migration target, say); its contents survive the drop.
+    pub fn attach(img: &Path) -> Self {
+        require_root();
+        let dev = run("losetup", &["-f", "--show", img.to_str().unwrap()]);
+        Self {
+            dev: PathBuf::from(dev.trim()),
+            dir: tempfile::tempdir().unwrap(),
+            mounts: Vec::new(),
+            vgs: Vec::new(),
+            keep: true,
         }
     }
 
@@ -156,7 +172,9 @@ impl Drop for LoopDisk {
         for vg in &self.vgs {
             run_quiet("vgremove", &["-f", "-y", vg]);
         }
-        run_quiet("wipefs", &["-a", "-q", self.path()]);
+        if !self.keep {
+            run_quiet("wipefs", &["-a", "-q", self.path()]);
+        }
         run_quiet("partx", &["-d", self.path()]);
         run_quiet("losetup", &["-d", self.path()]);
     }

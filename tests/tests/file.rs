@@ -928,10 +928,7 @@ fn a_hostile_sender_changes_nothing_outside_the_root() {
         let res = r.done.recv_timeout(Duration::from_secs(30)).unwrap();
         eprintln!("hostile script {i}: {res:?}");
         assert_eq!(
-            (
-                snapshot(r.root.parent().unwrap()).len(),
-                snapshot(&outside)
-            ),
+            (snapshot(r.root.parent().unwrap()).len(), snapshot(&outside)),
             (before.0.len(), before.1.clone()),
             "script {i} changed something outside the root"
         );

@@ -74,6 +74,9 @@ pub enum Message {
         pass: u32,
         /// Whether this pass compares hashes (sync) instead of sending everything.
         sync: bool,
+        /// Whether the sender runs another pass right after this one (a receiver serving
+        /// `--once` keeps listening for it).
+        more: bool,
         /// Chunk size in bytes (power of two, [`MIN_BLOCK_CHUNK`]..=[`MAX_CHUNK`]).
         chunk_size: u32,
         /// (target disk name, size).
@@ -400,11 +403,12 @@ impl Message {
             Message::DiskPlan {
                 pass,
                 sync,
+                more,
                 chunk_size,
                 disks,
             } => {
                 p.extend_from_slice(&pass.to_be_bytes());
-                p.push(u8::from(*sync));
+                p.push(u8::from(*sync) | (u8::from(*more) << 1));
                 p.extend_from_slice(&chunk_size.to_be_bytes());
                 put_count(&mut p, "disk plan", disks.len(), MAX_DISKS)?;
                 for (name, size) in disks {
@@ -528,11 +532,11 @@ impl Message {
             },
             3 => {
                 let pass = r.u32("pass")?;
-                let sync = match r.u8("sync flag")? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(WireError::Invalid("sync flag")),
-                };
+                let flags = r.u8("plan flags")?;
+                if flags > 3 {
+                    return Err(WireError::Invalid("plan flags"));
+                }
+                let (sync, more) = (flags & 1 != 0, flags & 2 != 0);
                 let chunk_size = r.u32("chunk size")?;
                 let n = get_count(&mut r, "disk plan", MAX_DISKS)?;
                 let mut disks = Vec::with_capacity(n);
@@ -542,6 +546,7 @@ impl Message {
                 Message::DiskPlan {
                     pass,
                     sync,
+                    more,
                     chunk_size,
                     disks,
                 }
@@ -677,6 +682,7 @@ mod tests {
             Message::DiskPlan {
                 pass: 3,
                 sync: true,
+                more: true,
                 chunk_size: 1 << 20,
                 disks: vec![("/dev/vda".into(), 42 << 30), ("/dev/vdb".into(), 0)],
             },

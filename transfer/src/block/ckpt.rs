@@ -28,6 +28,10 @@ pub struct Meta {
     pub chunk_size: u32,
     /// (name, size) of each disk, in plan order.
     pub disks: Vec<(String, u64)>,
+    /// Identity of each target (path, device and inode): a checkpoint is worthless for a
+    /// target that was replaced since.
+    #[serde(default)]
+    pub targets: Vec<String>,
     /// Whether the sender finished the pass.
     #[serde(default)]
     pub complete: bool,
@@ -152,6 +156,7 @@ mod tests {
             sync: true,
             chunk_size: 1 << 20,
             disks: vec![("a".into(), 10 << 20), ("b".into(), 3)],
+            targets: vec!["/x:1:2".into()],
             complete: false,
         };
         let mut m1 = Bitmap::new(10);

@@ -58,6 +58,8 @@ pub struct ReceiveReport {
     pub bytes_written: u64,
     /// Chunks the sender resumed instead of sending (done before this session).
     pub chunks_resumed: u64,
+    /// The sender announced another pass right after this one.
+    pub more: bool,
 }
 
 struct Target {
@@ -66,7 +68,6 @@ struct Target {
     file: File,
     /// The plan's size: no write may pass it.
     size: u64,
-    is_dev: bool,
 }
 
 struct Sess {
@@ -267,7 +268,6 @@ fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
         path: m.path.clone(),
         file,
         size,
-        is_dev,
     })
 }
 
@@ -285,6 +285,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
     let Message::DiskPlan {
         pass,
         sync,
+        more,
         chunk_size,
         disks,
     } = plan
@@ -362,6 +363,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         chunks_done: done,
         bytes_written: sess.written.load(Ordering::Relaxed),
         chunks_resumed: resumed,
+        more,
     };
     let err = sess
         .error
@@ -413,7 +415,22 @@ fn prepare(
         }
         targets.push(open_target(m, *size)?);
     }
+    let targets_id = targets
+        .iter()
+        .map(|t| {
+            use std::os::unix::fs::MetadataExt;
+            let m = t.file.metadata().ok();
+            format!(
+                "{}:{}:{}:{}",
+                t.path.display(),
+                m.as_ref().map_or(0, MetadataExt::dev),
+                m.as_ref().map_or(0, MetadataExt::ino),
+                m.as_ref().map_or(0, MetadataExt::rdev)
+            )
+        })
+        .collect();
     let meta = Meta {
+        targets: targets_id,
         task_id: task_id.to_string(),
         pass,
         sync,
@@ -682,6 +699,5 @@ fn read_chunk(t: &Target, chunk: u64, size: u64, buf: &mut Vec<u8>) -> Result<()
     t.file
         .read_exact_at(buf, r.start)
         .map_err(|e| target_err(t, "SMS.1908", e))?;
-    let _ = t.is_dev;
     Ok(())
 }

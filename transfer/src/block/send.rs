@@ -39,6 +39,8 @@ pub struct SendOptions {
     pub pass: u32,
     /// Compare hashes and send only differences.
     pub sync: bool,
+    /// Another pass follows right after this one.
+    pub more: bool,
     /// Parallel data streams.
     pub streams: u16,
     /// Chunk size (power of two).
@@ -53,6 +55,7 @@ impl Default for SendOptions {
             task_id: String::new(),
             pass: 0,
             sync: false,
+            more: false,
             streams: 4,
             chunk_size: DEFAULT_CHUNK,
             checkpoint_every: Duration::from_secs(2),
@@ -238,6 +241,7 @@ pub fn send(
     ctl.send(&Message::DiskPlan {
         pass: opts.pass,
         sync: opts.sync,
+        more: opts.more,
         chunk_size: opts.chunk_size,
         disks: disks
             .iter()

@@ -1,0 +1,355 @@
+//! `sms-agent receive` and `sms-agent migrate`: the standalone target and source of a block-
+//! or file-level migration over mutual TLS, without the SMS service.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use transfer::session::{Connector, Listener};
+use transfer::task::{Control, Progress};
+use transfer::wire::Mode;
+
+/// TLS material shared by both commands.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) both sides' certificates must be issued by.
+    #[arg(long, value_name = "PEM")]
+    ca: PathBuf,
+    /// This side's certificate (PEM).
+    #[arg(long, value_name = "PEM")]
+    cert: PathBuf,
+    /// This side's private key (PEM: PKCS#1, PKCS#8 or encrypted PKCS#8).
+    #[arg(long, value_name = "PEM")]
+    key: PathBuf,
+    /// File holding the key's passphrase, when the key is encrypted.
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn load(&self) -> anyhow::Result<(transfer::tls::Identity, String)> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let pass = match &self.passphrase_file {
+            Some(p) => Some(read(p)?.trim_end_matches(['\n', '\r']).to_string()),
+            None => None,
+        };
+        let id = transfer::tls::Identity::from_pem(
+            &read(&self.cert)?,
+            &read(&self.key)?,
+            pass.as_deref(),
+        )
+        .context("SMS.3301: SSL certificate not loaded")?;
+        Ok((id, read(&self.ca)?))
+    }
+}
+
+/// Arguments of `receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8900")]
+    listen: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Block mode: write target disk NAME to PATH (a device or an image file, created sparse
+    /// when missing). Repeatable. Nothing else is ever written.
+    #[arg(long = "disk", value_name = "NAME=PATH")]
+    disks: Vec<String>,
+    /// File mode: write the migrated files under DIR, and nowhere else.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Where checkpoints are kept, so an interrupted pass resumes.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/sms-agent/receive")]
+    state_dir: PathBuf,
+    /// Exit after the first session that completes its pass.
+    #[arg(long)]
+    once: bool,
+}
+
+/// Transfer mode of `migrate`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// Whole disks, only allocated blocks.
+    Block,
+    /// Files of mounted filesystems.
+    File,
+}
+
+/// Arguments of `migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Block- or file-level.
+    #[arg(long, value_enum)]
+    mode: ModeArg,
+    /// The receiver, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    target: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Block mode: send source device SRC as target disk NAME. Repeatable.
+    #[arg(long = "disk", value_name = "SRC=NAME")]
+    disks: Vec<String>,
+    /// File mode: the directory tree to migrate (to the receiver's --root).
+    #[arg(long, value_name = "DIR")]
+    source_root: Option<PathBuf>,
+    /// After the full copy (or when it is already complete), run an incremental sync pass
+    /// that sends only what changed and verifies the target against the source.
+    #[arg(long)]
+    sync: bool,
+    /// Parallel data streams.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: u16,
+    /// Speed limit in Mbit/s (0: none), shared by all streams.
+    #[arg(long, value_name = "MBIT", default_value_t = 0)]
+    limit_mbit: u64,
+    /// Task id the receiver keeps its checkpoint under; keep it the same to resume.
+    #[arg(long, default_value = "standalone")]
+    task_id: String,
+    /// File mode: paths to leave out (absolute, repeatable), besides /proc, /sys, /dev, /run.
+    #[arg(long, value_name = "PATH")]
+    exclude: Vec<PathBuf>,
+    /// How often the receiver makes data durable and records it (resume granularity).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, hide = true)]
+    checkpoint_secs: f64,
+}
+
+fn split_pair(s: &str, what: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => bail!("--disk {s:?}: expected {what}"),
+    }
+}
+
+/// Runs the receiver until stopped (or, with `--once`, until one pass completes).
+pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
+    if a.disks.is_empty() && a.root.is_none() {
+        bail!("give --disk NAME=PATH (block mode) or --root DIR (file mode)");
+    }
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        let (name, path) = split_pair(d, "NAME=PATH")?;
+        disks.push(transfer::block::TargetMap {
+            name,
+            path: PathBuf::from(path),
+        });
+    }
+    let (id, ca) = a.tls.load()?;
+    let cfg = transfer::tls::server_config(id, &ca).context("SMS.3301: TLS setup")?;
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("cannot create {}", a.state_dir.display()))?;
+    if let Some(root) = &a.root {
+        anyhow::ensure!(
+            root.is_dir(),
+            "--root {} is not a directory",
+            root.display()
+        );
+    }
+    let listener =
+        Listener::bind(&a.listen, cfg).with_context(|| format!("cannot listen on {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "receiver listening");
+    eprintln!("sms-agent receive: listening on {addr}");
+    let block_opts = transfer::block::ReceiveOptions {
+        disks,
+        state_dir: a.state_dir.clone(),
+    };
+    let file_opts = a.root.clone().map(|root| transfer::file::ReceiveOptions {
+        root,
+        state_dir: a.state_dir.clone(),
+    });
+    let once = a.once;
+    // One session at a time writes a given set of disks: two would interleave writes.
+    let gate = Arc::new(std::sync::Mutex::new(()));
+    listener.serve(move |mut inc, _guard| {
+        let _one = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let task = inc.task_id.clone();
+        let complete = match inc.mode {
+            Mode::Block if !block_opts.disks.is_empty() => {
+                match transfer::block::receive(inc, &block_opts) {
+                    Ok(r) => {
+                        tracing::info!(task_id = %task, pass = r.pass, complete = r.complete, chunks = r.chunks_done, bytes_written = r.bytes_written, "block session ended");
+                        r.complete && !r.more
+                    }
+                    Err(e) => {
+                        tracing::error!(task_id = %task, error = %e, "block session failed");
+                        false
+                    }
+                }
+            }
+            Mode::File if file_opts.is_some() => {
+                let Some(fo) = file_opts.as_ref() else {
+                    return false;
+                };
+                match transfer::file::receive(inc, fo) {
+                    Ok(r) => {
+                        tracing::info!(task_id = %task, complete = r.complete, files = r.files_written, "file session ended");
+                        r.complete && !r.check
+                    }
+                    Err(e) => {
+                        tracing::error!(task_id = %task, error = %e, "file session failed");
+                        false
+                    }
+                }
+            }
+            mode => {
+                tracing::warn!(task_id = %task, ?mode, "refused: this receiver serves the other mode");
+                inc.control.send_error(
+                    "SMS.1908",
+                    "this receiver was not started for that mode (--disk for block, --root for file)",
+                );
+                false
+            }
+        };
+        once && complete
+    })?;
+    Ok(())
+}
+
+/// Prints progress on a terminal until `stop` is set.
+fn progress_bar(progress: &Progress, stop: &std::sync::atomic::AtomicBool, label: &str) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let mut meter: Option<transfer::meter::Meter> = None;
+    let mut last_done = 0;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(500));
+        let (done, total) = (
+            Progress::get(&progress.done),
+            Progress::get(&progress.total),
+        );
+        let now = Instant::now();
+        let m = meter.get_or_insert_with(|| transfer::meter::Meter::new(total, done, now));
+        m.add(done.saturating_sub(last_done), now);
+        last_done = done;
+        let eta = m
+            .eta(now)
+            .map(|s| format!("{}:{:02}", s / 60, s % 60))
+            .unwrap_or_else(|| "--:--".into());
+        eprint!(
+            "\r{label}: {:>3}%  {} / {}  {:.1} MB/s  ETA {eta}  compress {:.2}   ",
+            m.percent(),
+            probe::human::size(done),
+            probe::human::size(total),
+            m.rate(now) / 1e6,
+            progress.compress_ratio()
+        );
+    }
+    eprintln!();
+}
+
+/// Runs the standalone source side; Ok only when the copy (and sync) is complete.
+pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    let (id, ca) = a.tls.load()?;
+    let cfg = transfer::tls::client_config(id, &ca).context("SMS.3301: TLS setup")?;
+    let connector = Connector {
+        addr: a.target.clone(),
+        tls: cfg,
+        timeout: Duration::from_secs(10),
+    };
+    let control = Control::default();
+    if a.limit_mbit > 0 {
+        control
+            .bucket
+            .set_rate(Some(a.limit_mbit.saturating_mul(1_000_000) / 8));
+    }
+    match a.mode {
+        ModeArg::Block => migrate_block(a, &connector, &control),
+        ModeArg::File => migrate_file(a, &connector, &control),
+    }
+}
+
+fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> anyhow::Result<()> {
+    if a.disks.is_empty() {
+        bail!("block mode needs at least one --disk SRC=NAME");
+    }
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        let (src, name) = split_pair(d, "SRC=NAME")?;
+        let path = PathBuf::from(&src);
+        let (used, notes) = crate::blockplan::used_ranges(&path)
+            .with_context(|| format!("SMS.1905: cannot read {src}"))?;
+        for n in &notes {
+            tracing::info!(disk = %src, "{n}");
+        }
+        disks.push(transfer::block::SourceDisk { path, name, used });
+    }
+    let passes: &[(u32, bool)] = if a.sync {
+        &[(0, false), (1, true)]
+    } else {
+        &[(0, false)]
+    };
+    for &(pass, sync) in passes {
+        let opts = transfer::block::SendOptions {
+            task_id: a.task_id.clone(),
+            pass,
+            sync,
+            more: a.sync && !sync,
+            streams: a.streams,
+            checkpoint_every: Duration::from_secs_f64(a.checkpoint_secs.clamp(0.05, 600.0)),
+            ..transfer::block::SendOptions::default()
+        };
+        let progress = Progress::default();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let label = if sync { "sync" } else { "copy" };
+        let r = std::thread::scope(|s| {
+            s.spawn(|| progress_bar(&progress, &stop, label));
+            let r = transfer::block::send(connector, &disks, &opts, &progress, control);
+            stop.store(true, Ordering::Relaxed);
+            r
+        })?;
+        let secs = r.elapsed.as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        let rate = r.bytes_read as f64 / secs / 1e6;
+        println!(
+            "{label} complete: {} chunks ({} resumed), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
+            r.chunks, r.chunks_resumed, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate
+        );
+    }
+    Ok(())
+}
+
+fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> anyhow::Result<()> {
+    let Some(root) = &a.source_root else {
+        bail!("file mode needs --source-root DIR");
+    };
+    let passes: &[bool] = if a.sync { &[false, true] } else { &[false] };
+    for &sync in passes {
+        let opts = transfer::file::SendOptions {
+            sources: vec![root.clone()],
+            map_to_root: true,
+            excludes: a.exclude.clone(),
+            streams: a.streams,
+            sync,
+            task_id: a.task_id.clone(),
+            ..transfer::file::SendOptions::default()
+        };
+        let progress = Progress::default();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let label = if sync { "sync" } else { "copy" };
+        let r = std::thread::scope(|s| {
+            s.spawn(|| progress_bar(&progress, &stop, label));
+            let r = transfer::file::send(connector, &opts, &progress, control);
+            stop.store(true, Ordering::Relaxed);
+            r
+        })?;
+        println!(
+            "{label} complete: {} entries, {} files, {} skipped, {} bytes sent, {} deleted, {} changed while read",
+            r.entries,
+            r.files,
+            r.skipped,
+            r.bytes_sent,
+            r.deleted,
+            r.changed_during_read.len()
+        );
+    }
+    Ok(())
+}

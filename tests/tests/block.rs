@@ -1,0 +1,506 @@
+//! Block-level migration end to end: real `sms-agent receive` and `sms-agent migrate`
+//! processes, real mutual TLS, real loop-device disks with real filesystems, processes killed
+//! with SIGKILL midway.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module,
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss
+)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sms_tests::{make_vg, run, run_quiet, sms_agent, LoopDisk};
+
+/// Certificates and a state dir for one test.
+struct Kit {
+    dir: tempfile::TempDir,
+}
+
+impl Kit {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(sms_agent())
+            .args(["certs", "--out"])
+            .arg(dir.path().join("c"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        Self { dir }
+    }
+    fn p(&self, n: &str) -> String {
+        self.dir.path().join(n).to_str().unwrap().to_string()
+    }
+}
+
+/// A running receiver and the address it listens on.
+struct Receiver {
+    child: Child,
+    addr: String,
+}
+
+impl Receiver {
+    fn start(kit: &Kit, disks: &[(&str, &Path)]) -> Self {
+        let mut cmd = Command::new(sms_agent());
+        cmd.args(["receive", "--listen", "127.0.0.1:0", "--once"])
+            .args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/target.pem")])
+            .args([
+                "--key",
+                &kit.p("c/target-key.pem"),
+                "--state-dir",
+                &kit.p("state"),
+            ]);
+        for (n, p) in disks {
+            cmd.arg("--disk").arg(format!("{n}={}", p.display()));
+        }
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut addr = String::new();
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 {
+            if let Some(a) = line.trim().strip_prefix("sms-agent receive: listening on ") {
+                addr = a.to_string();
+                break;
+            }
+            line.clear();
+        }
+        assert!(!addr.is_empty(), "receiver did not start");
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while err.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Self { child, addr }
+    }
+    fn wait(mut self) -> bool {
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn migrate_cmd(kit: &Kit, addr: &str, disks: &[(&Path, &str)], extra: &[&str]) -> Command {
+    let mut cmd = Command::new(sms_agent());
+    cmd.args(["migrate", "--mode", "block", "--target", addr])
+        .args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/source.pem")])
+        .args(["--key", &kit.p("c/source-key.pem")]);
+    for (s, n) in disks {
+        cmd.arg("--disk").arg(format!("{}={n}", s.display()));
+    }
+    cmd.args(extra);
+    cmd
+}
+
+/// Runs migrate to completion; returns its stdout (the pass summaries).
+fn migrate(kit: &Kit, addr: &str, disks: &[(&Path, &str)], extra: &[&str]) -> String {
+    let out = migrate_cmd(kit, addr, disks, extra).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "migrate failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// "N data sent (W on the wire)" of the summary line starting with `label`.
+fn sent(summary: &str, label: &str) -> (u64, u64) {
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} line in {summary}"));
+    let num = |after: &str| -> u64 {
+        let i = line.find(after).unwrap();
+        line[..i]
+            .trim_end()
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (num(" data sent"), num(" on the wire"))
+}
+
+fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_files(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+    std::fs::write(dir.join("random.bin"), noise(6 << 20, seed)).unwrap();
+    std::fs::write(
+        dir.join("sub/text.txt"),
+        "all work and no play\n".repeat(100_000),
+    )
+    .unwrap();
+    for i in 0..50 {
+        std::fs::write(
+            dir.join(format!("sub/deeper/f{i}")),
+            noise(3000 + i * 97, seed + i as u64),
+        )
+        .unwrap();
+    }
+}
+
+/// `sha256sum` of every file under `dir`, sorted: what the target must read back.
+fn tree_digest(dir: &Path) -> String {
+    run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "cd '{}' && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+                dir.display()
+            ),
+        ],
+    )
+}
+
+fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+#[test]
+fn a_gpt_disk_with_ext4_xfs_btrfs_swap_and_lvm_arrives_identical_and_syncs() {
+    let kit = Kit::new();
+    let mut disk = LoopDisk::new(1100);
+    run(
+        "sgdisk",
+        &[
+            "-o",
+            "-n1:0:+200M",
+            "-n2:0:+300M",
+            "-n3:0:+150M",
+            "-n4:0:+32M",
+            "-n5:0:+120M",
+            disk.path(),
+        ],
+    );
+    disk.add_partitions(&[1, 2, 3, 4, 5]);
+    let parts: Vec<String> = (1..=5)
+        .map(|n| disk.part(n).to_str().unwrap().to_string())
+        .collect();
+    let p = |n: usize| parts[n - 1].clone();
+    run("mkfs.ext4", &["-q", "-F", &p(1)]);
+    run("mkfs.xfs", &["-q", "-f", &p(2)]);
+    run("mkfs.btrfs", &["-q", "-f", &p(3)]);
+    run("mkswap", &["-q", &p(4)]);
+    let vg = sms_tests::unique("blkvg");
+    make_vg(&vg, &[&disk.part(5)], &[("data", 40)]);
+    disk.own_vg(&vg);
+    // LV data: the LV cannot be activated here, so it is written at its extents on the PV.
+    let pe_start: u64 = run(
+        "lvm",
+        &[
+            "pvs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "pe_start",
+            &p(5),
+        ],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let lv_data = noise(40 << 20, 77);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk.part(5))
+        .unwrap()
+        .write_all_at(&lv_data, pe_start)
+        .unwrap();
+    let ext = disk.mount(&disk.part(1), "ext", None);
+    write_files(&ext, 1);
+    let xfs = disk.mount(&disk.part(2), "xfs", None);
+    write_files(&xfs, 2);
+    run("umount", &[xfs.to_str().unwrap()]);
+    let btr = disk.mount(&disk.part(3), "btr", None);
+    write_files(&btr, 3);
+    run("umount", &[btr.to_str().unwrap()]);
+    run("sync", &[]);
+    let digests: Vec<String> = ["ext"]
+        .iter()
+        .map(|m| tree_digest(&disk.dir.path().join(m)))
+        .collect();
+    let dst = image(kit.dir.path(), "dst.img", 1100 << 20);
+
+    // ext4 stays mounted (GETFSMAP), XFS is read from its btrees, the rest in full.
+    let rx = Receiver::start(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &[]);
+    assert!(rx.wait());
+    let (plain, _) = sent(&out, "copy complete");
+    assert!(plain < 700 << 20, "free space was sent: {out}");
+
+    let t = LoopDisk::attach(&dst);
+    t.add_partitions(&[1, 2, 3, 4, 5]);
+    assert_eq!(
+        t.edges_digest(),
+        disk.edges_digest(),
+        "partition tables differ"
+    );
+    let tp = |n| t.part(n).to_str().unwrap().to_string();
+    run("e2fsck", &["-fn", &tp(1)]);
+    run("xfs_repair", &["-n", &tp(2)]);
+    run("btrfs", &["check", "--readonly", &tp(3)]);
+    assert_eq!(sms_tests::blkid(&t.part(4), "TYPE"), "swap");
+    let mut got = vec![0u8; lv_data.len()];
+    std::fs::File::open(t.part(5))
+        .unwrap()
+        .read_exact_at(&mut got, pe_start)
+        .unwrap();
+    assert!(got == lv_data, "LV extents differ");
+    let mnt = tempfile::tempdir().unwrap();
+    for (n, seed, fs) in [(1u32, 1u64, "ext"), (2, 2, "xfs"), (3, 3, "btr")] {
+        run("mount", &["-o", "ro", &tp(n), mnt.path().to_str().unwrap()]);
+        let got = tree_digest(mnt.path());
+        run("umount", &[mnt.path().to_str().unwrap()]);
+        let want = if fs == "ext" {
+            digests[0].clone()
+        } else {
+            let d = tempfile::tempdir().unwrap();
+            write_files(d.path(), seed);
+            tree_digest(d.path())
+        };
+        assert_eq!(got, want, "{fs} files differ");
+    }
+    drop(t);
+
+    // Change about 1 % of the ext4 data blocks in place; the sync sends about that much.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ext.join("random.bin"))
+        .unwrap();
+    for i in 0..16u64 {
+        f.write_all_at(&noise(4096, 1000 + i), i * 97 * 4096 % (6 << 20))
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let changed = 16 * 4096u64;
+    let rx = Receiver::start(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &["--sync"]);
+    assert!(rx.wait());
+    let (_, wire) = sent(&out, "sync complete");
+    // The filesystem's own metadata updates (inode times, journal) are real changes too.
+    assert!(
+        wire <= changed * 105 / 100 + (1 << 20),
+        "sync sent {wire} for {changed}: {out}"
+    );
+    let t = LoopDisk::attach(&dst);
+    t.add_partitions(&[1]);
+    let mnt = tempfile::tempdir().unwrap();
+    run(
+        "mount",
+        &[
+            "-o",
+            "ro,noload",
+            t.part(1).to_str().unwrap(),
+            mnt.path().to_str().unwrap(),
+        ],
+    );
+    let got = tree_digest(mnt.path());
+    run("umount", &[mnt.path().to_str().unwrap()]);
+    assert_eq!(got, tree_digest(&ext), "ext4 files differ after sync");
+}
+
+/// Bytes sent so far on each TCP connection to `port`, by local address (`ss -tin`).
+fn tcp_sent(port: &str, seen: &mut std::collections::HashMap<String, u64>) {
+    let Ok(out) = Command::new("ss")
+        .args(["-tinH", "state", "all", &format!("dport = :{port}")])
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut local = String::new();
+    for tok in text.split_whitespace() {
+        if tok.starts_with("127.0.0.1:") && local.is_empty() {
+            local = tok.to_string();
+        } else if let Some(v) = tok.strip_prefix("bytes_sent:") {
+            if let Ok(n) = v.parse::<u64>() {
+                let e = seen.entry(std::mem::take(&mut local)).or_insert(0);
+                *e = (*e).max(n);
+            }
+        } else if tok.starts_with("127.0.0.1:") {
+            // The peer address of the same line.
+        }
+        if tok == "ESTAB"
+            || tok.starts_with("CLOSE")
+            || tok.starts_with("FIN")
+            || tok == "LAST-ACK"
+            || tok == "TIME-WAIT"
+        {
+            local.clear();
+        }
+    }
+}
+
+/// Runs migrate, killing `victim` after `kill_after` (when given); returns (bytes written by
+/// migrate, success).
+fn migrate_run(
+    kit: &Kit,
+    rx: &mut Receiver,
+    src: &Path,
+    kill: Option<(bool, Duration)>,
+) -> (u64, bool) {
+    let mut child = migrate_cmd(
+        kit,
+        &rx.addr,
+        &[(src, "disk0")],
+        &["--limit-mbit", "200", "--checkpoint-secs", "0.2"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let start = Instant::now();
+    let port = rx.addr.rsplit(':').next().unwrap().to_string();
+    let mut seen = std::collections::HashMap::new();
+    let mut last = 0;
+    loop {
+        tcp_sent(&port, &mut seen);
+        last = seen.values().sum::<u64>().max(last);
+        if let Some(st) = child.try_wait().unwrap() {
+            eprintln!("migrate ended after {:?}: {st}", start.elapsed());
+            return (last, st.success());
+        }
+        if let Some((sender, after)) = kill {
+            if start.elapsed() >= after {
+                if sender {
+                    child.kill().unwrap();
+                } else {
+                    rx.child.kill().unwrap();
+                }
+                let st = child.wait().unwrap();
+                let _ = rx.child.kill();
+                let _ = rx.child.wait();
+                return (last, st.success());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_of_either_side_resumes_without_a_wrong_byte_or_much_resending() {
+    let kit = Kit::new();
+    let src = image(kit.dir.path(), "src.img", 256 << 20);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        for i in 0..12u64 {
+            f.write_all_at(&noise(12 << 20, i + 5), i * (20 << 20))
+                .unwrap();
+        }
+    }
+    let want = std::fs::read(&src).unwrap();
+    // A clean run as the yardstick.
+    let clean_dst = image(kit.dir.path(), "clean.img", 256 << 20);
+    let mut rx = Receiver::start(&kit, &[("disk0", &clean_dst)]);
+    let (clean, ok) = migrate_run(&kit, &mut rx, &src, None);
+    assert!(ok);
+    let mut seed = 0x5eed_u64;
+    for (round, sender) in [(0, true), (1, false), (2, true), (3, false)] {
+        let dst = image(kit.dir.path(), &format!("dst{round}.img"), 256 << 20);
+        let mut total = 0;
+        let mut rx = Receiver::start(&kit, &[("disk0", &dst)]);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        // Somewhere between 20 % and 80 % of a run of about 6 s.
+        let after = Duration::from_millis(1200 + seed % 3600);
+        let (w, ok) = migrate_run(&kit, &mut rx, &src, Some((sender, after)));
+        assert!(!ok, "the killed run must not succeed");
+        total += w;
+        let mut rx = Receiver::start(&kit, &[("disk0", &dst)]);
+        let (w, ok) = migrate_run(&kit, &mut rx, &src, None);
+        assert!(ok, "the resumed run failed");
+        total += w;
+        let got = std::fs::read(&dst).unwrap();
+        assert!(
+            got == want,
+            "round {round}: the target differs from the source"
+        );
+        let ratio = total as f64 / clean as f64;
+        eprintln!(
+            "round {round} (kill {}): {ratio:.3} of a clean run",
+            if sender { "sender" } else { "receiver" }
+        );
+        assert!(
+            ratio < 1.1,
+            "round {round}: {total} bytes against {clean} clean ({ratio:.3})"
+        );
+        // Each round uses a new target; forget the old checkpoint.
+        let _ = std::fs::remove_dir_all(kit.p("state"));
+    }
+}
+
+#[test]
+fn the_speed_limit_holds_within_five_percent() {
+    let kit = Kit::new();
+    let src = image(kit.dir.path(), "src.img", 512 << 20);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(160 << 20, 3), 0).unwrap();
+    drop(f);
+    let dst = image(kit.dir.path(), "dst.img", 512 << 20);
+    let rx = Receiver::start(&kit, &[("disk0", &dst)]);
+    let start = Instant::now();
+    // 40 Mbit/s = 5 MB/s: 160 MiB of random data take about 33 s.
+    let out = migrate(&kit, &rx.addr, &[(&src, "disk0")], &["--limit-mbit", "40"]);
+    let secs = start.elapsed().as_secs_f64();
+    assert!(rx.wait());
+    let (_, wire) = sent(&out, "copy complete");
+    let rate = wire as f64 / secs;
+    assert!(
+        (4_750_000.0..=5_250_000.0).contains(&rate),
+        "{rate} B/s over {secs:.1} s against a limit of 5,000,000"
+    );
+}
+
+#[test]
+fn bad_arguments_and_unreachable_targets_fail_clearly() {
+    let kit = Kit::new();
+    let src = image(kit.dir.path(), "src.img", 8 << 20);
+    let out = migrate_cmd(&kit, "127.0.0.1:1", &[(&src, "disk0")], &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SMS.1807"));
+    let out = Command::new(sms_agent())
+        .args([
+            "migrate",
+            "--mode",
+            "block",
+            "--target",
+            "x:1",
+            "--ca",
+            "/nonexistent",
+        ])
+        .args(["--cert", "/x", "--key", "/y", "--disk", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    run_quiet("true", &[]);
+}
