@@ -135,6 +135,12 @@ impl Stream {
         let _ = self.conn_ctl.sock.set_write_timeout(t);
     }
 
+    /// A handle that can cut this stream from another thread (`shutdown`), e.g. to end a
+    /// control stream when a data stream failed.
+    pub fn cutter(&self) -> Option<TcpStream> {
+        self.conn_ctl.sock.try_clone().ok()
+    }
+
     /// Sends an error to the peer, best effort.
     pub fn send_error(&mut self, code: &str, message: &str) {
         let mut msg: String = message.chars().take(1000).collect();

@@ -218,3 +218,105 @@ fn a_target_smaller_than_the_source_or_unmapped_is_refused() {
     .unwrap_err();
     assert_eq!(e.code(), "SMS.1311", "{e}");
 }
+
+/// Opens a session by hand up to the data stream, as a hostile sender would.
+fn hand_session(rig: &Rig, size: u64) -> (crate::session::Stream, crate::session::Stream) {
+    use crate::wire::{Message, Mode};
+    let (mut ctl, session) = rig.connector.open("evil", Mode::Block, 0, 1, 0).unwrap();
+    ctl.send(&Message::DiskPlan {
+        pass: 0,
+        sync: false,
+        more: false,
+        chunk_size: DEFAULT_CHUNK,
+        disks: vec![("d0".into(), size)],
+    })
+    .unwrap();
+    ctl.flush().unwrap();
+    assert!(matches!(ctl.recv().unwrap(), Message::DoneMap { .. }));
+    assert_eq!(ctl.recv().unwrap(), Message::Ready);
+    let (data, _) = rig
+        .connector
+        .open("evil", Mode::Block, 1, 1, session)
+        .unwrap();
+    (ctl, data)
+}
+
+#[test]
+fn hostile_frames_are_rejected_without_harm() {
+    use crate::wire::Message;
+    use std::io::Write;
+    let rig = rig(&["d0"]);
+    let size = 4u64 << 20;
+    let tgt = rig.dir.path().join("tgt-d0.img");
+    let zeros = vec![0u8; usize::try_from(size).unwrap()];
+    let attacks: Vec<Box<dyn Fn(&mut crate::session::Stream)>> = vec![
+        // A chunk whose data does not match its hash.
+        Box::new(|s| {
+            let mut m = crate::chunk::Compressor::default()
+                .chunk(0, 0, &noise(4096, 1))
+                .unwrap();
+            if let Message::Chunk { hash, .. } = &mut m {
+                hash[0] ^= 1;
+            }
+            s.send(&m).unwrap();
+        }),
+        // A valid chunk that would write past the end of the disk.
+        Box::new(move |s| {
+            let m = crate::chunk::Compressor::default()
+                .chunk(0, size - 100, &noise(4096, 2))
+                .unwrap();
+            s.send(&m).unwrap();
+        }),
+        // A zero run past the end, and a chunk for a disk not in the plan.
+        Box::new(move |s| {
+            s.send(&Message::Zero {
+                disk: 0,
+                offset: size,
+                len: 4096,
+            })
+            .unwrap();
+        }),
+        Box::new(|s| {
+            let m = crate::chunk::Compressor::default()
+                .chunk(7, 0, &noise(4096, 3))
+                .unwrap();
+            s.send(&m).unwrap();
+        }),
+        // A frame header announcing 4 GiB.
+        Box::new(|s| {
+            let mut h = Message::Bye.encode().unwrap();
+            h[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+            s.writer.write_all(&h).unwrap();
+        }),
+    ];
+    for (i, attack) in attacks.iter().enumerate() {
+        let (_ctl, mut data) = hand_session(&rig, size);
+        attack(&mut data);
+        let _ = data.flush();
+        // The receiver answers with an error and drops the stream.
+        let mut refused = false;
+        while let Ok(m) = data.recv() {
+            if matches!(m, Message::Error { .. }) {
+                refused = true;
+                break;
+            }
+        }
+        assert!(
+            refused || data.recv().is_err(),
+            "attack {i} was not refused"
+        );
+        let r = rig.stop.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(r.is_err(), "attack {i}: session reported success");
+        assert!(read(&tgt) == zeros, "attack {i} changed the target");
+    }
+    // The receiver still serves an honest sender afterwards.
+    let src = rig.dir.path().join("ok.img");
+    std::fs::write(&src, noise(usize::try_from(size).unwrap(), 5)).unwrap();
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: vec![0..size],
+    }];
+    run(&rig, &disks, 0, false);
+    assert!(read(&tgt) == read(&src));
+}

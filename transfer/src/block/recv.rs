@@ -78,11 +78,21 @@ struct Sess {
     failed: AtomicBool,
     error: Mutex<Option<BlockError>>,
     written: AtomicU64,
+    /// Cuts the control stream, so a failed data stream ends the session at once.
+    cut: Mutex<Option<std::net::TcpStream>>,
 }
 
 impl Sess {
     fn fail(&self, e: BlockError) {
         self.failed.store(true, Ordering::SeqCst);
+        if let Some(c) = self
+            .cut
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         let mut slot = self
             .error
             .lock()
@@ -317,13 +327,15 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
     control.send(&Message::Ready)?;
     control.flush()?;
 
+    *sess
+        .cut
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = control.cutter();
     let mut workers = Vec::new();
-    let mut aborts = Vec::new();
     for _ in 0..streams {
         let Ok(s) = data.recv_timeout(JOIN_TIMEOUT) else {
             break;
         };
-        aborts.push(s.peer.clone());
         let sess = Arc::clone(&sess);
         workers.push(std::thread::spawn(move || {
             if let Err(e) = serve_stream(s, &sess) {
@@ -471,6 +483,7 @@ fn prepare(
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
             written: AtomicU64::new(0),
+            cut: Mutex::new(None),
         }),
         meta,
         file,
