@@ -219,6 +219,9 @@ fn a_target_smaller_than_the_source_or_unmapped_is_refused() {
     assert_eq!(e.code(), "SMS.1311", "{e}");
 }
 
+/// A hand-made frame sequence.
+type Attack = Box<dyn Fn(&mut crate::session::Stream)>;
+
 /// Opens a session by hand up to the data stream, as a hostile sender would.
 fn hand_session(rig: &Rig, size: u64) -> (crate::session::Stream, crate::session::Stream) {
     use crate::wire::{Message, Mode};
@@ -249,7 +252,7 @@ fn hostile_frames_are_rejected_without_harm() {
     let size = 4u64 << 20;
     let tgt = rig.dir.path().join("tgt-d0.img");
     let zeros = vec![0u8; usize::try_from(size).unwrap()];
-    let attacks: Vec<Box<dyn Fn(&mut crate::session::Stream)>> = vec![
+    let attacks: Vec<Attack> = vec![
         // A chunk whose data does not match its hash.
         Box::new(|s| {
             let mut m = crate::chunk::Compressor::default()
@@ -315,7 +318,7 @@ fn hostile_frames_are_rejected_without_harm() {
     let disks = vec![SourceDisk {
         path: src.clone(),
         name: "d0".into(),
-        used: vec![0..size],
+        used: std::iter::once(0..size).collect(),
     }];
     run(&rig, &disks, 0, false);
     assert!(read(&tgt) == read(&src));
