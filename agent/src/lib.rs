@@ -1,5 +1,6 @@
 //! The library half of `sms-agent`: everything the binary does, usable from tests.
 
 pub mod api;
+pub mod blockplan;
 pub mod config;
 pub mod daemon;

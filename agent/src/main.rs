@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod blockplan;
 mod probe_cmd;
 mod transfer_cmd;
 

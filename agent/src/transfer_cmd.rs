@@ -275,7 +275,7 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
     for d in &a.disks {
         let (src, name) = split_pair(d, "SRC=NAME")?;
         let path = PathBuf::from(&src);
-        let (used, notes) = crate::blockplan::used_ranges(&path)
+        let (used, notes) = sms_agent::blockplan::used_ranges(&path)
             .with_context(|| format!("SMS.1905: cannot read {src}"))?;
         for n in &notes {
             tracing::info!(disk = %src, "{n}");

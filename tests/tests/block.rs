@@ -504,3 +504,187 @@ fn bad_arguments_and_unreachable_targets_fail_clearly() {
     assert!(!out.status.success());
     run_quiet("true", &[]);
 }
+
+/// Waits until the emulator's task `tid` reaches `state`; fails after `secs`.
+fn wait_task(
+    emu: &sms_tests::procs::Emulator,
+    tid: &str,
+    state: &str,
+    secs: u64,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (_, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
+        if t["state"] == state {
+            return t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "task never reached {state}: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
+    use serde_json::json;
+    use sms_tests::procs::{Agent, Emulator, AK, SK};
+    let kit = Kit::new();
+    let src = LoopDisk::new(128);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src.dev)
+            .unwrap();
+        f.write_all_at(&noise(20 << 20, 1), 0).unwrap();
+        f.write_all_at(&"text ".repeat(1 << 20).into_bytes(), 64 << 20)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emu = Emulator::start();
+    let extra = format!(
+        "[probe]\ndevices = [\"{}\"]\n[transfer]\nport = {port}\nstreams = 2\n",
+        src.path()
+    );
+    let agent = Agent::start_with(
+        &emu.url(),
+        &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
+        &extra,
+        &[],
+    );
+    let start = Instant::now();
+    let id = loop {
+        let db = emu.db();
+        if let Some(id) = db["sources"]
+            .as_object()
+            .and_then(|m| m.keys().next().cloned())
+        {
+            break id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no registration: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (st, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "blk", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "source_server": {"id": id},
+                    "target_server": {"disks": [{"name": src.path(), "size": 128 << 20}]}, "migration_ip": "127.0.0.1"})),
+    );
+    assert_eq!(st, 200, "{task}");
+    let tid = task["id"].as_str().unwrap().to_string();
+    let (st, ck) = emu.operator("GET", &format!("/v3/tasks/{tid}/certkey"), None);
+    assert_eq!(st, 200);
+    for (k, f) in [
+        ("ca", "c/tca.pem"),
+        ("target_data_cert", "c/tcert.pem"),
+        ("target_data_private_key", "c/tkey.pem"),
+    ] {
+        std::fs::write(kit.p(f), ck[k].as_str().unwrap()).unwrap();
+    }
+    let dst = image(kit.dir.path(), "dst.img", 128 << 20);
+    let receiver = || {
+        let mut cmd = Command::new(sms_agent());
+        cmd.args([
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--once",
+        ])
+        .args(["--ca", &kit.p("c/tca.pem"), "--cert", &kit.p("c/tcert.pem")])
+        .args([
+            "--key",
+            &kit.p("c/tkey.pem"),
+            "--state-dir",
+            &kit.p("state"),
+        ])
+        .arg("--disk")
+        .arg(format!("{}={}", src.path(), dst.display()))
+        .stderr(Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    let mut rx = receiver();
+    std::thread::sleep(Duration::from_millis(300));
+    emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "start"})),
+    );
+    let t = wait_task(&emu, &tid, "MIGRATE_SUCCESS", 120);
+    assert!(rx.wait().unwrap().success());
+    let sub = &t["sub_tasks"][0];
+    assert_eq!(sub["name"], "MIGRATE_LINUX_BLOCK", "{t}");
+    assert_eq!(sub["progress"], 100);
+    let want = std::fs::read(&src.dev).unwrap();
+    assert!(
+        std::fs::read(&dst).unwrap() == want,
+        "target differs from source"
+    );
+    // Every progress report carries the fields of the API.
+    let j = emu.journal();
+    let reports: Vec<_> = j
+        .iter()
+        .filter(|e| e["method"] == "PUT" && e["path"].as_str().unwrap_or("").ends_with("/progress"))
+        .collect();
+    assert!(!reports.is_empty());
+    for k in [
+        "replicatesize",
+        "totalsize",
+        "migrate_speed",
+        "compress_rate",
+        "remain_time",
+        "agent_cpu_usage",
+        "total_mem_usage",
+        "agent_time",
+    ] {
+        assert!(
+            reports.iter().all(|r| !r["body"][k].is_null()),
+            "{k} missing: {:?}",
+            reports[0]
+        );
+    }
+    let states: Vec<_> = j
+        .iter()
+        .filter(|e| e["path"].as_str().unwrap_or("").ends_with("/changestate"))
+        .map(|e| e["body"]["copystate"].as_str().unwrap_or("").to_string())
+        .collect();
+    for s in ["INIT", "REPLICATE", "SYNCING"] {
+        assert!(
+            states.iter().any(|x| x == s),
+            "{s} not reported: {states:?}"
+        );
+    }
+
+    // Change a little, SYNC: only that travels, and the target matches again.
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src.dev)
+            .unwrap();
+        f.write_all_at(&noise(8192, 99), 3 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut rx = receiver();
+    std::thread::sleep(Duration::from_millis(300));
+    emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "sync"})),
+    );
+    wait_task(&emu, &tid, "SYNC_SUCCESS", 120);
+    assert!(rx.wait().unwrap().success());
+    assert!(
+        std::fs::read(&dst).unwrap() == std::fs::read(&src.dev).unwrap(),
+        "target differs after sync"
+    );
+    drop(agent);
+}

@@ -139,7 +139,7 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
         "POST",
         "/v3/tasks",
         Some(json!({"name": "t1", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "source_server": {"id": id},
-                    "target_server": {"disks": [{"name": "/dev/vda", "size": 1}]}, "migration_ip": "127.0.0.1"})),
+                    "target_server": {"disks": [{"name": "/dev/not-a-source-disk", "size": 1}]}, "migration_ip": "127.0.0.1"})),
     );
     assert_eq!(st, 200, "{task}");
     let tid = task["id"].as_str().unwrap().to_string();
@@ -151,9 +151,9 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     assert_eq!(st, 200);
     let r = wait_results(&emu, 1);
     assert_eq!(r[0]["command_name"], "START");
-    // No transfer engine in this build: the agent says so instead of pretending.
+    // The only target disk maps to no source disk: nothing to copy, and the agent says so.
     assert_eq!(r[0]["result"], "fail");
-    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1908");
+    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1311");
     let j = emu.journal();
     for call in [
         format!("/v3/tasks/{tid}"),

@@ -7,6 +7,9 @@
 //! that use them come next.
 #![deny(unsafe_code)]
 
+/// The TLS library the session types use, for callers that hold its configs.
+pub use rustls;
+
 pub mod alloc;
 pub mod block;
 pub mod certs;

@@ -1,6 +1,7 @@
 //! `sms-agent run`: register the source, then poll SMS for commands and act on them, keeping
 //! every step in `state_dir` so a restart (or `kill -9`) picks up where it was.
 
+pub mod engine;
 pub mod state;
 pub mod systemd;
 
@@ -44,6 +45,18 @@ pub struct Daemon {
     poll_interval: Duration,
     reprobe_interval: Duration,
     backoff: Backoff,
+    transfer: crate::config::TransferSection,
+    runner: Option<engine::Runner>,
+    last_report: Instant,
+    rules: Vec<transfer::limit::Rule>,
+    last_rules: Instant,
+    utc_offset: i64,
+}
+
+/// What a transfer needs from the service.
+struct Material {
+    tls: std::sync::Arc<transfer::rustls::ClientConfig>,
+    rules: Vec<transfer::limit::Rule>,
 }
 
 /// Why the main loop ended.
@@ -78,6 +91,12 @@ impl Daemon {
             poll_interval: cfg.agent.poll_interval.0,
             reprobe_interval: cfg.agent.reprobe_interval.0,
             backoff,
+            transfer: cfg.transfer.clone(),
+            runner: None,
+            last_report: Instant::now(),
+            rules: Vec::new(),
+            last_rules: Instant::now(),
+            utc_offset: engine::utc_offset(),
         })
     }
 
@@ -103,6 +122,11 @@ impl Daemon {
         match exit {
             Exit::Shutdown => {
                 systemd::notify("STOPPING=1");
+                if let Some(r) = self.runner.as_mut() {
+                    // Stop at a checkpoint; a restarted agent resumes from it.
+                    engine::cancel(r);
+                    let _ = r.join();
+                }
                 self.set_activity("stopped");
                 self.save()?;
                 tracing::info!("shut down");
@@ -122,8 +146,13 @@ impl Daemon {
         let mut last_probe = Instant::now();
         self.state.disk_fingerprint = fingerprint(&body);
         self.save()?;
+        if self.task_active() {
+            // Killed or restarted mid-pass: carry on from the receiver's checkpoint.
+            self.resume_task().await;
+        }
         loop {
             self.flush_results().await?;
+            self.tick_runner().await;
             if last_probe.elapsed() >= self.reprobe_interval {
                 last_probe = Instant::now();
                 self.reprobe().await?;
@@ -357,9 +386,7 @@ impl Daemon {
         if task_id.is_empty() {
             return Err(("SMS.9004".into(), format!("{name} without a task_id")));
         }
-        if self.state.task.as_ref().is_some_and(|t| {
-            t.id == task_id && matches!(t.phase, Phase::Replicating | Phase::Syncing)
-        }) {
+        if self.runner.is_some() && self.state.task.as_ref().is_some_and(|t| t.id == task_id) {
             // A repeated START of a running task is not a second run.
             return Ok(json!({"task_id": task_id, "state": "already running"}));
         }
@@ -373,31 +400,257 @@ impl Daemon {
                     format!("cannot read task {task_id}: {e}"),
                 )
             })?;
+        let prev = self.state.task.take().filter(|t| t.id == task_id);
+        let sync = name == "SYNC" || prev.as_ref().is_some_and(|t| t.phase == Phase::Syncing);
+        let pass = match (&prev, sync) {
+            (Some(t), true) => t.pass + u32::from(t.phase == Phase::Syncing),
+            (Some(t), false) => t.pass,
+            (None, _) => 0,
+        };
         self.state.task = Some(TaskState {
             id: task_id.to_string(),
             kind: task.kind.clone(),
             phase: Phase::Init,
-            ..TaskState::default()
+            pass,
+            ..prev.unwrap_or_default()
         });
+        if let Some(t) = self.state.task.as_mut() {
+            t.phase = Phase::Init;
+            t.error = None;
+            t.kind = task.kind.clone();
+            t.id = task_id.to_string();
+        }
         self.status.task_id = Some(task_id.to_string());
         self.status.phase = Some(Phase::Init);
         let _ = self.save();
-        self.change_state(CopyState::Init, MigrationCycle::Replicating)
-            .await;
-        if let Err((code, msg)) = self.fetch_task_material(task_id).await {
-            return Err(self.fail_task(code, msg).await);
+        if pass == 0 {
+            self.change_state(CopyState::Init, MigrationCycle::Replicating)
+                .await;
         }
-        // The block and file engines (transfer crate) are not part of this build yet: say so
-        // plainly instead of pretending to copy.
-        let kind = if task.kind.is_empty() {
-            "this task type"
-        } else {
-            task.kind.as_str()
+        let material = match self.fetch_task_material(task_id).await {
+            Ok(m) => m,
+            Err((code, msg)) => return Err(self.fail_task(code, msg).await),
         };
-        let msg = format!(
-            "this sms-agent build has no transfer engine for {kind} yet; task {task_id} cannot run"
-        );
-        Err(self.fail_task("SMS.1908".into(), msg).await)
+        self.launch(&task, pass, pass > 0, material).await
+    }
+
+    /// Fetches the task and its material again and restarts its pass (after a restart).
+    async fn resume_task(&mut self) {
+        let Some(t) = self.state.task.clone() else {
+            return;
+        };
+        tracing::info!(task_id = %t.id, pass = t.pass, "resuming the task from its checkpoint");
+        let task: Task = match self.api.get(&format!("/v3/tasks/{}", t.id), &[]).await {
+            Ok(task) => task,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the task to resume it");
+                return;
+            }
+        };
+        let material = match self.fetch_task_material(&t.id).await {
+            Ok(m) => m,
+            Err((code, msg)) => {
+                self.fail_task(code, msg).await;
+                return;
+            }
+        };
+        if let Err((code, msg)) = self.launch(&task, t.pass, t.pass > 0, material).await {
+            tracing::error!(code = %code, "{msg}");
+        }
+    }
+
+    /// Plans the disks and starts pass `pass` on its own thread.
+    async fn launch(
+        &mut self,
+        task: &Task,
+        pass: u32,
+        sync: bool,
+        material: Material,
+    ) -> Result<serde_json::Value, (String, String)> {
+        let task_id = task.id.clone();
+        if task.kind != "MIGRATE_BLOCK" {
+            let kind = if task.kind.is_empty() {
+                "this task type"
+            } else {
+                task.kind.as_str()
+            };
+            let msg = format!(
+                "this sms-agent build runs MIGRATE_BLOCK tasks from the daemon; {kind} is only available standalone (sms-agent migrate --mode file)"
+            );
+            return Err(self.fail_task("SMS.1908".into(), msg).await);
+        }
+        if task.migration_ip.is_empty() {
+            return Err(self
+                .fail_task("SMS.1807".into(), "the task has no migration_ip".into())
+                .await);
+        }
+        let pairs: Vec<(String, String)> = task
+            .target_server
+            .as_ref()
+            .map(|ts| {
+                ts.disks
+                    .iter()
+                    .filter_map(|d| {
+                        let rel = d.relation_name.clone().filter(|r| !r.is_empty())?;
+                        Some((rel, d.name.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if pairs.is_empty() {
+            return Err(self
+                .fail_task(
+                    "SMS.1311".into(),
+                    "the task maps no target disk to a source disk (relation_name)".into(),
+                )
+                .await);
+        }
+        let planned = tokio::task::spawn_blocking(move || {
+            let mut disks = Vec::new();
+            for (src, name) in pairs {
+                let path = if src.starts_with('/') {
+                    std::path::PathBuf::from(&src)
+                } else {
+                    std::path::PathBuf::from("/dev").join(&src)
+                };
+                let (used, notes) = crate::blockplan::used_ranges(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                for n in notes {
+                    tracing::info!(disk = %path.display(), "{n}");
+                }
+                disks.push(transfer::block::SourceDisk { path, name, used });
+            }
+            Ok::<_, String>(disks)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let disks = match planned {
+            Ok(d) => d,
+            Err(msg) => return Err(self.fail_task("SMS.1905".into(), msg).await),
+        };
+        let ip = &task.migration_ip;
+        let addr = if ip.contains(':') && !ip.starts_with('[') {
+            format!("[{ip}]:{}", self.transfer.port)
+        } else {
+            format!("{ip}:{}", self.transfer.port)
+        };
+        let connector = transfer::session::Connector {
+            addr,
+            tls: material.tls,
+            timeout: Duration::from_secs(10),
+        };
+        let opts = transfer::block::SendOptions {
+            task_id: task_id.clone(),
+            pass,
+            sync,
+            streams: self.transfer.streams.max(1),
+            ..transfer::block::SendOptions::default()
+        };
+        let runner = engine::Runner::start(connector, disks, opts);
+        self.rules = material.rules;
+        engine::apply_limit(&runner.control, &self.rules, self.utc_offset);
+        self.last_rules = Instant::now();
+        self.runner = Some(runner);
+        self.last_report = Instant::now();
+        let (phase, cs, cycle) = if sync {
+            (Phase::Syncing, CopyState::Syncing, MigrationCycle::Syncing)
+        } else {
+            (
+                Phase::Replicating,
+                CopyState::Replicate,
+                MigrationCycle::Replicating,
+            )
+        };
+        if let Some(t) = self.state.task.as_mut() {
+            t.phase = phase;
+            t.pass = pass;
+        }
+        self.status.phase = Some(phase);
+        let _ = self.save();
+        self.change_state(cs, cycle).await;
+        self.set_activity(if sync { "syncing" } else { "replicating" });
+        Ok(json!({"task_id": task_id, "state": "running", "pass": pass}))
+    }
+
+    /// Reports progress every 5 s, re-reads the speed limits every minute, and finishes the
+    /// pass when its thread ends.
+    async fn tick_runner(&mut self) {
+        if self.runner.is_none() {
+            return;
+        }
+        let task_id = self
+            .state
+            .task
+            .as_ref()
+            .map(|t| t.id.clone())
+            .unwrap_or_default();
+        if self.last_rules.elapsed() >= Duration::from_secs(60) {
+            self.last_rules = Instant::now();
+            if let Ok(l) = self
+                .api
+                .get::<SpeedLimits>(&format!("/v3/tasks/{task_id}/speed-limit"), &[])
+                .await
+            {
+                self.rules = l
+                    .speed_limit
+                    .iter()
+                    .filter_map(|r| transfer::limit::Rule::new(&r.start, &r.end, r.speed).ok())
+                    .collect();
+            }
+        }
+        if let Some(r) = self.runner.as_ref() {
+            engine::apply_limit(&r.control, &self.rules, self.utc_offset);
+        }
+        let Some(r) = self.runner.as_mut() else {
+            return;
+        };
+        let finished = r.finished();
+        if !finished && self.last_report.elapsed() < engine::REPORT_EVERY {
+            return;
+        }
+        let result = if finished { Some(r.join()) } else { None };
+        let ok = matches!(result, Some(Ok(_)));
+        let (body, (done, total, rate, eta)) = r.report(self.utc_offset, ok);
+        let sync = r.subtask.starts_with("SYNC");
+        self.last_report = Instant::now();
+        self.status.bytes_done = done;
+        self.status.bytes_total = total;
+        self.status.rate = rate;
+        self.status.eta_secs = eta;
+        let path = format!("/v3/tasks/{task_id}/progress");
+        if !matches!(result, Some(Err(_))) {
+            if let Err(e) = self
+                .api
+                .send::<_, serde_json::Value>(Method::PUT, &path, &body)
+                .await
+            {
+                tracing::warn!(error_code = "SMS.0501", error = %e, "progress report failed");
+            }
+        }
+        let _ = self.publish();
+        match result {
+            None => {}
+            Some(Ok(rep)) => {
+                self.runner = None;
+                tracing::info!(task_id = %task_id, sync, bytes_read = rep.bytes_read, wire = rep.wire_sent, "pass complete");
+                if let Some(t) = self.state.task.as_mut() {
+                    t.phase = Phase::Syncing;
+                }
+                self.status.phase = Some(Phase::Syncing);
+                let _ = self.save();
+                self.change_state(CopyState::Syncing, MigrationCycle::Syncing)
+                    .await;
+                self.set_activity("pass complete; waiting for SYNC");
+            }
+            Some(Err(transfer::block::BlockError::Cancelled)) => {
+                self.runner = None;
+            }
+            Some(Err(e)) => {
+                self.runner = None;
+                tracing::error!(task_id = %task_id, error = %e, "pass failed");
+                self.fail_task(e.code(), e.to_string()).await;
+            }
+        }
     }
 
     /// Marks the task failed, reports ERROR, and returns the (code, message) for the result.
@@ -416,7 +669,7 @@ impl Daemon {
 
     /// Fetches what a transfer needs: TLS material (and the key's passphrase when encrypted),
     /// speed limits and task settings. Nothing of it is logged: the keys are secrets.
-    async fn fetch_task_material(&self, task_id: &str) -> Result<(), (String, String)> {
+    async fn fetch_task_material(&self, task_id: &str) -> Result<Material, (String, String)> {
         let q = [("enable_ca_cert".to_string(), "true".to_string())];
         let ck: CertKey = self
             .api
@@ -449,14 +702,15 @@ impl Daemon {
             passphrase = Some(p.passphrase);
         }
         // Load the material now, so a bad certificate fails the task before any data moves.
-        transfer::tls::Identity::from_pem(&ck.cert, &ck.private_key, passphrase.as_deref())
-            .and_then(|id| transfer::tls::client_config(id, &ck.ca))
-            .map_err(|e| {
-                (
-                    "SMS.3301".to_string(),
-                    format!("SSL certificate not loaded: {e}"),
-                )
-            })?;
+        let tls =
+            transfer::tls::Identity::from_pem(&ck.cert, &ck.private_key, passphrase.as_deref())
+                .and_then(|id| transfer::tls::client_config(id, &ck.ca))
+                .map_err(|e| {
+                    (
+                        "SMS.3301".to_string(),
+                        format!("SSL certificate not loaded: {e}"),
+                    )
+                })?;
         let limits: SpeedLimits = self
             .api
             .get(&format!("/v3/tasks/{task_id}/speed-limit"), &[])
@@ -477,23 +731,35 @@ impl Daemon {
                     format!("task settings not obtained: {e}"),
                 )
             })?;
+        let mut rules = Vec::new();
         for r in &limits.speed_limit {
-            transfer::limit::Rule::new(&r.start, &r.end, r.speed).map_err(|e| {
-                (
-                    "SMS.9004".to_string(),
-                    format!("speed-limit rule refused: {e}"),
-                )
-            })?;
+            rules.push(
+                transfer::limit::Rule::new(&r.start, &r.end, r.speed).map_err(|e| {
+                    (
+                        "SMS.9004".to_string(),
+                        format!("speed-limit rule refused: {e}"),
+                    )
+                })?,
+            );
         }
         tracing::info!(
             task_id,
             speed_rules = limits.speed_limit.len(),
             "task material fetched"
         );
-        Ok(())
+        Ok(Material { tls, rules })
+    }
+
+    /// Stops a running pass at its next checkpoint and waits for it.
+    async fn halt(&mut self) {
+        if let Some(mut r) = self.runner.take() {
+            engine::cancel(&r);
+            let _ = tokio::task::spawn_blocking(move || r.join()).await;
+        }
     }
 
     async fn stop(&mut self) -> Result<serde_json::Value, (String, String)> {
+        self.halt().await;
         let Some(t) = self.state.task.as_mut() else {
             return Ok(json!({"state": "no task"}));
         };
@@ -510,6 +776,7 @@ impl Daemon {
     }
 
     async fn delete(&mut self) -> Result<serde_json::Value, (String, String)> {
+        self.halt().await;
         self.state.task = None;
         self.status.task_id = None;
         self.status.phase = None;

@@ -54,6 +54,9 @@ pub struct TaskState {
     /// Last error, with its SMS code.
     #[serde(default)]
     pub error: Option<String>,
+    /// Block pass last started (0 = full copy, then one per sync).
+    #[serde(default)]
+    pub pass: u32,
 }
 
 /// Phases of a task, as the daemon drives them.
