@@ -246,6 +246,18 @@ fn progress_bar(progress: &Progress, stop: &std::sync::atomic::AtomicBool, label
     eprintln!();
 }
 
+/// Runs one pass with fresh counters, drawing the progress bar meanwhile.
+fn with_progress<T>(label: &str, pass: impl FnOnce(&Progress) -> T) -> T {
+    let progress = Progress::default();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| progress_bar(&progress, &stop, label));
+        let r = pass(&progress);
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
 /// Runs the standalone source side; Ok only when the copy (and sync) is complete.
 pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
     let (id, ca) = a.tls.load()?;
@@ -297,14 +309,9 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
             checkpoint_every: Duration::from_secs_f64(a.checkpoint_secs.clamp(0.05, 600.0)),
             ..transfer::block::SendOptions::default()
         };
-        let progress = Progress::default();
-        let stop = std::sync::atomic::AtomicBool::new(false);
         let label = if sync { "sync" } else { "copy" };
-        let r = std::thread::scope(|s| {
-            s.spawn(|| progress_bar(&progress, &stop, label));
-            let r = transfer::block::send(connector, &disks, &opts, &progress, control);
-            stop.store(true, Ordering::Relaxed);
-            r
+        let r = with_progress(label, |p| {
+            transfer::block::send(connector, &disks, &opts, p, control)
         })?;
         let secs = r.elapsed.as_secs_f64().max(1e-9);
         #[allow(clippy::cast_precision_loss)]
@@ -332,14 +339,9 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
             task_id: a.task_id.clone(),
             ..transfer::file::SendOptions::default()
         };
-        let progress = Progress::default();
-        let stop = std::sync::atomic::AtomicBool::new(false);
         let label = if sync { "sync" } else { "copy" };
-        let r = std::thread::scope(|s| {
-            s.spawn(|| progress_bar(&progress, &stop, label));
-            let r = transfer::file::send(connector, &opts, &progress, control);
-            stop.store(true, Ordering::Relaxed);
-            r
+        let r = with_progress(label, |p| {
+            transfer::file::send(connector, &opts, p, control)
         })?;
         println!(
             "{label} complete: {} entries, {} files, {} skipped, {} bytes sent, {} deleted, {} changed while read",

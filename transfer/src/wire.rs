@@ -268,6 +268,20 @@ impl<'a> Reader<'a> {
         }
         String::from_utf8(self.take(len, what)?.to_vec()).map_err(|_| WireError::Invalid(what))
     }
+    /// The next byte as a flag: 0 or 1, anything else is invalid.
+    pub fn bool(&mut self, what: &'static str) -> Result<bool, WireError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(WireError::Invalid(what)),
+        }
+    }
+    /// The next 32 bytes (a BLAKE3 hash).
+    pub fn hash32(&mut self, what: &'static str) -> Result<[u8; 32], WireError> {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(self.take(32, what)?);
+        Ok(h)
+    }
     /// Ends decoding: bytes left over are an error.
     pub fn finish(self) -> Result<(), WireError> {
         if self.buf.is_empty() {
@@ -297,7 +311,8 @@ pub fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
     Ok(())
 }
 
-fn too_long(what: &'static str, len: usize, max: usize) -> WireError {
+/// The error for a field of `len` over its limit `max`.
+pub(crate) fn too_long(what: &'static str, len: usize, max: usize) -> WireError {
     WireError::TooLong { what, len, max }
 }
 
@@ -316,12 +331,6 @@ fn get_count(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<usize
         return Err(too_long(what, n, max));
     }
     Ok(n)
-}
-
-fn hash32(r: &mut Reader<'_>, what: &'static str) -> Result<[u8; 32], WireError> {
-    let mut h = [0u8; 32];
-    h.copy_from_slice(r.take(32, what)?);
-    Ok(h)
 }
 
 /// Most leaves in one `Sums`: a chunk of [`MAX_CHUNK`] bytes.
@@ -558,12 +567,8 @@ impl Message {
                 if len as usize > MAX_CHUNK {
                     return Err(too_long("chunk", len as usize, MAX_CHUNK));
                 }
-                let hash = hash32(&mut r, "chunk hash")?;
-                let compressed = match r.u8("chunk flags")? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(WireError::Invalid("chunk flags")),
-                };
+                let hash = r.hash32("chunk hash")?;
+                let compressed = r.bool("chunk flags")?;
                 let data = r.rest().to_vec();
                 if !compressed && data.len() != len as usize {
                     return Err(WireError::Invalid("chunk length"));
@@ -608,7 +613,7 @@ impl Message {
             12 => Message::Done {
                 disk: r.u16("done disk")?,
                 chunk: r.u64("done chunk")?,
-                hash: hash32(&mut r, "done hash")?,
+                hash: r.hash32("done hash")?,
             },
             13 => Message::SumReq {
                 disk: r.u16("sum disk")?,
@@ -617,7 +622,7 @@ impl Message {
             14 => {
                 let disk = r.u16("sums disk")?;
                 let chunk = r.u64("sums chunk")?;
-                let hash = hash32(&mut r, "sums hash")?;
+                let hash = r.hash32("sums hash")?;
                 let n = get_count(&mut r, "leaves", MAX_LEAVES)?;
                 let mut leaves = Vec::with_capacity(n);
                 for _ in 0..n {

@@ -412,14 +412,9 @@ impl Daemon {
             kind: task.kind.clone(),
             phase: Phase::Init,
             pass,
+            error: None,
             ..prev.unwrap_or_default()
         });
-        if let Some(t) = self.state.task.as_mut() {
-            t.phase = Phase::Init;
-            t.error = None;
-            t.kind = task.kind.clone();
-            t.id = task_id.to_string();
-        }
         self.status.task_id = Some(task_id.to_string());
         self.status.phase = Some(Phase::Init);
         let _ = self.save();

@@ -7,7 +7,7 @@
 //! `StreamEnd`. Paths are relative byte strings (not necessarily UTF-8); every length is capped
 //! by a named constant before anything is allocated.
 
-use crate::wire::{self, Reader, WireError, MAX_CHUNK};
+use crate::wire::{self, too_long, Reader, WireError, MAX_CHUNK};
 
 /// Longest relative path accepted (Linux `PATH_MAX`): a longer one could not be named by the
 /// target's own tools either.
@@ -277,10 +277,6 @@ pub enum FileMsg {
     StreamEnd,
 }
 
-fn too_long(what: &'static str, len: usize, max: usize) -> WireError {
-    WireError::TooLong { what, len, max }
-}
-
 /// Appends a length-prefixed (u16) byte string of at most `max` bytes.
 fn put_bytes(p: &mut Vec<u8>, what: &'static str, b: &[u8], max: usize) -> Result<(), WireError> {
     if b.len() > max {
@@ -312,20 +308,6 @@ fn get_time(r: &mut Reader<'_>, what: &'static str) -> Result<Time, WireError> {
         return Err(WireError::Invalid(what));
     }
     Ok(Time { sec, nsec })
-}
-
-fn get_bool(r: &mut Reader<'_>, what: &'static str) -> Result<bool, WireError> {
-    match r.u8(what)? {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(WireError::Invalid(what)),
-    }
-}
-
-fn hash32(r: &mut Reader<'_>, what: &'static str) -> Result<[u8; 32], WireError> {
-    let mut h = [0u8; 32];
-    h.copy_from_slice(r.take(32, what)?);
-    Ok(h)
 }
 
 fn put_meta(p: &mut Vec<u8>, m: &Meta) -> Result<(), WireError> {
@@ -631,7 +613,7 @@ impl FileMsg {
                     1 => Compare::Hash,
                     _ => return Err(WireError::Invalid("compare")),
                 };
-                let delete = get_bool(&mut r, "delete")?;
+                let delete = r.bool("delete")?;
                 let n = usize::from(r.u16("excludes")?);
                 if n > MAX_EXCLUDES {
                     return Err(too_long("excludes", n, MAX_EXCLUDES));
@@ -652,9 +634,9 @@ impl FileMsg {
                 let path = get_bytes(&mut r, "path", MAX_PATH)?;
                 let meta = get_meta(&mut r)?;
                 let target = get_bytes(&mut r, "symlink target", MAX_PATH)?;
-                let linked = get_bool(&mut r, "linked")?;
-                let hash = if get_bool(&mut r, "hash flag")? {
-                    Some(hash32(&mut r, "hash")?)
+                let linked = r.bool("linked")?;
+                let hash = if r.bool("hash flag")? {
+                    Some(r.hash32("hash")?)
                 } else {
                     None
                 };
@@ -714,7 +696,7 @@ impl FileMsg {
             kind::LIST_DONE => FileMsg::ListDone,
             kind::VERDICT => FileMsg::Verdict {
                 id: r.u64("id")?,
-                missing: get_bool(&mut r, "missing")?,
+                missing: r.bool("missing")?,
             },
             kind::EXTRA => FileMsg::Extra {
                 id: r.u64("id")?,
@@ -729,9 +711,9 @@ impl FileMsg {
                 let id = r.u64("id")?;
                 let path = get_bytes(&mut r, "path", MAX_PATH)?;
                 let meta = get_meta(&mut r)?;
-                let complete = get_bool(&mut r, "complete")?;
-                let hash = hash32(&mut r, "hash")?;
-                let compressed = get_bool(&mut r, "compressed")?;
+                let complete = r.bool("complete")?;
+                let hash = r.hash32("hash")?;
+                let compressed = r.bool("compressed")?;
                 let len = r.u32("length")?;
                 let data = r.rest().to_vec();
                 check_data(len, compressed, &data)?;
@@ -749,8 +731,8 @@ impl FileMsg {
             kind::DATA => {
                 let offset = r.u64("offset")?;
                 let len = r.u32("length")?;
-                let hash = hash32(&mut r, "hash")?;
-                let compressed = get_bool(&mut r, "compressed")?;
+                let hash = r.hash32("hash")?;
+                let compressed = r.bool("compressed")?;
                 let data = r.rest().to_vec();
                 check_data(len, compressed, &data)?;
                 FileMsg::Data {
@@ -766,7 +748,7 @@ impl FileMsg {
                 len: r.u32("length")?,
             },
             kind::END => FileMsg::End {
-                changed: get_bool(&mut r, "changed")?,
+                changed: r.bool("changed")?,
             },
             kind::ABANDON => FileMsg::Abandon,
             kind::STREAM_END => FileMsg::StreamEnd,

@@ -326,6 +326,28 @@ fn group_of(starts: &[u64], id: u64) -> usize {
     starts.partition_point(|&s| s <= id).saturating_sub(1)
 }
 
+/// Applies `f` to the consistency entry of the root that entry `id` belongs to.
+fn tally(
+    starts: &Mutex<Vec<u64>>,
+    checks: &Mutex<Vec<DirCheck>>,
+    id: u64,
+    f: impl FnOnce(&mut DirCheck),
+) {
+    let g = group_of(
+        &starts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        id,
+    );
+    if let Some(c) = checks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get_mut(g)
+    {
+        f(c);
+    }
+}
+
 impl Pass<'_> {
     fn run(
         &self,
@@ -445,36 +467,16 @@ impl Pass<'_> {
                                 }
                             }
                             Any::File(FileMsg::Verdict { id, missing }) => {
-                                let g = group_of(
-                                    &starts
-                                        .lock()
-                                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                                    id,
-                                );
-                                let mut c = checks
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                                if let Some(c) = c.get_mut(g) {
+                                tally(starts, checks, id, |c| {
                                     if missing {
                                         c.num_target_miss_files += 1;
                                     } else {
                                         c.num_different_files += 1;
                                     }
-                                }
+                                });
                             }
                             Any::File(FileMsg::Extra { id, count }) => {
-                                let g = group_of(
-                                    &starts
-                                        .lock()
-                                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                                    id,
-                                );
-                                let mut c = checks
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                                if let Some(c) = c.get_mut(g) {
-                                    c.num_target_more_files += count;
-                                }
+                                tally(starts, checks, id, |c| c.num_target_more_files += count);
                             }
                             Any::File(FileMsg::Summary {
                                 written, deleted, ..
