@@ -71,8 +71,9 @@ if [ "$PROMPT" = 1 ] && [ -t 0 ]; then
   [ -n "$ENDPOINT" ] || { printf 'SMS endpoint (https://sms.REGION.myhuaweicloud.com): '; read -r ENDPOINT; }
   [ -n "$AK" ] || { printf 'Access key (AK): '; read -r AK; }
   if [ -z "$SK_FILE" ]; then
-    printf 'Secret key (SK, not echoed): '
+    # Echo goes off before the prompt shows, so nothing typed after it can be echoed.
     stty -echo 2>/dev/null || true
+    printf 'Secret key (SK, not echoed): '
     read -r SK_VALUE
     stty echo 2>/dev/null || true
     echo

@@ -256,16 +256,38 @@ fn prompts_on_a_terminal_without_echoing_the_secret() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Each answer is typed only once its prompt shows, as a person would.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let reader = {
+        use std::io::Read;
+        let mut stdout = child.stdout.take().unwrap();
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        for answer in [emu.url().as_str(), "PROMPTAK", "typed-secret-value"] {
-            std::thread::sleep(std::time::Duration::from_millis(300));
+        for (prompt, answer) in [
+            ("SMS endpoint", emu.url().as_str()),
+            ("Access key (AK)", "PROMPTAK"),
+            ("Secret key (SK, not echoed)", "typed-secret-value"),
+        ] {
+            let t0 = std::time::Instant::now();
+            while !String::from_utf8_lossy(&seen.lock().unwrap()).contains(prompt) {
+                assert!(t0.elapsed().as_secs() < 30, "no prompt {prompt:?}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             writeln!(stdin, "{answer}").unwrap();
         }
     }
     let out = child.wait_with_output().unwrap();
-    let transcript = String::from_utf8_lossy(&out.stdout);
+    reader.join().unwrap();
+    let transcript = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
     assert!(
         out.status.success(),
         "{transcript}\n{}",

@@ -13,6 +13,7 @@
 //! it has (`Checkpoint`/`Ack`); a pass is complete when the receiver acks every item.
 
 pub mod ckpt;
+pub mod dev;
 pub mod map;
 mod recv;
 mod send;

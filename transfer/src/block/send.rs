@@ -178,6 +178,10 @@ impl Ctx<'_> {
         let cr = chunk_range(item.chunk, self.chunk, disk.size);
         buf.clear();
         buf.resize(usize::try_from(cr.end - cr.start).unwrap_or(0), 0);
+        // A whole-disk device's page cache is not updated by writes through a mounted
+        // partition's filesystem: pages cached earlier (readahead of the last pass, blkid)
+        // would be stale. Dropping them first makes the read come from the device.
+        drop_cached(&disk.file, &cr);
         let mut read = 0;
         for r in &item.ranges {
             let a = usize::try_from(r.start - cr.start).unwrap_or(0);
@@ -194,16 +198,25 @@ impl Ctx<'_> {
             read += r.end - r.start;
         }
         // Migrating must not evict the source host's working set from its page cache.
-        if let (Ok(o), Ok(l)) = (i64::try_from(cr.start), i64::try_from(cr.end - cr.start)) {
-            let _ = nix::fcntl::posix_fadvise(
-                std::os::fd::AsRawFd::as_raw_fd(&disk.file),
-                o,
-                l,
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-            );
-        }
+        drop_cached(&disk.file, &cr);
         self.bytes_read.fetch_add(read, Ordering::Relaxed);
         Ok(read)
+    }
+}
+
+/// Drops the clean cached pages of `range` (advice only: failure costs cache, not correctness
+/// for files, whose cache is coherent).
+fn drop_cached(file: &File, range: &Range<u64>) {
+    if let (Ok(o), Ok(l)) = (
+        i64::try_from(range.start),
+        i64::try_from(range.end - range.start),
+    ) {
+        let _ = nix::fcntl::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            o,
+            l,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
     }
 }
 
@@ -230,6 +243,7 @@ pub fn send(
                 path: d.path.clone(),
                 source: e,
             })?;
+        super::dev::flush_cache(&file);
         open.push(Disk {
             file,
             path: d.path.clone(),
