@@ -4,3 +4,4 @@ pub mod api;
 pub mod blockplan;
 pub mod config;
 pub mod daemon;
+pub mod fileplan;

@@ -392,3 +392,104 @@ impl Drop for Agent {
         self.kill9();
     }
 }
+
+/// Certificates (`sms-agent certs`) and a scratch dir for one transfer test.
+pub struct Kit {
+    /// Holds `c/` (the certificates) and whatever the test puts there.
+    pub dir: tempfile::TempDir,
+}
+
+impl Kit {
+    /// Makes a CA and source and target certificates under `c/`.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(crate::sms_agent())
+            .args(["certs", "--out"])
+            .arg(dir.path().join("c"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        Self { dir }
+    }
+
+    /// A path under the kit's dir, as a string.
+    pub fn p(&self, n: &str) -> String {
+        self.dir.path().join(n).to_str().unwrap().to_string()
+    }
+}
+
+impl Default for Kit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running `sms-agent receive` and the address it listens on; killed on drop.
+pub struct Receiver {
+    /// The process.
+    pub child: Child,
+    /// HOST:PORT it listens on.
+    pub addr: String,
+}
+
+impl Receiver {
+    /// A block receiver (`--once`) writing target disks NAME to PATH.
+    pub fn disks(kit: &Kit, disks: &[(&str, &Path)]) -> Self {
+        let args: Vec<String> = disks
+            .iter()
+            .flat_map(|(n, p)| ["--disk".to_string(), format!("{n}={}", p.display())])
+            .chain(["--once".to_string()])
+            .collect();
+        Self::start(kit, &args)
+    }
+
+    /// A file receiver into `root` (serving until killed).
+    pub fn root(kit: &Kit, root: &Path) -> Self {
+        Self::start(kit, &["--root".into(), root.display().to_string()])
+    }
+
+    /// A receiver on a free port with the kit's target certificate, state in `state/`.
+    pub fn start(kit: &Kit, args: &[String]) -> Self {
+        let mut cmd = Command::new(crate::sms_agent());
+        cmd.arg("receive");
+        if !args.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/target.pem")])
+            .args(["--key", &kit.p("c/target-key.pem")])
+            .args(["--state-dir", &kit.p("state")])
+            .args(args);
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut addr = String::new();
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 {
+            if let Some(a) = line.trim().strip_prefix("sms-agent receive: listening on ") {
+                addr = a.to_string();
+                break;
+            }
+            line.clear();
+        }
+        assert!(!addr.is_empty(), "receiver did not start");
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while err.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Self { child, addr }
+    }
+
+    /// Waits for the receiver to exit; whether it succeeded.
+    pub fn wait(mut self) -> bool {
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

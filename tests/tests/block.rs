@@ -9,87 +9,13 @@
     clippy::cast_precision_loss
 )]
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sms_tests::procs::{Kit, Receiver};
 use sms_tests::{make_vg, run, run_quiet, sms_agent, LoopDisk};
-
-/// Certificates and a state dir for one test.
-struct Kit {
-    dir: tempfile::TempDir,
-}
-
-impl Kit {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(sms_agent())
-            .args(["certs", "--out"])
-            .arg(dir.path().join("c"))
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        Self { dir }
-    }
-    fn p(&self, n: &str) -> String {
-        self.dir.path().join(n).to_str().unwrap().to_string()
-    }
-}
-
-/// A running receiver and the address it listens on.
-struct Receiver {
-    child: Child,
-    addr: String,
-}
-
-impl Receiver {
-    fn start(kit: &Kit, disks: &[(&str, &Path)]) -> Self {
-        let mut cmd = Command::new(sms_agent());
-        cmd.args(["receive", "--listen", "127.0.0.1:0", "--once"])
-            .args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/target.pem")])
-            .args([
-                "--key",
-                &kit.p("c/target-key.pem"),
-                "--state-dir",
-                &kit.p("state"),
-            ]);
-        for (n, p) in disks {
-            cmd.arg("--disk").arg(format!("{n}={}", p.display()));
-        }
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut addr = String::new();
-        let mut line = String::new();
-        while err.read_line(&mut line).unwrap() > 0 {
-            if let Some(a) = line.trim().strip_prefix("sms-agent receive: listening on ") {
-                addr = a.to_string();
-                break;
-            }
-            line.clear();
-        }
-        assert!(!addr.is_empty(), "receiver did not start");
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while err.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        Self { child, addr }
-    }
-    fn wait(mut self) -> bool {
-        self.child.wait().unwrap().success()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn migrate_cmd(kit: &Kit, addr: &str, disks: &[(&Path, &str)], extra: &[&str]) -> Command {
     let mut cmd = Command::new(sms_agent());
@@ -250,7 +176,7 @@ fn a_gpt_disk_with_ext4_xfs_btrfs_swap_and_lvm_arrives_identical_and_syncs() {
     let dst = image(kit.dir.path(), "dst.img", 1100 << 20);
 
     // ext4 stays mounted (GETFSMAP), XFS is read from its btrees, the rest in full.
-    let rx = Receiver::start(&kit, &[("disk0", &dst)]);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
     let out = migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &[]);
     assert!(rx.wait());
     let (plain, _) = sent(&out, "copy complete");
@@ -302,7 +228,7 @@ fn a_gpt_disk_with_ext4_xfs_btrfs_swap_and_lvm_arrives_identical_and_syncs() {
     f.sync_all().unwrap();
     drop(f);
     let changed = 16 * 4096u64;
-    let rx = Receiver::start(&kit, &[("disk0", &dst)]);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
     let out = migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &["--sync"]);
     assert!(rx.wait());
     let (_, wire) = sent(&out, "sync complete");
@@ -420,21 +346,21 @@ fn kill_9_of_either_side_resumes_without_a_wrong_byte_or_much_resending() {
     let want = std::fs::read(&src).unwrap();
     // A clean run as the yardstick.
     let clean_dst = image(kit.dir.path(), "clean.img", 256 << 20);
-    let mut rx = Receiver::start(&kit, &[("disk0", &clean_dst)]);
+    let mut rx = Receiver::disks(&kit, &[("disk0", &clean_dst)]);
     let (clean, ok) = migrate_run(&kit, &mut rx, &src, None);
     assert!(ok);
     let mut seed = 0x5eed_u64;
     for (round, sender) in [(0, true), (1, false), (2, true), (3, false)] {
         let dst = image(kit.dir.path(), &format!("dst{round}.img"), 256 << 20);
         let mut total = 0;
-        let mut rx = Receiver::start(&kit, &[("disk0", &dst)]);
+        let mut rx = Receiver::disks(&kit, &[("disk0", &dst)]);
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         // Somewhere between 20 % and 80 % of a run of about 6 s.
         let after = Duration::from_millis(1200 + seed % 3600);
         let (w, ok) = migrate_run(&kit, &mut rx, &src, Some((sender, after)));
         assert!(!ok, "the killed run must not succeed");
         total += w;
-        let mut rx = Receiver::start(&kit, &[("disk0", &dst)]);
+        let mut rx = Receiver::disks(&kit, &[("disk0", &dst)]);
         let (w, ok) = migrate_run(&kit, &mut rx, &src, None);
         assert!(ok, "the resumed run failed");
         total += w;
@@ -465,7 +391,7 @@ fn the_speed_limit_holds_within_five_percent() {
     f.write_all_at(&noise(200 << 20, 3), 0).unwrap();
     drop(f);
     let dst = image(kit.dir.path(), "dst.img", 512 << 20);
-    let rx = Receiver::start(&kit, &[("disk0", &dst)]);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
     // 40 Mbit/s = 5 MB/s: 200 MiB of random data take about 42 s. The rate is read off the
     // TCP connections over 30 s of the steady state, so start-up and the final flush (which
     // a busy machine makes slow) are not in it.

@@ -34,6 +34,7 @@ use transfer::task::{Control, Progress};
 use transfer::tls::{client_config, server_config, Identity};
 use transfer::wire::{Message, Mode};
 
+use sms_tests::procs::{Kit, Receiver};
 use tokio_rustls::rustls;
 
 type Configs = (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>);
@@ -1133,4 +1134,276 @@ fn bench_against_tar_and_rsync() {
         rep.deleted,
         ours_sync / rs_sync
     );
+}
+
+fn migrate_file(kit: &Kit, addr: &str, src: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(sms_tests::sms_agent());
+    c.args(["migrate", "--mode", "file", "--target", addr])
+        .args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/source.pem")])
+        .args(["--key", &kit.p("c/source-key.pem"), "--source-root"])
+        .arg(src)
+        .args(extra);
+    c
+}
+
+/// Regular files with a final name under `dir`.
+fn landed(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().as_bytes().starts_with(b".sms~"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_of_either_process_and_the_copy_resumes_identical() {
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    rich_tree(&src);
+    let total = resume_tree(&src.join("bulk"));
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    for kill_receiver in [false, true] {
+        let mut rx = Receiver::root(&kit, &dst);
+        // 80 Mbit/s: the bulk takes about 3.5 s, so the kill lands mid-copy.
+        let mut tx = migrate_file(&kit, &rx.addr, &src, &["--limit-mbit", "80"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        let before = landed(&dst.join("bulk/d0"));
+        while landed(&dst.join("bulk/d0")) < before + 6 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if kill_receiver {
+            rx.child.kill().unwrap();
+            assert!(
+                !tx.wait().unwrap().success(),
+                "a dead receiver fails the pass"
+            );
+        } else {
+            tx.kill().unwrap();
+            tx.wait().unwrap();
+        }
+        drop(rx);
+        // Every final name is complete: nothing half-written looks finished.
+        for e in std::fs::read_dir(dst.join("bulk/d0")).unwrap().flatten() {
+            if !e.file_name().as_bytes().starts_with(b".sms~") {
+                assert!(
+                    std::fs::read(e.path()).unwrap()
+                        == std::fs::read(src.join("bulk/d0").join(e.file_name())).unwrap(),
+                    "{} is not complete",
+                    e.path().display()
+                );
+            }
+        }
+    }
+    let rx = Receiver::root(&kit, &dst);
+    let out = migrate_file(&kit, &rx.addr, &src, &[]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("copy complete"))
+        .unwrap();
+    let resent: u64 = line
+        .split(" bytes sent")
+        .next()
+        .and_then(|h| h.rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {line}"));
+    eprintln!("after two kills: {line}");
+    assert!(resent < total, "resent {resent} of {total}: started over");
+    assert_eq!(rsync_diff_checksum(&src, &dst, &[]), "");
+    assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
+}
+
+#[test]
+fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
+    use serde_json::json;
+    use sms_tests::procs::{Agent, Emulator, AK, SK};
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    rich_tree(&src.join("a"));
+    resume_tree(&src.join("b"));
+    write(&src.join("cache/big"), &noise(1 << 20, 7));
+    write(&src.join("logs/app.log"), b"first\n");
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emu = Emulator::start();
+    let agent = Agent::start_with(
+        &emu.url(),
+        &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
+        &format!("[transfer]\nport = {port}\nstreams = 2\n"),
+        &[],
+    );
+    let t0 = Instant::now();
+    let id = loop {
+        if let Some(id) = emu.db()["sources"]
+            .as_object()
+            .and_then(|m| m.keys().next().cloned())
+        {
+            break id;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let s = |p: &str| src.join(p).display().to_string();
+    let (st, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "f", "type": "MIGRATE_FILE", "os_type": "LINUX", "source_server": {"id": id},
+            "migration_ip": "127.0.0.1",
+            "target_server": {"disks": [{"name": "vda", "size": 1u64 << 30,
+                "physical_volumes": [{"name": "vda1", "mount_point": s(""), "file_system": "ext4"}]}]},
+            "configurations": [
+                {"config_key": "MIGRATE_EXCLUDE_DIR", "config_value": s("cache")},
+                {"config_key": "SYNC_EXCLUDE_DIR", "config_value": s("logs")},
+                {"config_key": "CONSISTENCY_DIR", "config_value": format!("{},{}", s("a"), s("b"))},
+            ]})),
+    );
+    assert_eq!(st, 200, "{task}");
+    let tid = task["id"].as_str().unwrap().to_string();
+    // The receiver takes the task's target certificate.
+    let (_, ck) = emu.operator("GET", &format!("/v3/tasks/{tid}/certkey"), None);
+    for (k, f) in [
+        ("ca", "c/ca.pem"),
+        ("target_data_cert", "c/target.pem"),
+        ("target_data_private_key", "c/target-key.pem"),
+    ] {
+        std::fs::write(kit.p(f), ck[k].as_str().unwrap()).unwrap();
+    }
+    let rx = Receiver::start(
+        &kit,
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--root".into(),
+            dst.display().to_string(),
+        ],
+    );
+    let action = |op: &str| {
+        emu.operator(
+            "POST",
+            &format!("/v3/tasks/{tid}/action"),
+            Some(json!({ "operation": op })),
+        )
+    };
+    action("start");
+    let wait = |state: &str| {
+        let t0 = Instant::now();
+        loop {
+            let (_, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
+            if t["state"] == state {
+                return t;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "never {state}: {t}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let t = wait("MIGRATE_SUCCESS");
+    assert_eq!(t["sub_tasks"][0]["name"], "MIGRATE_LINUX_FILE", "{t}");
+    assert_eq!(t["sub_tasks"][0]["progress"], 100);
+    let on_target = dst.join(src.strip_prefix("/").unwrap());
+    assert_eq!(
+        rsync_diff_checksum(&src, &on_target, &["/cache", "/logs"]),
+        ""
+    );
+    assert!(
+        !on_target.join("cache").exists(),
+        "MIGRATE_EXCLUDE_DIR was copied"
+    );
+    assert!(on_target.join("logs/app.log").exists());
+    // The consistency check of both directories arrives once the pass is done.
+    let t0 = Instant::now();
+    let checks = loop {
+        let (_, c) = emu.operator("GET", &format!("/v3/tasks/{tid}/consistency-result"), None);
+        if c["consistency_result"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            break c["consistency_result"].clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no consistency result: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(checks[0]["dir_check"], s("a"), "{checks}");
+    assert_eq!(checks[1]["dir_check"], s("b"), "{checks}");
+    assert_eq!(checks[1]["num_total_files"], 63, "{checks}");
+    for c in checks.as_array().unwrap() {
+        assert_eq!(c["num_different_files"], 0, "{checks}");
+        assert_eq!(c["num_target_miss_files"], 0, "{checks}");
+        assert_eq!(c["num_target_more_files"], 0, "{checks}");
+    }
+    let j = emu.journal();
+    let reports: Vec<_> = j
+        .iter()
+        .filter(|e| e["method"] == "PUT" && e["path"].as_str().unwrap_or("").ends_with("/progress"))
+        .collect();
+    assert!(reports
+        .iter()
+        .all(|r| r["body"]["totalsize"].as_u64() > Some(0)));
+
+    // Change, delete and add; SKIP the check; SYNC.
+    write(&src.join("b/d0/f0"), &noise(256 << 10, 4242));
+    std::fs::remove_file(src.join("b/d1/f1")).unwrap();
+    write(&src.join("b/new"), b"new\n");
+    write(&src.join("logs/app.log"), b"first\nsecond\n");
+    action("skip");
+    std::thread::sleep(Duration::from_millis(1500));
+    action("sync");
+    let t = wait("SYNC_SUCCESS");
+    assert!(
+        t["sub_tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "SYNC_LINUX_FILE"),
+        "{t}"
+    );
+    assert_eq!(
+        rsync_diff_checksum(&src, &on_target, &["/cache", "/logs"]),
+        ""
+    );
+    assert_eq!(
+        std::fs::read(on_target.join("logs/app.log")).unwrap(),
+        b"first\n",
+        "SYNC_EXCLUDE_DIR was synced"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let posts = emu
+        .journal()
+        .iter()
+        .filter(|e| {
+            e["method"] == "POST"
+                && e["path"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("/consistency-result")
+        })
+        .count();
+    assert_eq!(posts, 1, "SKIP did not skip the check");
+    drop(rx);
+    drop(agent);
 }

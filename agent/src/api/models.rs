@@ -160,6 +160,53 @@ pub struct TargetServer {
     /// Target disks, each mapped to a source disk by `relation_name`.
     #[serde(default)]
     pub disks: Vec<TargetDisk>,
+    /// LVM volume groups, whose LVs carry mount points too (file mode).
+    #[serde(default)]
+    pub volume_groups: Vec<VolumeGroup>,
+}
+
+/// A volume group of `target_server`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeGroup {
+    /// VG name.
+    #[serde(default)]
+    pub name: String,
+    /// Its logical volumes.
+    #[serde(default)]
+    pub logical_volumes: Vec<Volume>,
+}
+
+/// A partition (`physical_volumes[]`) or LV (`logical_volumes[]`) of the task's layout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Device name.
+    #[serde(default)]
+    pub name: String,
+    /// Where the source has it mounted (empty when not mounted).
+    #[serde(default)]
+    pub mount_point: String,
+    /// Filesystem type.
+    #[serde(default)]
+    pub file_system: String,
+}
+
+/// Body of `GET /v3/tasks/{id}/configuration-setting`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskSettings {
+    /// The settings, in the order the service gives them.
+    #[serde(default)]
+    pub configurations: Vec<ConfigBody>,
+}
+
+/// One task setting; the value is free text the agent parses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigBody {
+    /// e.g. `MIGRATE_EXCLUDE_DIR`.
+    #[serde(default)]
+    pub config_key: String,
+    /// The value (the reference's examples send strings and numbers).
+    #[serde(default)]
+    pub config_value: serde_json::Value,
 }
 
 /// A target disk.
@@ -174,6 +221,9 @@ pub struct TargetDisk {
     /// Size in bytes.
     #[serde(default)]
     pub size: u64,
+    /// Its partitions, with their mount points (file mode).
+    #[serde(default)]
+    pub physical_volumes: Vec<Volume>,
 }
 
 /// Body of `PUT /v3/tasks/{id}/progress` (sms-api.md §6).

@@ -1,16 +1,80 @@
-//! A block pass running for the daemon on its own thread, and what the daemon reports of it:
-//! the `PUT …/progress` body (rate over the last 5 s before compression, ETA, compression,
-//! host and agent CPU, memory and disk I/O) and the speed limit in force.
+//! A block or file pass running for the daemon on its own thread, and what the daemon reports
+//! of it: the `PUT …/progress` body (rate over the last 5 s before compression, ETA,
+//! compression, host and agent CPU, memory and disk I/O) and the speed limit in force.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
-use transfer::block::{BlockError, PassReport, SendOptions, SourceDisk};
+use transfer::block::{BlockError, SendOptions, SourceDisk};
+use transfer::file::{CheckOptions, DirCheck, FileError};
 use transfer::meter::Meter;
 use transfer::session::Connector;
 use transfer::task::{Control, Progress};
+
+/// What a completed pass did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Source bytes read (block) or file bytes sent plain (file).
+    pub bytes_read: u64,
+    /// Bytes on the wire.
+    pub wire_sent: u64,
+    /// Consistency-check results to upload (file mode with `CONSISTENCY_DIR`).
+    pub checks: Vec<DirCheck>,
+    /// Why the consistency check did not run to the end (SKIP, or an error with its code).
+    pub check_note: Option<String>,
+}
+
+/// How a pass ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Every byte acknowledged durable.
+    Done(Summary),
+    /// Stopped at a checkpoint (STOP, DELETE, shutdown).
+    Cancelled,
+    /// Failed with an SMS code.
+    Failed {
+        /// SMS code.
+        code: String,
+        /// Operator-facing text.
+        message: String,
+    },
+}
+
+impl From<BlockError> for Ended {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::Cancelled => Ended::Cancelled,
+            e => Ended::Failed {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<FileError> for Ended {
+    fn from(e: FileError) -> Self {
+        match e {
+            FileError::Cancelled => Ended::Cancelled,
+            e => Ended::Failed {
+                code: e.code().to_string(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// A file pass and the consistency check to run after it.
+pub struct FileJob {
+    /// The pass.
+    pub send: transfer::file::SendOptions,
+    /// The check (`None`: no `CONSISTENCY_DIR`).
+    pub check: Option<CheckOptions>,
+    /// Used bytes of the migrated filesystems: the progress total until the walk knows better.
+    pub used_bytes: u64,
+}
 
 /// A pass in flight.
 pub struct Runner {
@@ -18,33 +82,37 @@ pub struct Runner {
     pub progress: Arc<Progress>,
     /// Cancel flag and speed-limit bucket.
     pub control: Arc<Control>,
-    /// `MIGRATE_LINUX_BLOCK` or `SYNC_LINUX_BLOCK`.
+    /// Cancel flag of the consistency check (SKIP sets it, and so does STOP).
+    pub check_control: Arc<Control>,
+    /// `MIGRATE_LINUX_BLOCK`, `SYNC_LINUX_BLOCK`, `MIGRATE_LINUX_FILE` or `SYNC_LINUX_FILE`.
     pub subtask: &'static str,
     /// Pass number.
     pub pass: u32,
-    handle: Option<std::thread::JoinHandle<Result<PassReport, BlockError>>>,
+    handle: Option<std::thread::JoinHandle<Ended>>,
     meter: Option<Meter>,
     last_done: u64,
     usage: Usage,
 }
 
 impl Runner {
-    /// Starts pass `pass` of `disks` against `connector` on a new thread.
-    pub fn start(connector: Connector, disks: Vec<SourceDisk>, opts: SendOptions) -> Self {
+    fn spawn(
+        subtask: &'static str,
+        pass: u32,
+        run: impl FnOnce(&Progress, &Control, &Control) -> Ended + Send + 'static,
+    ) -> Self {
         let progress = Arc::new(Progress::default());
         let control = Arc::new(Control::default());
-        let (p, c) = (Arc::clone(&progress), Arc::clone(&control));
-        let subtask = if opts.sync {
-            "SYNC_LINUX_BLOCK"
-        } else {
-            "MIGRATE_LINUX_BLOCK"
-        };
-        let pass = opts.pass;
-        let handle =
-            std::thread::spawn(move || transfer::block::send(&connector, &disks, &opts, &p, &c));
+        let check_control = Arc::new(Control::default());
+        let (p, c, k) = (
+            Arc::clone(&progress),
+            Arc::clone(&control),
+            Arc::clone(&check_control),
+        );
+        let handle = std::thread::spawn(move || run(&p, &c, &k));
         Self {
             progress,
             control,
+            check_control,
             subtask,
             pass,
             handle: Some(handle),
@@ -54,16 +122,80 @@ impl Runner {
         }
     }
 
+    /// Starts block pass `opts.pass` of `disks` against `connector` on a new thread.
+    pub fn start_block(connector: Connector, disks: Vec<SourceDisk>, opts: SendOptions) -> Self {
+        let subtask = if opts.sync {
+            "SYNC_LINUX_BLOCK"
+        } else {
+            "MIGRATE_LINUX_BLOCK"
+        };
+        Self::spawn(
+            subtask,
+            opts.pass,
+            move |p, c, _| match transfer::block::send(&connector, &disks, &opts, p, c) {
+                Ok(r) => Ended::Done(Summary {
+                    bytes_read: r.bytes_read,
+                    wire_sent: r.wire_sent,
+                    ..Summary::default()
+                }),
+                Err(e) => e.into(),
+            },
+        )
+    }
+
+    /// Starts file pass `pass` on a new thread, then its consistency check.
+    pub fn start_file(connector: Connector, pass: u32, job: FileJob) -> Self {
+        let subtask = if job.send.sync {
+            "SYNC_LINUX_FILE"
+        } else {
+            "MIGRATE_LINUX_FILE"
+        };
+        Self::spawn(subtask, pass, move |p, c, k| {
+            p.total.store(job.used_bytes, Ordering::Relaxed);
+            let r = match transfer::file::send(&connector, &job.send, p, c) {
+                Ok(r) => r,
+                Err(e) => return e.into(),
+            };
+            let mut sum = Summary {
+                bytes_read: r.bytes_plain,
+                wire_sent: r.bytes_sent,
+                ..Summary::default()
+            };
+            if let Some(check) = job.check.filter(|_| !k.cancelled()) {
+                p.note("consistency check running");
+                let quiet = Progress::default();
+                match transfer::file::consistency(&connector, &check, &quiet, k) {
+                    Ok(v) if !k.cancelled() => sum.checks = v,
+                    Ok(_) | Err(FileError::Cancelled) => {
+                        sum.check_note = Some("consistency check skipped".into());
+                    }
+                    Err(e) => {
+                        sum.check_note = Some(format!("SMS.1511: consistency check failed: {e}"));
+                    }
+                }
+            } else if k.cancelled() {
+                sum.check_note = Some("consistency check skipped".into());
+            }
+            if c.cancelled() {
+                return Ended::Cancelled;
+            }
+            Ended::Done(sum)
+        })
+    }
+
     /// Whether the pass has ended.
     pub fn finished(&self) -> bool {
         self.handle.as_ref().is_none_or(|h| h.is_finished())
     }
 
-    /// Waits for the pass and returns its result.
-    pub fn join(&mut self) -> Result<PassReport, BlockError> {
+    /// Waits for the pass and returns how it ended.
+    pub fn join(&mut self) -> Ended {
         match self.handle.take().map(std::thread::JoinHandle::join) {
             Some(Ok(r)) => r,
-            _ => Err(BlockError::Protocol("the transfer thread failed".into())),
+            _ => Ended::Failed {
+                code: "SMS.1908".into(),
+                message: "the transfer thread failed".into(),
+            },
         }
     }
 
@@ -252,7 +384,8 @@ pub fn apply_limit(control: &Control, rules: &[transfer::limit::Rule], utc_offse
 /// How long the daemon waits between progress reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 
-/// Marks the transfer cancelled (STOP, DELETE, shutdown).
+/// Marks the transfer and its check cancelled (STOP, DELETE, shutdown).
 pub fn cancel(r: &Runner) {
     r.control.cancel.store(true, Ordering::SeqCst);
+    r.check_control.cancel.store(true, Ordering::SeqCst);
 }

@@ -57,6 +57,7 @@ pub struct Daemon {
 struct Material {
     tls: std::sync::Arc<transfer::rustls::ClientConfig>,
     rules: Vec<transfer::limit::Rule>,
+    settings: crate::api::models::TaskSettings,
 }
 
 /// Why the main loop ended.
@@ -454,7 +455,7 @@ impl Daemon {
         }
     }
 
-    /// Plans the disks and starts pass `pass` on its own thread.
+    /// Plans the pass (disks or filesystems) and starts pass `pass` on its own thread.
     async fn launch(
         &mut self,
         task: &Task,
@@ -463,66 +464,11 @@ impl Daemon {
         material: Material,
     ) -> Result<serde_json::Value, (String, String)> {
         let task_id = task.id.clone();
-        if task.kind != "MIGRATE_BLOCK" {
-            let kind = if task.kind.is_empty() {
-                "this task type"
-            } else {
-                task.kind.as_str()
-            };
-            let msg = format!(
-                "this sms-agent build runs MIGRATE_BLOCK tasks from the daemon; {kind} is only available standalone (sms-agent migrate --mode file)"
-            );
-            return Err(self.fail_task("SMS.1908".into(), msg).await);
-        }
         if task.migration_ip.is_empty() {
             return Err(self
                 .fail_task("SMS.1807".into(), "the task has no migration_ip".into())
                 .await);
         }
-        let pairs: Vec<(String, String)> = task
-            .target_server
-            .as_ref()
-            .map(|ts| {
-                ts.disks
-                    .iter()
-                    .filter_map(|d| {
-                        let rel = d.relation_name.clone().filter(|r| !r.is_empty())?;
-                        Some((rel, d.name.clone()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if pairs.is_empty() {
-            return Err(self
-                .fail_task(
-                    "SMS.1311".into(),
-                    "the task maps no target disk to a source disk (relation_name)".into(),
-                )
-                .await);
-        }
-        let planned = tokio::task::spawn_blocking(move || {
-            let mut disks = Vec::new();
-            for (src, name) in pairs {
-                let path = if src.starts_with('/') {
-                    std::path::PathBuf::from(&src)
-                } else {
-                    std::path::PathBuf::from("/dev").join(&src)
-                };
-                let (used, notes) = crate::blockplan::used_ranges(&path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                for n in notes {
-                    tracing::info!(disk = %path.display(), "{n}");
-                }
-                disks.push(transfer::block::SourceDisk { path, name, used });
-            }
-            Ok::<_, String>(disks)
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        let disks = match planned {
-            Ok(d) => d,
-            Err(msg) => return Err(self.fail_task("SMS.1905".into(), msg).await),
-        };
         let ip = &task.migration_ip;
         let addr = if ip.contains(':') && !ip.starts_with('[') {
             format!("[{ip}]:{}", self.transfer.port)
@@ -534,14 +480,35 @@ impl Daemon {
             tls: material.tls,
             timeout: Duration::from_secs(10),
         };
-        let opts = transfer::block::SendOptions {
-            task_id: task_id.clone(),
-            pass,
-            sync,
-            streams: self.transfer.streams.max(1),
-            ..transfer::block::SendOptions::default()
+        let planned = match task.kind.as_str() {
+            "MIGRATE_BLOCK" => plan_block(task).await.map(|disks| {
+                let opts = transfer::block::SendOptions {
+                    task_id: task_id.clone(),
+                    pass,
+                    sync,
+                    streams: self.transfer.streams.max(1),
+                    ..transfer::block::SendOptions::default()
+                };
+                engine::Runner::start_block(connector, disks, opts)
+            }),
+            "MIGRATE_FILE" => {
+                let skip = self.state.task.as_ref().is_some_and(|t| t.skip_consistency);
+                self.plan_file(task, sync, skip, &material.settings)
+                    .await
+                    .map(|job| engine::Runner::start_file(connector, pass, job))
+            }
+            other => {
+                let kind = if other.is_empty() { "(none)" } else { other };
+                Err((
+                    "SMS.1908".into(),
+                    format!("unknown task type {kind}: expected MIGRATE_BLOCK or MIGRATE_FILE"),
+                ))
+            }
         };
-        let runner = engine::Runner::start(connector, disks, opts);
+        let runner = match planned {
+            Ok(r) => r,
+            Err((code, msg)) => return Err(self.fail_task(code, msg).await),
+        };
         self.rules = material.rules;
         engine::apply_limit(&runner.control, &self.rules, self.utc_offset);
         self.last_rules = Instant::now();
@@ -565,6 +532,72 @@ impl Daemon {
         self.change_state(cs, cycle).await;
         self.set_activity(if sync { "syncing" } else { "replicating" });
         Ok(json!({"task_id": task_id, "state": "running", "pass": pass}))
+    }
+
+    /// The file pass of a `MIGRATE_FILE` task: its filesystems, the excludes of the task
+    /// settings and the config, and the consistency check unless SKIP said otherwise.
+    async fn plan_file(
+        &self,
+        task: &Task,
+        sync: bool,
+        skip_check: bool,
+        settings: &crate::api::models::TaskSettings,
+    ) -> Result<engine::FileJob, (String, String)> {
+        let ts = task.target_server.clone().unwrap_or_default();
+        let sources =
+            crate::fileplan::sources(&ts).map_err(|e| ("SMS.1507".into(), e.to_string()))?;
+        let st =
+            crate::fileplan::settings(settings).map_err(|e| ("SMS.1510".into(), e.to_string()))?;
+        let mut excludes = st.excludes(sync);
+        for e in &self.transfer.exclude {
+            if !e.starts_with('/') {
+                return Err((
+                    "SMS.1510".into(),
+                    format!("config [transfer] exclude {e:?} is not an absolute path"),
+                ));
+            }
+            excludes.push(e.into());
+        }
+        for s in &sources {
+            if !s.is_dir() {
+                return Err((
+                    "SMS.1508".into(),
+                    format!(
+                        "mount point {} of the task is not a directory here",
+                        s.display()
+                    ),
+                ));
+            }
+        }
+        let for_used = sources.clone();
+        let used_bytes =
+            tokio::task::spawn_blocking(move || crate::fileplan::used_bytes(&for_used))
+                .await
+                .unwrap_or(0);
+        let check = (!st.consistency_dirs.is_empty() && !skip_check).then(|| {
+            transfer::file::CheckOptions {
+                sources: sources.clone(),
+                map_to_root: false,
+                dirs: st.consistency_dirs.clone(),
+                excludes: excludes.clone(),
+                hash_mode: st.consistency_hash,
+                task_id: task.id.clone(),
+            }
+        });
+        tracing::info!(task_id = %task.id, sources = ?sources, excludes = excludes.len(), used_bytes, check = check.is_some(), "file pass planned");
+        Ok(engine::FileJob {
+            send: transfer::file::SendOptions {
+                sources,
+                map_to_root: false,
+                excludes,
+                streams: self.transfer.streams.max(1),
+                sync,
+                hash_mode: false,
+                task_id: task.id.clone(),
+            },
+            check,
+            used_bytes,
+        })
     }
 
     /// Reports progress every 5 s, re-reads the speed limits every minute, and finishes the
@@ -604,7 +637,7 @@ impl Daemon {
             return;
         }
         let result = if finished { Some(r.join()) } else { None };
-        let ok = matches!(result, Some(Ok(_)));
+        let ok = matches!(result, Some(engine::Ended::Done(_)));
         let (body, (done, total, rate, eta)) = r.report(self.utc_offset, ok);
         let sync = r.subtask.starts_with("SYNC");
         self.last_report = Instant::now();
@@ -613,7 +646,7 @@ impl Daemon {
         self.status.rate = rate;
         self.status.eta_secs = eta;
         let path = format!("/v3/tasks/{task_id}/progress");
-        if !matches!(result, Some(Err(_))) {
+        if !matches!(result, Some(engine::Ended::Failed { .. })) {
             if let Err(e) = self
                 .api
                 .send::<_, serde_json::Value>(Method::PUT, &path, &body)
@@ -624,10 +657,15 @@ impl Daemon {
         }
         let _ = self.publish();
         match result {
-            None => {}
-            Some(Ok(rep)) => {
+            None | Some(engine::Ended::Cancelled) => {
+                if result.is_some() {
+                    self.runner = None;
+                }
+            }
+            Some(engine::Ended::Done(sum)) => {
                 self.runner = None;
-                tracing::info!(task_id = %task_id, sync, bytes_read = rep.bytes_read, wire = rep.wire_sent, "pass complete");
+                tracing::info!(task_id = %task_id, sync, bytes_read = sum.bytes_read, wire = sum.wire_sent, "pass complete");
+                self.upload_checks(&task_id, &sum).await;
                 if let Some(t) = self.state.task.as_mut() {
                     t.phase = Phase::Syncing;
                 }
@@ -637,14 +675,36 @@ impl Daemon {
                     .await;
                 self.set_activity("pass complete; waiting for SYNC");
             }
-            Some(Err(transfer::block::BlockError::Cancelled)) => {
+            Some(engine::Ended::Failed { code, message }) => {
                 self.runner = None;
+                tracing::error!(task_id = %task_id, error_code = %code, "pass failed: {message}");
+                self.fail_task(code, message).await;
             }
-            Some(Err(e)) => {
-                self.runner = None;
-                tracing::error!(task_id = %task_id, error = %e, "pass failed");
-                self.fail_task(e.code(), e.to_string()).await;
-            }
+        }
+    }
+
+    /// Uploads a pass's consistency-check results (at most 30, as the service takes them).
+    async fn upload_checks(&mut self, task_id: &str, sum: &engine::Summary) {
+        if let Some(n) = &sum.check_note {
+            tracing::warn!(task_id, "{n}");
+        }
+        if sum.checks.is_empty() {
+            return;
+        }
+        let entries: Vec<_> = sum
+            .checks
+            .iter()
+            .take(crate::fileplan::MAX_CHECK_DIRS)
+            .collect();
+        let body = json!({ "consistency_result": entries });
+        let path = format!("/v3/tasks/{task_id}/consistency-result");
+        match self
+            .api
+            .send::<_, serde_json::Value>(Method::POST, &path, &body)
+            .await
+        {
+            Ok(_) => tracing::info!(task_id, dirs = entries.len(), "consistency result uploaded"),
+            Err(e) => tracing::warn!(task_id, error = %e, "consistency result not uploaded"),
         }
     }
 
@@ -716,7 +776,7 @@ impl Daemon {
                     format!("speed limits not obtained: {e}"),
                 )
             })?;
-        let _: serde_json::Value = self
+        let settings: crate::api::models::TaskSettings = self
             .api
             .get(&format!("/v3/tasks/{task_id}/configuration-setting"), &[])
             .await
@@ -742,7 +802,11 @@ impl Daemon {
             speed_rules = limits.speed_limit.len(),
             "task material fetched"
         );
-        Ok(Material { tls, rules })
+        Ok(Material {
+            tls,
+            rules,
+            settings,
+        })
     }
 
     /// Stops a running pass at its next checkpoint and waits for it.
@@ -784,6 +848,12 @@ impl Daemon {
     fn skip(&mut self) -> Result<serde_json::Value, (String, String)> {
         if let Some(t) = self.state.task.as_mut() {
             t.skip_consistency = true;
+        }
+        // A check under way stops; the pass itself goes on.
+        if let Some(r) = self.runner.as_ref() {
+            r.check_control
+                .cancel
+                .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         let _ = self.save();
         Ok(json!({"state": "consistency check skipped"}))
@@ -876,4 +946,47 @@ fn fingerprint(body: &PostSourceServerBody) -> String {
         .collect();
     let v = json!({"d": disks, "v": vgs, "b": btrfs});
     crate::api::sign::sha256_hex(v.to_string().as_bytes())
+}
+
+/// The source disks of a `MIGRATE_BLOCK` task and their used ranges.
+async fn plan_block(task: &Task) -> Result<Vec<transfer::block::SourceDisk>, (String, String)> {
+    let pairs: Vec<(String, String)> = task
+        .target_server
+        .as_ref()
+        .map(|ts| {
+            ts.disks
+                .iter()
+                .filter_map(|d| {
+                    let rel = d.relation_name.clone().filter(|r| !r.is_empty())?;
+                    Some((rel, d.name.clone()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if pairs.is_empty() {
+        return Err((
+            "SMS.1311".into(),
+            "the task maps no target disk to a source disk (relation_name)".into(),
+        ));
+    }
+    tokio::task::spawn_blocking(move || {
+        let mut disks = Vec::new();
+        for (src, name) in pairs {
+            let path = if src.starts_with('/') {
+                std::path::PathBuf::from(&src)
+            } else {
+                std::path::PathBuf::from("/dev").join(&src)
+            };
+            let (used, notes) = crate::blockplan::used_ranges(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            for n in notes {
+                tracing::info!(disk = %path.display(), "{n}");
+            }
+            disks.push(transfer::block::SourceDisk { path, name, used });
+        }
+        Ok::<_, String>(disks)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+    .map_err(|msg| ("SMS.1905".into(), msg))
 }

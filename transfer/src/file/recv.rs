@@ -491,6 +491,14 @@ impl Ctl {
                             Err(e) => self.warn("metadata not applied", path, &e),
                         }
                     }
+                    // A partial left by an interrupted pass is of no use any more.
+                    if let Some(pn) = partial_name(name).filter(|_| m.size >= DELTA_MIN) {
+                        let _ = nix::unistd::unlinkat(
+                            Some(pfd.as_raw_fd()),
+                            std::ffi::OsStr::from_bytes(&pn),
+                            UnlinkatFlags::NoRemoveDir,
+                        );
+                    }
                     return Ok(());
                 }
                 if m.size >= DELTA_MIN {
@@ -696,6 +704,12 @@ impl Ctl {
         let mut extra = 0u64;
         for n in present {
             if names.contains(&n) || n.starts_with(&mine) {
+                continue;
+            }
+            // The partial of a listed file is this session's to write or to diff against.
+            if n.strip_prefix(PARTIAL_PREFIX)
+                .is_some_and(|f| names.contains(f))
+            {
                 continue;
             }
             if stale_only && !n.starts_with(TEMP_PREFIX) {
@@ -909,6 +923,10 @@ impl Current {
     fn keep_partial(&self) {
         if self.meta.size >= DELTA_MIN {
             if let Some(pn) = partial_name(&self.name) {
+                if self.temp == pn {
+                    self.unlink(&self.base);
+                    return;
+                }
                 let kept = nix::fcntl::renameat(
                     Some(self.pfd.as_raw_fd()),
                     std::ffi::OsStr::from_bytes(&self.temp),
@@ -961,8 +979,24 @@ fn data_stream(
                     .open(parent(&path))
                     .map_err(|e| FileError::target(&path, e))?;
                 seq += 1;
-                let mut temp = prefix.clone();
-                temp.extend_from_slice(seq.to_string().as_bytes());
+                // A large file is written under its partial name from the start, so that
+                // what arrived survives even a kill -9 of this process and the next session
+                // diffs against it (the Need of this entry moved any older partial aside).
+                let temp = match partial_name(&name).filter(|_| meta.size >= DELTA_MIN) {
+                    Some(pn) => {
+                        let _ = nix::unistd::unlinkat(
+                            Some(pfd.as_raw_fd()),
+                            std::ffi::OsStr::from_bytes(&pn),
+                            UnlinkatFlags::NoRemoveDir,
+                        );
+                        pn
+                    }
+                    None => {
+                        let mut t = prefix.clone();
+                        t.extend_from_slice(seq.to_string().as_bytes());
+                        t
+                    }
+                };
                 let fd = sys::openat(
                     pfd.as_fd(),
                     &temp,
