@@ -5,3 +5,4 @@ pub mod blockplan;
 pub mod config;
 pub mod daemon;
 pub mod fileplan;
+pub mod freeze;

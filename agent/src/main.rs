@@ -73,6 +73,16 @@ enum Command {
     /// Print the man page (roff) on stdout.
     #[command(hide = true)]
     Manpage,
+    /// Internal: thaws the given mount points at the deadline or when stdin closes (started
+    /// by `migrate --freeze`, so a frozen filesystem outlives no crash of the agent).
+    #[command(hide = true)]
+    ThawGuard {
+        /// Milliseconds until the thaw, at most 30,000.
+        #[arg(long)]
+        within_ms: u64,
+        /// Mount points.
+        mounts: Vec<std::path::PathBuf>,
+    },
 }
 
 fn init_logging(verbose: u8) {
@@ -103,6 +113,10 @@ fn main() -> ExitCode {
         Command::Status(args) => run_cmd::status(&args),
         Command::Receive(args) => transfer_cmd::receive(&args),
         Command::Migrate(args) => transfer_cmd::migrate(&args),
+        Command::ThawGuard { within_ms, mounts } => {
+            sms_agent::freeze::guard_main(std::time::Duration::from_millis(within_ms), &mounts)
+                .map_err(anyhow::Error::from)
+        }
         Command::Certs { out, target_names } => transfer::certs::generate(&out, &target_names)
             .map(|paths| {
                 for p in paths {

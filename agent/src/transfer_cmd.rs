@@ -102,6 +102,16 @@ pub struct MigrateArgs {
     /// that sends only what changed and verifies the target against the source.
     #[arg(long)]
     sync: bool,
+    /// Block mode, with --sync: freeze the source disks' mounted filesystems (FIFREEZE) for
+    /// a final sync pass, so the target is crash-consistent. Writes on them stall while frozen;
+    /// they are thawed within 30 s whatever happens (a guard process thaws at the deadline or
+    /// when this one dies). The frozen pass reads every used block, so it fits the window only
+    /// for disks that read in under 30 s; when it does not, migrate fails and says so.
+    #[arg(long, requires = "sync")]
+    freeze: bool,
+    /// Freeze window in seconds (at most 30).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, hide = true)]
+    freeze_secs: f64,
     /// Parallel data streams.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     streams: u16,
@@ -283,45 +293,103 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
     if a.disks.is_empty() {
         bail!("block mode needs at least one --disk SRC=NAME");
     }
-    let mut disks = Vec::new();
+    let mut sources = Vec::new();
     for d in &a.disks {
         let (src, name) = split_pair(d, "SRC=NAME")?;
-        let path = PathBuf::from(&src);
-        let (used, notes) = sms_agent::blockplan::used_ranges(&path)
-            .with_context(|| format!("SMS.1905: cannot read {src}"))?;
-        for n in &notes {
-            tracing::info!(disk = %src, "{n}");
-        }
-        disks.push(transfer::block::SourceDisk { path, name, used });
+        sources.push((PathBuf::from(src), name));
     }
-    let passes: &[(u32, bool)] = if a.sync {
-        &[(0, false), (1, true)]
-    } else {
-        &[(0, false)]
+    let plan = || -> anyhow::Result<Vec<transfer::block::SourceDisk>> {
+        let mut disks = Vec::new();
+        for (path, name) in &sources {
+            let (used, notes) = sms_agent::blockplan::used_ranges(path)
+                .with_context(|| format!("SMS.1905: cannot read {}", path.display()))?;
+            for n in &notes {
+                tracing::info!(disk = %path.display(), "{n}");
+            }
+            disks.push(transfer::block::SourceDisk {
+                path: path.clone(),
+                name: name.clone(),
+                used,
+            });
+        }
+        Ok(disks)
     };
-    for &(pass, sync) in passes {
+    let mut disks = plan()?;
+    // (pass, sync, frozen): with --freeze, an unfrozen sync first catches up, so that the
+    // frozen one has little left to send.
+    let passes: &[(u32, bool, bool)] = match (a.sync, a.freeze) {
+        (true, true) => &[(0, false, false), (1, true, false), (2, true, true)],
+        (true, false) => &[(0, false, false), (1, true, false)],
+        _ => &[(0, false, false)],
+    };
+    let last = passes.len() - 1;
+    for (i, &(pass, sync, frozen)) in passes.iter().enumerate() {
         let opts = transfer::block::SendOptions {
             task_id: a.task_id.clone(),
             pass,
             sync,
-            more: a.sync && !sync,
+            more: i < last,
             streams: a.streams,
             checkpoint_every: Duration::from_secs_f64(a.checkpoint_secs.clamp(0.05, 600.0)),
             ..transfer::block::SendOptions::default()
         };
+        let freeze = if frozen {
+            let mounts: Vec<PathBuf> = sources
+                .iter()
+                .flat_map(|(p, _)| sms_agent::freeze::mounted_on(p))
+                .collect();
+            let window = Duration::from_secs_f64(a.freeze_secs.clamp(0.1, 30.0));
+            let f = sms_agent::freeze::Frozen::freeze(&mounts, window)
+                .context("--freeze: the final pass cannot be made consistent")?;
+            println!(
+                "frozen for at most {:.0} s: {}",
+                window.as_secs_f64(),
+                if mounts.is_empty() {
+                    "(no mounted filesystem on these disks)".to_string()
+                } else {
+                    mounts
+                        .iter()
+                        .map(|m| m.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+            // What the filesystems use now, frozen, is what the target must hold.
+            disks = plan()?;
+            Some((f, Instant::now()))
+        } else {
+            None
+        };
         let label = if sync { "sync" } else { "copy" };
         let r = with_progress(label, |p| {
             transfer::block::send(connector, &disks, &opts, p, control)
-        })?;
-        let secs = r.elapsed.as_secs_f64().max(1e-9);
-        #[allow(clippy::cast_precision_loss)]
-        let rate = r.bytes_read as f64 / secs / 1e6;
-        println!(
-            "{label} complete: {} chunks ({} resumed), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
-            r.chunks, r.chunks_resumed, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate
-        );
+        });
+        if let Some((f, at)) = freeze {
+            let within = f.thaw();
+            println!("thawed after {:.1} s", at.elapsed().as_secs_f64());
+            let r = r?;
+            anyhow::ensure!(
+                within,
+                "--freeze: the frozen pass took {:.1} s, longer than the window; the filesystems were thawed at the deadline, so the target is complete but not crash-consistent. Run `migrate --sync --freeze` again: it sends only what changed ({} bytes this time)",
+                r.elapsed.as_secs_f64(),
+                r.wire_sent
+            );
+            print_block(label, &r);
+        } else {
+            print_block(label, &r?);
+        }
     }
     Ok(())
+}
+
+fn print_block(label: &str, r: &transfer::block::PassReport) {
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    #[allow(clippy::cast_precision_loss)]
+    let rate = r.bytes_read as f64 / secs / 1e6;
+    println!(
+        "{label} complete: {} chunks ({} resumed), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
+        r.chunks, r.chunks_resumed, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate
+    );
 }
 
 fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> anyhow::Result<()> {

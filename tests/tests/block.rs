@@ -632,3 +632,170 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     );
     drop(agent);
 }
+
+/// Appends to a file on `dir` and fsyncs, over and over, recording when each write returned
+/// (writes stall while the filesystem is frozen).
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Self {
+        use std::io::Write;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, d) = (stop.clone(), done.clone());
+        let path = dir.join("log");
+        let handle = std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let mut n = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                writeln!(f, "line {n}").unwrap();
+                f.sync_data().unwrap();
+                d.lock().unwrap().push(Instant::now());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self {
+            stop,
+            done,
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits until a write returns after `t`; how long after `t` that was.
+    fn resumed_after(&self, t: Instant, within: Duration) -> Option<Duration> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(w) = self.done.lock().unwrap().iter().find(|w| **w > t) {
+                return Some(*w - t);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+/// Spawns migrate and returns it with its stdout lines, once a line starting `frozen` shows.
+fn migrate_until_frozen(
+    kit: &Kit,
+    addr: &str,
+    dev: &Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    Instant,
+) {
+    use std::io::BufRead;
+    let mut child = migrate_cmd(kit, addr, &[(dev, "disk0")], extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    loop {
+        let l = rx.recv_timeout(Duration::from_secs(120)).unwrap();
+        if l.starts_with("frozen") {
+            return (child, rx, Instant::now());
+        }
+    }
+}
+
+#[test]
+fn freeze_makes_the_last_pass_consistent_and_always_thaws() {
+    let kit = Kit::new();
+    let mut disk = LoopDisk::new(256);
+    run("mkfs.ext4", &["-q", disk.path()]);
+    let dev = disk.dev.clone();
+    let m = disk.mount(&dev, "m", None);
+    std::fs::write(m.join("data"), noise(40 << 20, 11)).unwrap();
+    run("sync", &[]);
+    let writer = Writer::start(&m);
+    let dst = image(kit.dir.path(), "dst.img", 256 << 20);
+
+    // A clean run: the frozen pass comes last and the target needs no journal recovery.
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&dev, "disk0")], &["--sync", "--freeze"]);
+    assert!(rx.wait());
+    assert!(
+        out.contains(&format!("frozen for at most 30 s: {}", m.display())),
+        "{out}"
+    );
+    assert!(out.contains("thawed after"), "{out}");
+    run("e2fsck", &["-fn", dst.to_str().unwrap()]);
+    let t = LoopDisk::attach(&dst);
+    let tm = tempfile::tempdir().unwrap();
+    run(
+        "mount",
+        &["-o", "ro", t.path(), tm.path().to_str().unwrap()],
+    );
+    let got_log = std::fs::read(tm.path().join("log")).unwrap();
+    let got_data = std::fs::read(tm.path().join("data")).unwrap();
+    run("umount", &[tm.path().to_str().unwrap()]);
+    drop(t);
+    assert!(got_data == noise(40 << 20, 11), "data differs");
+    let src_log = std::fs::read(m.join("log")).unwrap();
+    assert!(
+        !got_log.is_empty() && src_log.starts_with(&got_log),
+        "the target's log is not a prefix of the source's"
+    );
+
+    // The frozen pass outlives a 2 s window (the receiver is stopped): the guard thaws at
+    // the deadline while migrate still waits, and migrate then fails saying so.
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let pid = nix::unistd::Pid::from_raw(rx.child.id() as i32);
+    let (child, _lines, frozen) = migrate_until_frozen(
+        &kit,
+        &rx.addr,
+        &dev,
+        &["--sync", "--freeze", "--freeze-secs", "2"],
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let gap = writer
+        .resumed_after(frozen + Duration::from_millis(50), Duration::from_secs(20))
+        .expect("writes never resumed");
+    assert!(gap < Duration::from_secs(6), "thawed only after {gap:?}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "an overrun window must fail migrate");
+    drop(rx);
+
+    // kill -9 of migrate while frozen: the guard thaws at once, not after 30 s.
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let pid = nix::unistd::Pid::from_raw(rx.child.id() as i32);
+    let (mut child, _lines, _) =
+        migrate_until_frozen(&kit, &rx.addr, &dev, &["--sync", "--freeze"]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gap = writer
+        .resumed_after(killed, Duration::from_secs(40))
+        .expect("writes never resumed");
+    assert!(gap < Duration::from_secs(5), "thawed only after {gap:?}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    drop(rx);
+    writer.stop();
+}
