@@ -691,6 +691,7 @@ impl Writer {
 }
 
 /// Spawns migrate and returns it with its stdout lines, once a line starting `frozen` shows.
+#[allow(clippy::zombie_processes)] // the caller waits for it
 fn migrate_until_frozen(
     kit: &Kit,
     addr: &str,
@@ -764,7 +765,7 @@ fn freeze_makes_the_last_pass_consistent_and_always_thaws() {
     // The frozen pass outlives a 2 s window (the receiver is stopped): the guard thaws at
     // the deadline while migrate still waits, and migrate then fails saying so.
     let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
-    let pid = nix::unistd::Pid::from_raw(rx.child.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(rx.child.id().cast_signed());
     let (child, _lines, frozen) = migrate_until_frozen(
         &kit,
         &rx.addr,
@@ -783,7 +784,7 @@ fn freeze_makes_the_last_pass_consistent_and_always_thaws() {
 
     // kill -9 of migrate while frozen: the guard thaws at once, not after 30 s.
     let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
-    let pid = nix::unistd::Pid::from_raw(rx.child.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(rx.child.id().cast_signed());
     let (mut child, _lines, _) =
         migrate_until_frozen(&kit, &rx.addr, &dev, &["--sync", "--freeze"]);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
