@@ -1,11 +1,503 @@
-#!/bin/sh
-# File-level benchmark of issue 5: 100,000 files of 1–64 KiB plus four 256 MiB files, sms-agent's
-# file engine (mutual TLS over loopback, 4 streams) against `tar c | tar x` and `rsync -a` on the
-# same machine, then a sync after 1 % of the files changed and 1 % were deleted.
-# Usage: bench/file.sh [FILES]   (root; needs rsync and tar; drops the page cache between runs)
-# Note: tar and rsync run locally (no ssh); over ssh (aes128-gcm) both would be slower still.
-set -eu
-cd "$(dirname "$0")/.."
-command -v rsync >/dev/null || apt-get install -y rsync
-SMS_BENCH_FILES="${1:-100000}" exec cargo test --release -p sms-tests --test file \
-    bench_against_tar_and_rsync -- --ignored --nocapture
+#!/usr/bin/env bash
+# File-level migration benchmark (issue 5): `sms-agent migrate --mode file` → `sms-agent receive`
+# (mutual TLS over loopback) against the tools an operator would use instead, over ssh
+# (aes128-gcm@openssh.com, a private sshd on 127.0.0.1), all in one run on one dataset:
+# FILES files of 1-64 KiB (half random, half log-like text) in 500 directories, plus four
+# 256 MiB random files.
+#   1. full copy into an empty directory:  ours vs `tar c | ssh 'tar x'` vs `rsync -a` over ssh
+#   2. sync after 1 % of the small files were rewritten and 1 % deleted:
+#      ours (`migrate --sync`, a fresh receiver) vs `rsync -a --delete` over ssh, each into its
+#      own destination of scenario 1
+# Every run starts with a cold page cache and ends when the target is flushed (`sync -f`); CPU
+# seconds (user+sys, both sides; the far side of ssh is everything the private sshd reaped,
+# sshd's crypto included) and peak RSS are recorded. Every destination is verified before its
+# figure counts: `rsync -a --delete --dry-run --itemize-changes` must list nothing (names,
+# types, sizes, mtimes, modes, owners; nanoseconds for ours and rsync, seconds for tar, whose
+# default format keeps no more) and `diff -rq` must find no content difference.
+# Goals: full copy ours / rsync <= 0.5, sync ours / rsync <= 0.5.
+#
+# Usage: sudo bench/file.sh [FILES]   (default 100000)
+#   With 100,000 files the dataset is about 4.3 GB, and up to four copies of it exist at once
+#   (source, three destinations): 5 × the dataset must be free where WORK goes.
+# Environment (all optional):
+#   BIG_MIB              size of each of the four large files (default 256)
+#   RUNS                 runs of each copy in scenario 1 (default 1; the median counts; the
+#                        order rotates each round; scenario 2 runs once, as a sync changes its
+#                        target)
+#   CHANGE_PCT, DELETE_PCT   share of the small files rewritten / deleted (default 1 and 1)
+#   BENCH_TMPDIR         where the trees go (default $TMPDIR or /tmp)
+#   RESULTS_DIR          where the JSON goes (default bench/results)
+#   NO_BUILD=1           skip `cargo build --release -p sms-agent`
+#   SMS_AGENT_BIN        use this sms-agent binary (implies NO_BUILD)
+#   RECEIVE_ARGS, MIGRATE_ARGS   extra arguments for our commands (word-split)
+# Output: a table on stdout and bench/results/file-DATE.json. Exit status 1 when a run failed or
+# the build failed; when sms-agent has no receive/migrate yet, only the baselines are measured
+# (said so loudly) and the exit status is 0.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+
+FILES=100000
+for arg in "$@"; do
+  case $arg in
+    -h | --help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *[!0-9]* | '') die "unknown argument: $arg (usage: $0 [FILES])" ;;
+    *) FILES=$arg ;;
+  esac
+done
+((FILES >= 100)) || die "FILES must be at least 100"
+BIG_MIB=${BIG_MIB:-256}
+RUNS=${RUNS:-1}
+CHANGE_PCT=${CHANGE_PCT:-1}
+DELETE_PCT=${DELETE_PCT:-1}
+BIG_BYTES=$((BIG_MIB * 1048576))
+human() { awk -v b="$1" 'BEGIN {if (b >= 1073741824) printf "%.4gGiB\n", b / 1073741824; else printf "%.4gMiB\n", b / 1048576}'; }
+# Scenario labels, as the table shows them; the index is what the code uses.
+SCN=("" "1:copy-${FILES}files+4x${BIG_MIB}MiB" "2:sync-${CHANGE_PCT}%changed-${DELETE_PCT}%deleted")
+OURS_TOOL=sms-agent
+TAR_TOOL="tar|ssh"
+RSYNC_TOOL="rsync -a"
+RSYNC_SYNC_TOOL="rsync -a --delete"
+
+need_root
+ensure_tools /usr/sbin/sshd=openssh-server ssh=openssh-client ssh-keygen=openssh-client \
+  rsync=rsync tar=tar /usr/bin/time=time openssl=openssl python3=python3 diff=diffutils \
+  ss=iproute2 pgrep=procps
+
+WORK=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/sms-file-bench.XXXXXX")
+SSHD_PID=
+cleanup() {
+  set +e
+  bg_kill_all
+  [[ -n $SSHD_PID ]] && kill_tree "$SSHD_PID"
+  wait 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+mkdir -p "$WORK/run" "$WORK/ok"
+SRC=$WORK/src
+
+# --- space: the small files average 32.5 KiB; the source and three destinations exist at once
+# (plus directories and the receiver's partial files). Ask for 5 × the dataset, and the inodes.
+DATA_EST=$((FILES * 33280 + 4 * BIG_BYTES))
+AVAIL=$(df -B1 --output=avail "$WORK" | tail -n 1)
+if ((AVAIL < 5 * DATA_EST)); then
+  die "$(dirname "$WORK") has $(human "$AVAIL") free; the run needs 5 × $(human "$DATA_EST") = $(human $((5 * DATA_EST))) (fewer FILES, smaller BIG_MIB or BENCH_TMPDIR elsewhere)"
+fi
+IFREE=$(df --output=iavail "$WORK" | tail -n 1)
+if [[ $IFREE =~ ^[0-9]+$ ]] && ((IFREE < 5 * (FILES + 1000))); then
+  die "$(dirname "$WORK") has $IFREE free inodes; the run needs $((5 * (FILES + 1000)))"
+fi
+
+# --- our binary: build it, then check it has the commands (another engineer may still be
+# writing them; then the baselines are measured alone).
+BUILD_FAILED=0
+OURS_WHY=
+if [[ -n ${SMS_AGENT_BIN:-} ]]; then
+  BIN=$SMS_AGENT_BIN
+else
+  TARGET_DIR=${CARGO_TARGET_DIR:-target}
+  [[ $TARGET_DIR == /* ]] || TARGET_DIR=$REPO/$TARGET_DIR
+  BIN=$TARGET_DIR/release/sms-agent
+  if [[ ${NO_BUILD:-0} != 1 ]]; then
+    log "cargo build --release -p sms-agent"
+    build=(cargo build --release -q -p sms-agent)
+    if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+      # Build as the user who ran sudo (their toolchain, no root-owned files in target/).
+      envs=()
+      [[ -n ${CARGO_TARGET_DIR:-} ]] && envs+=("CARGO_TARGET_DIR=$CARGO_TARGET_DIR")
+      # shellcheck disable=SC2016 # expanded by the inner (login) shell
+      sudo -u "$SUDO_USER" -H env "${envs[@]}" bash -lc 'cd "$1" && shift && "$@"' _ "$REPO" "${build[@]}" \
+        || BUILD_FAILED=1
+    else
+      command -v cargo >/dev/null || PATH=$HOME/.cargo/bin:$PATH
+      "${build[@]}" || BUILD_FAILED=1
+    fi
+    ((BUILD_FAILED == 0)) || OURS_WHY="cargo build --release -p sms-agent failed"
+  fi
+fi
+RECV_HELP='' MIGR_HELP=''
+has_flag() { grep -q -- "$2" <<<"$1"; } # has_flag HELP_TEXT --flag
+if [[ -z $OURS_WHY ]]; then
+  if [[ ! -x $BIN ]]; then
+    OURS_WHY="$BIN does not exist"
+  elif ! MIGR_HELP=$("$BIN" migrate --help 2>&1) || ! RECV_HELP=$("$BIN" receive --help 2>&1) \
+    || ! has_flag "$MIGR_HELP" --source-root || ! has_flag "$RECV_HELP" --root; then
+    OURS_WHY="$BIN has no file mode in 'migrate'/'receive' yet"
+  elif ! "$BIN" certs --out "$WORK/certs" --target-name 127.0.0.1 >/dev/null; then
+    OURS_WHY="'sms-agent certs --out DIR --target-name 127.0.0.1' failed"
+  fi
+fi
+if [[ -z $OURS_WHY ]]; then
+  OURS=1
+  CERTS=$WORK/certs
+  has_flag "$RECV_HELP" --once || warn "receive --help shows no --once; the receiver is stopped after each run"
+  has_flag "$RECV_HELP" --state-dir || warn "receive --help shows no --state-dir; its default state dir is used"
+  has_flag "$MIGR_HELP" --sync || warn "migrate --help shows no --sync; scenario 2 measures rsync only"
+  log "ours: $BIN ($("$BIN" --version 2>/dev/null || echo '?'))"
+else
+  OURS=0
+  warn "=================================================================================="
+  warn "NOT MEASURING OURS: $OURS_WHY."
+  warn "Only the baselines run; the sms-agent rows say SKIPPED."
+  warn "=================================================================================="
+fi
+read -ra RECEIVE_EXTRA <<<"${RECEIVE_ARGS:-}"
+read -ra MIGRATE_EXTRA <<<"${MIGRATE_ARGS:-}"
+
+start_sshd "$WORK/ssh"
+log "private sshd on 127.0.0.1:$SSH_PORT (pid $SSHD_PID)"
+
+# ------------------------------------------------------------------------------------------
+# Helpers for the runs
+
+# rand_file PATH BYTES: incompressible data, fast (AES-CTR keystream with a random key).
+rand_file() {
+  { openssl enc -aes-128-ctr -K "$(openssl rand -hex 16)" -iv "$(openssl rand -hex 16)" </dev/zero 2>/dev/null || true; } \
+    | head -c "$2" >"$1"
+  [[ $(stat -c %s "$1") -eq $2 ]] || die "could not write $2 bytes of random data to $1"
+}
+
+# gen_tree DIR FILES: FILES files of 1-64 KiB in 500 directories (d00/s00 .. d19/s24), every
+# other one random, the others slices of a log-like text (compressible, as real small files
+# often are), in one process; prints the bytes written.
+gen_tree() {
+  python3 - "$1" "$2" <<'EOP'
+import os, random, sys
+root, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(42)
+corpus = "".join(
+    f"2024-05-{1 + j % 28:02} {j % 24:02}:{j % 60:02}:{j * 7 % 60:02} INFO worker-{j % 16} "
+    f"GET /api/v1/items/{rng.randrange(10**6)} status={rng.choice((200, 200, 200, 304, 404, 500))} "
+    f"bytes={rng.randrange(100000)} ms={rng.randrange(900)}\n" for j in range(60000)).encode()
+total = 0
+for i in range(n):
+    k = i % 500
+    d = f"{root}/d{k // 25:02}/s{k % 25:02}"
+    if i < 500:
+        os.makedirs(d, exist_ok=True)
+    size = rng.randint(1024, 65536)
+    if i % 2:
+        data = os.urandom(size)
+    else:
+        o = rng.randrange(len(corpus) - size)
+        data = corpus[o:o + size]
+    with open(f"{d}/f{i:06}", "wb") as f:
+        f.write(data)
+    total += size
+print(total)
+EOP
+}
+
+# change_tree DIR CHANGE_PCT DELETE_PCT: rewrite CHANGE_PCT % of the small files with new
+# contents of a new size (so a new mtime too) and delete another DELETE_PCT %; prints
+# "CHANGED CHANGED_BYTES DELETED".
+change_tree() {
+  python3 - "$1" "$2" "$3" <<'EOP'
+import os, random, sys
+root, cpct, dpct = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+rng = random.Random(7)
+small = []
+for dirpath, dirs, names in os.walk(root):
+    dirs.sort()
+    if os.path.relpath(dirpath, root).startswith("big"):
+        continue
+    small += [os.path.join(dirpath, x) for x in sorted(names)]
+nc, nd = max(1, int(len(small) * cpct / 100)), max(1, int(len(small) * dpct / 100))
+picked = rng.sample(small, nc + nd)
+changed = 0
+for p in picked[:nc]:
+    size = rng.randint(1024, 65536)
+    with open(p, "wb") as f:
+        f.write(os.urandom(size))
+    changed += size
+for p in picked[nc:]:
+    os.unlink(p)
+print(nc, changed, nd)
+EOP
+  sync -f "$1"
+}
+
+# rundir NAME: a new directory for one run's logs (shown when the run fails).
+rundir() { mktemp -d "$WORK/run/$1.XXXX" | tee "$WORK/rundir"; }
+
+# A reason for the row when a run fails: `fail TEXT` records it and fails the run.
+fail() {
+  echo "$*" >"$WORK/why"
+  return 1
+}
+# log_tail FILE: the last error line of a log (else its last lines), colours stripped, on one
+# line, for a failure note.
+log_tail() {
+  local text
+  text=$(sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null) || return 0
+  { grep -i 'error' <<<"$text" | tail -n 1 | grep . || tail -n 3 <<<"$text"; } | tr '\n\t' '  ' | cut -c1-300
+}
+
+# verify DST RUNDIR [MODIFY_WINDOW]: DST equals SRC. rsync's dry run lists every difference of
+# names, types, sizes, mtimes, modes and owners (and anything extra on the target, such as a
+# receiver's partial file); MODIFY_WINDOW -1 compares mtimes to the nanosecond, 0 to the second.
+# diff -rq compares all contents.
+verify() {
+  local dst=$1 d=$2 window=${3:--1}
+  rsync -a --delete --dry-run --itemize-changes --modify-window="$window" "$SRC/" "$dst/" \
+    >"$d/verify-meta.log" 2>&1 || fail "verify: rsync --dry-run failed: $(log_tail "$d/verify-meta.log")"
+  [[ ! -s $d/verify-meta.log ]] \
+    || fail "target differs from the source ($(wc -l <"$d/verify-meta.log") entries, rsync -ani): $(head -n 3 "$d/verify-meta.log" | tr '\n' ' ')"
+  diff -rq --no-dereference "$SRC" "$dst" >"$d/verify-data.log" 2>&1 \
+    || fail "target contents differ from the source (diff -rq): $(head -n 3 "$d/verify-data.log" | tr '\n' ' ')"
+}
+
+# bench IDX TOOL FUNC ARGS...: one run in a subshell; a failure becomes a FAILED row (with the
+# reason), whatever it left running is killed, and the benchmark goes on.
+bench() {
+  local idx=$1 tool=$2
+  shift 2
+  local mark=$WORK/ok/$idx-${tool//[| ]/_} # exists when the tool's last run here succeeded
+  log "${SCN[idx]}: $tool"
+  rm -f "$WORK/why" "$WORK/rundir" "$mark"
+  try "$@"
+  if ((TRY_RC == 0)); then
+    touch "$mark"
+    return 0
+  fi
+  local why="exit status $TRY_RC"
+  [[ -s $WORK/why ]] && why=$(cat "$WORK/why")
+  warn "${SCN[idx]}: $tool FAILED: $why"
+  local f
+  for f in "$(cat "$WORK/rundir" 2>/dev/null)"/*.{log,err}; do
+    [[ -s $f ]] && { warn "--- ${f##*/}:"; tail -n 20 "$f" >&2; }
+  done
+  result_add "${SCN[idx]}" "$tool" FAILED "" "" "" "" "" "" "$why"
+  bg_kill_all
+}
+ran_ok() { [[ -e $WORK/ok/$1-${2//[| ]/_} ]]; }
+skip() { result_add "${SCN[$1]}" "$2" SKIPPED "" "" "" "" "" "" "$3"; }
+
+# fresh_dir DIR: DIR new and empty (the removal of an older copy happens before the clock).
+fresh_dir() {
+  rm -rf "$1"
+  mkdir -p "$1"
+}
+
+secs() { awk -v a="$1" -v b="$2" 'BEGIN {print b - a}'; }
+cpu_diff() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f\n", b - a}'; }
+
+# stamp: each line of stdin prefixed with the wall clock, so a run's passes can be timed.
+stamp() {
+  local line
+  while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done
+}
+
+# Each run_* measures one copy (IDX DST): the clock runs from the first byte read (cold page
+# cache) to the target flushed; then the copy is verified and the row added.
+
+# tar c | ssh tar x, into an empty DST. tar's default (GNU) format keeps whole seconds only.
+run_tar() {
+  local idx=$1 dst=$2 d c0 c1 t0 t1
+  d=$(rundir tar)
+  fresh_dir "$dst"
+  drop_caches
+  c0=$(sshd_children_cpu)
+  t0=$(now)
+  timed "$d/tar.time" tar -C "$SRC" -cf - . 2>"$d/tar.log" \
+    | timed "$d/ssh.time" "${SSH[@]}" "$(remote_cmd /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" tar -C "$dst" -xf -)" \
+      2>"$d/ssh.log" || fail "tar | ssh tar: $(log_tail "$d/tar.log") $(log_tail "$d/ssh.log")"
+  sync -f "$dst"
+  t1=$(now)
+  c1=$(sshd_children_cpu)
+  verify "$dst" "$d" 0
+  result_add "${SCN[idx]}" "$TAR_TOOL" ok "$(secs "$t0" "$t1")" "$DATA_BYTES" \
+    "$(time_cpu "$d/tar.time" "$d/ssh.time")" "$(cpu_diff "$c0" "$c1")" \
+    "$(time_rss "$d/tar.time" "$d/ssh.time")" "$(time_rss "$d/recv.time")" "recv RSS: remote tar only"
+}
+
+# rsync -a over ssh (FLAGS... e.g. --delete) into DST, which the caller prepared.
+run_rsync() {
+  local idx=$1 dst=$2 tool=$3 d c0 c1 t0 t1
+  shift 3
+  d=$(rundir rsync)
+  drop_caches
+  c0=$(sshd_children_cpu)
+  t0=$(now)
+  timed "$d/send.time" rsync -a "$@" -e "$SSH_E" \
+    --rsync-path="$(remote_cmd /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" rsync)" \
+    --stats "$SRC/" "root@127.0.0.1:$dst/" >"$d/rsync.log" 2>&1 || fail "rsync: $(log_tail "$d/rsync.log")"
+  sync -f "$dst"
+  t1=$(now)
+  c1=$(sshd_children_cpu)
+  verify "$dst" "$d"
+  local sent files
+  sent=$(awk -F': ' '/^Total bytes sent/ {gsub(/,/, "", $2); print $2}' "$d/rsync.log")
+  files=$(awk -F': ' '/^Number of regular files transferred/ {gsub(/,/, "", $2); print $2}' "$d/rsync.log")
+  result_add "${SCN[idx]}" "$tool" ok "$(secs "$t0" "$t1")" "$DATA_BYTES" \
+    "$(time_cpu "$d/send.time")" "$(cpu_diff "$c0" "$c1")" \
+    "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" \
+    "${files:-?} files, sent ${sent:-?} bytes; recv RSS: remote rsync only"
+}
+run_rsync_copy() {
+  fresh_dir "$2"
+  run_rsync "$1" "$2" "$RSYNC_TOOL"
+}
+
+# Ours: receive (in the background) and migrate --mode file, each under GNU time.
+# run_ours IDX DST STATE_DIR [MIGRATE_FLAGS...]; DST must exist. A full copy runs the receiver
+# with --once (it ends after the session). A sync (--sync) is two sessions, a copy pass (which
+# skips unchanged files, sends the changed ones and deletes nothing) and then the sync pass
+# (which deletes what vanished), and the file receiver's --once ends after the first complete
+# one; so there it serves until migrate is done and is then stopped. The time of each pass
+# (from the lines migrate prints) goes into the note.
+run_ours() {
+  local idx=$1 dst=$2 state=$3 d port rpid t0 t1 rrc=0 once=0
+  shift 3
+  d=$(rundir ours)
+  mkdir -p "$state"
+  port=$(free_port)
+  local recv=("$BIN" receive --listen "127.0.0.1:$port" --ca "$CERTS/ca.pem" --cert "$CERTS/target.pem"
+    --key "$CERTS/target-key.pem" --root "$dst")
+  [[ " $* " != *" --sync "* ]] && has_flag "$RECV_HELP" --once && once=1
+  ((once)) && recv+=(--once)
+  has_flag "$RECV_HELP" --state-dir && recv+=(--state-dir "$state")
+  /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" "${recv[@]}" "${RECEIVE_EXTRA[@]}" >"$d/receive.log" 2>&1 &
+  rpid=$!
+  bg_register "$rpid"
+  wait_port "$port" "$rpid" || fail "receive did not listen: $(log_tail "$d/receive.log")"
+  drop_caches
+  t0=$(now)
+  timed "$d/send.time" "$BIN" migrate --mode file --target "127.0.0.1:$port" --ca "$CERTS/ca.pem" \
+    --cert "$CERTS/source.pem" --key "$CERTS/source-key.pem" --source-root "$SRC" "$@" "${MIGRATE_EXTRA[@]}" \
+    2>&1 | stamp >"$d/migrate.log" || fail "migrate: $(log_tail "$d/migrate.log")"
+  sync -f "$dst"
+  t1=$(now)
+  if ((once)); then
+    wait_exit "$rpid" 60 || rrc=$?
+    ((rrc == 0)) || fail "receive --once exited with status $rrc: $(log_tail "$d/receive.log")"
+  else
+    stop_timed "$rpid"
+  fi
+  verify "$dst" "$d"
+  # "T copy complete: E entries, F files, S skipped, B bytes sent, D deleted, ..." per pass.
+  local note
+  note=$(awk -v t0="$t0" '$2 ~ /^(copy|sync)$/ && $3 == "complete:" {
+      printf "%s%s %.1f s: %s files, %s skipped, %s B sent, %s deleted", sep, $2, $1 - t0, $6, $8, $10, $13
+      t0 = $1; sep = "; " }' "$d/migrate.log")
+  result_add "${SCN[idx]}" "$OURS_TOOL${*:+ $*}" ok "$(secs "$t0" "$t1")" "$DATA_BYTES" \
+    "$(time_cpu "$d/send.time")" "$(time_cpu "$d/recv.time")" "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" \
+    "$note"
+}
+
+# ------------------------------------------------------------------------------------------
+# rounds CALLBACK TOOL...: RUNS rounds of CALLBACK TOOL for every tool, the order rotated by
+# one each round (so no tool always runs first, right after the data was written).
+rounds() {
+  local cb=$1 r k
+  shift
+  local tools=("$@") n=$#
+  for ((r = 0; r < RUNS; r++)); do
+    for ((k = 0; k < n; k++)); do "$cb" "${tools[(k + r) % n]}"; done
+  done
+}
+
+# Scenario 1: full copies, each into a new empty directory (ours also with an empty receiver
+# state). The last copies of ours and of rsync stay for scenario 2; tar's goes.
+s1_run() {
+  case $1 in
+    "$TAR_TOOL")
+      bench 1 "$TAR_TOOL" run_tar 1 "$WORK/dst-tar"
+      rm -rf "$WORK/dst-tar"
+      ;;
+    "$RSYNC_TOOL") bench 1 "$RSYNC_TOOL" run_rsync_copy 1 "$WORK/dst-rsync" ;;
+    "$OURS_TOOL")
+      fresh_dir "$WORK/dst-ours"
+      rm -rf "$WORK/state"
+      bench 1 "$OURS_TOOL" run_ours 1 "$WORK/dst-ours" "$WORK/state"
+      ;;
+  esac
+}
+scenario1() {
+  log "${SCN[1]}: writing $FILES files of 1-64 KiB and 4 × $(human "$BIG_BYTES")"
+  local t0 small i
+  t0=$(now)
+  mkdir -p "$SRC/big"
+  small=$(gen_tree "$SRC" "$FILES")
+  for i in 0 1 2 3; do rand_file "$SRC/big/big$i.img" "$BIG_BYTES"; done
+  sync -f "$SRC"
+  DATA_BYTES=$((small + 4 * BIG_BYTES))
+  log "${SCN[1]}: dataset of $(human "$DATA_BYTES") written in $(secs "$t0" "$(now)") s"
+  meta_set files "$((FILES + 4))"
+  meta_set dirs "$(find "$SRC" -type d | wc -l)"
+  meta_set data_bytes "$DATA_BYTES"
+  meta_set small_bytes "$small"
+  meta_set big_bytes_each "$BIG_BYTES"
+  meta_set src_used_bytes "$(du -sB1 "$SRC" | cut -f1)"
+  if ((OURS)); then
+    rounds s1_run "$TAR_TOOL" "$RSYNC_TOOL" "$OURS_TOOL"
+  else
+    rounds s1_run "$TAR_TOOL" "$RSYNC_TOOL"
+    skip 1 "$OURS_TOOL" "$OURS_WHY"
+  fi
+}
+
+# Scenario 2: change and delete small files of the source, then bring the destinations of
+# scenario 1 up to date: ours (migrate --sync, a fresh receiver, the same state dir) and rsync -a
+# --delete.
+scenario2() {
+  local out changed changed_bytes deleted
+  out=$(change_tree "$SRC" "$CHANGE_PCT" "$DELETE_PCT")
+  read -r changed changed_bytes deleted <<<"$out"
+  log "${SCN[2]}: rewrote $changed files ($(human "$changed_bytes")), deleted $deleted"
+  meta_set s2_changed_files "$changed"
+  meta_set s2_changed_bytes "$changed_bytes"
+  meta_set s2_deleted_files "$deleted"
+  if ((OURS == 0)); then
+    skip 2 "$OURS_TOOL --sync" "$OURS_WHY"
+  elif ! has_flag "$MIGR_HELP" --sync; then
+    skip 2 "$OURS_TOOL --sync" "migrate has no --sync"
+  elif ! ran_ok 1 "$OURS_TOOL"; then
+    skip 2 "$OURS_TOOL --sync" "no target: the last full copy of scenario 1 failed"
+  else
+    bench 2 "$OURS_TOOL --sync" run_ours 2 "$WORK/dst-ours" "$WORK/state" --sync
+  fi
+  if ran_ok 1 "$RSYNC_TOOL"; then
+    bench 2 "$RSYNC_SYNC_TOOL" run_rsync 2 "$WORK/dst-rsync" "$RSYNC_SYNC_TOOL" --delete
+  else
+    skip 2 "$RSYNC_SYNC_TOOL" "no target: the last rsync -a of scenario 1 failed"
+  fi
+}
+
+# ------------------------------------------------------------------------------------------
+meta_set date "$(date -Iseconds)"
+meta_set change_pct "$CHANGE_PCT"
+meta_set delete_pct "$DELETE_PCT"
+meta_set runs "$RUNS"
+meta_set kernel "$(uname -r)"
+meta_set cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+meta_set cpus "$(nproc)"
+meta_set mem_bytes "$(awk '/^MemTotal/ {printf "%.0f\n", $2 * 1024}' /proc/meminfo)"
+meta_set fs "$(df --output=fstype "$WORK" | tail -n 1)"
+meta_set commit "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo -dirty)"
+meta_set ssh_cipher aes128-gcm@openssh.com
+meta_set ours_available "$( ((OURS)) && echo true || echo false)"
+meta_set ours_note "${OURS_WHY:-$BIN}"
+
+DATA_BYTES=0
+scenario1
+scenario2
+
+RESULTS_DIR=${RESULTS_DIR:-$REPO/bench/results}
+mkdir -p "$RESULTS_DIR"
+results_report "$RESULTS_DIR/file-$(date +%Y%m%d-%H%M%S).json" \
+  "${SCN[1]}=$RSYNC_TOOL;${SCN[2]}=$RSYNC_SYNC_TOOL" \
+  "${SCN[1]}=$OURS_TOOL/$TAR_TOOL;${SCN[1]}=$OURS_TOOL/$RSYNC_TOOL/0.5;${SCN[2]}=$OURS_TOOL --sync/$RSYNC_SYNC_TOOL/0.5"
+echo "(MB/s here: the source's $(human "$DATA_BYTES") of file data / seconds, in both scenarios.)"
+((OURS)) || warn "sms-agent was NOT measured: $OURS_WHY (baselines only)"
+if ((BUILD_FAILED)) || grep -q $'\tFAILED\t' "$WORK/results.tsv"; then
+  exit 1
+fi

@@ -491,7 +491,7 @@ fn many_small_files() {
     let n: usize = std::env::var("SMS_FILE_TEST_FILES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(100_000);
     let src = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     for i in 0..n {
@@ -1406,4 +1406,85 @@ fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
     assert_eq!(posts, 1, "SKIP did not skip the check");
     drop(rx);
     drop(agent);
+}
+
+/// Chunk `i` of the big-file test: 1 MiB of noise, unique per chunk.
+fn big_chunk(block: &[u8], i: u64, salt: u64) -> Vec<u8> {
+    let mut c = block.to_vec();
+    c[..8].copy_from_slice(&i.to_le_bytes());
+    c[8..16].copy_from_slice(&salt.to_le_bytes());
+    c
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (fa, fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let len = fa.metadata().unwrap().len();
+    if fb.metadata().unwrap().len() != len {
+        return false;
+    }
+    let (mut x, mut y) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(8 << 20) as usize;
+        fa.read_exact_at(&mut x[..n], at).unwrap();
+        fb.read_exact_at(&mut y[..n], at).unwrap();
+        if x[..n] != y[..n] {
+            return false;
+        }
+        at += n as u64;
+    }
+    true
+}
+
+#[test]
+fn a_4_gib_file_arrives_whole_and_syncs_by_its_changed_chunks() {
+    let src = tempfile::tempdir().unwrap();
+    let big = src.path().join("big");
+    let block = noise(1 << 20, 77);
+    let chunks = 4096u64;
+    {
+        let f = std::fs::File::create(&big).unwrap();
+        for i in 0..chunks {
+            f.write_all_at(&big_chunk(&block, i, 0), i << 20).unwrap();
+        }
+        // A tail past 4 GiB that is not a whole chunk.
+        f.write_all_at(&block[..12_345], chunks << 20).unwrap();
+    }
+    let size = (chunks << 20) + 12_345;
+    let r = rig();
+    let t0 = Instant::now();
+    let rep = r.send(&opts(src.path(), false));
+    eprintln!("4 GiB file: {:?}; {rep:?}", t0.elapsed());
+    assert_eq!(rep.files, 1);
+    assert!(rep.bytes_plain >= size, "{rep:?}");
+    assert!(
+        same_file(&big, &r.root.join("big")),
+        "the 4 GiB file differs"
+    );
+
+    // Three chunks change, one past the 4 GiB mark: the sync sends about those.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        for i in [7u64, 2048, 4095] {
+            f.write_all_at(&big_chunk(&block, i, 1), i << 20).unwrap();
+        }
+        f.write_all_at(b"tail changed", chunks << 20).unwrap();
+    }
+    let t0 = Instant::now();
+    let rep = r.send(&opts(src.path(), true));
+    eprintln!(
+        "sync of 4 chunks of a 4 GiB file: {:?}; {rep:?}",
+        t0.elapsed()
+    );
+    assert!(
+        rep.bytes_plain <= 8 << 20,
+        "sent {} for 4 changed chunks",
+        rep.bytes_plain
+    );
+    assert!(rep.bytes_reused >= size - (8 << 20), "{rep:?}");
+    assert!(same_file(&big, &r.root.join("big")), "differs after sync");
+    assert!(temps(&r.root).is_empty(), "{:?}", temps(&r.root));
 }
