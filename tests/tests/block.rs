@@ -556,14 +556,23 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
         .stderr(Stdio::null());
         cmd.spawn().unwrap()
     };
-    let mut rx = receiver();
-    std::thread::sleep(Duration::from_millis(300));
+    // START before the target listens: the pass fails (SMS.1807) and the daemon tries it
+    // again a few seconds later, without the operator and without reporting ERROR.
     emu.operator(
         "POST",
         &format!("/v3/tasks/{tid}/action"),
         Some(json!({"operation": "start"})),
     );
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut rx = receiver();
     let t = wait_task(&emu, &tid, "MIGRATE_SUCCESS", 120);
+    assert!(
+        agent
+            .log()
+            .contains("starting it again from its checkpoint"),
+        "no retry: {}",
+        agent.log()
+    );
     assert!(rx.wait().unwrap().success());
     let sub = &t["sub_tasks"][0];
     assert_eq!(sub["name"], "MIGRATE_LINUX_BLOCK", "{t}");
@@ -607,6 +616,7 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
             "{s} not reported: {states:?}"
         );
     }
+    assert!(!states.iter().any(|x| x == "ERROR"), "{states:?}");
 
     // Change a little, SYNC: only that travels, and the target matches again.
     {

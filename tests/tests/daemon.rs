@@ -628,8 +628,8 @@ fn an_encrypted_task_key_makes_the_agent_fetch_its_passphrase() {
         Some(json!({"operation": "start"})),
     );
     let r = wait_results(&emu, 1);
-    // The key loads; the task then fails for naming no filesystem to migrate.
-    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1507", "{r:?}");
+    // The key loads; the task then fails for having no target address.
+    assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1807", "{r:?}");
     let j = emu.journal();
     assert!(
         j.iter()

@@ -23,6 +23,11 @@ use state::{Phase, State, StateError, Status, Store, TaskState};
 const BUSY_POLL: Duration = Duration::from_secs(2);
 /// Longest wait between retries of start-up calls.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+/// A pass that fails for a transient reason (target unreachable, connection lost) is started
+/// again from its checkpoint this many times, after 5, 10, 20, … s, before the task fails.
+const PASS_RETRIES: u32 = 6;
+const PASS_RETRY_FIRST: Duration = Duration::from_secs(5);
+const PASS_RETRY_MAX: Duration = Duration::from_secs(120);
 
 /// A failure that stops the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,8 @@ pub struct Daemon {
     rules: Vec<transfer::limit::Rule>,
     last_rules: Instant,
     utc_offset: i64,
+    /// When the failed pass is started again, and how many retries went before.
+    retry: Option<(Instant, u32)>,
 }
 
 /// What a transfer needs from the service.
@@ -98,6 +105,7 @@ impl Daemon {
             rules: Vec::new(),
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
+            retry: None,
         })
     }
 
@@ -154,6 +162,11 @@ impl Daemon {
         loop {
             self.flush_results().await?;
             self.tick_runner().await;
+            if let Some((at, _)) = self.retry {
+                if Instant::now() >= at && self.runner.is_none() && self.task_active() {
+                    self.resume_task().await;
+                }
+            }
             if last_probe.elapsed() >= self.reprobe_interval {
                 last_probe = Instant::now();
                 self.reprobe().await?;
@@ -391,6 +404,7 @@ impl Daemon {
             // A repeated START of a running task is not a second run.
             return Ok(json!({"task_id": task_id, "state": "already running"}));
         }
+        self.retry = None;
         let task: Task = self
             .api
             .get(&format!("/v3/tasks/{task_id}"), &[])
@@ -664,6 +678,7 @@ impl Daemon {
             }
             Some(engine::Ended::Done(sum)) => {
                 self.runner = None;
+                self.retry = None;
                 tracing::info!(task_id = %task_id, sync, bytes_read = sum.bytes_read, wire = sum.wire_sent, "pass complete");
                 self.upload_checks(&task_id, &sum).await;
                 if let Some(t) = self.state.task.as_mut() {
@@ -677,8 +692,26 @@ impl Daemon {
             }
             Some(engine::Ended::Failed { code, message }) => {
                 self.runner = None;
-                tracing::error!(task_id = %task_id, error_code = %code, "pass failed: {message}");
-                self.fail_task(code, message).await;
+                let tries = self.retry.map_or(0, |(_, n)| n);
+                // Unreachable target or a lost connection: the pass resumes from its
+                // checkpoint, so trying again costs little; anything else needs the operator.
+                if matches!(code.as_str(), "SMS.1807" | "SMS.1908") && tries < PASS_RETRIES {
+                    let wait = PASS_RETRY_FIRST
+                        .saturating_mul(1 << tries.min(16))
+                        .min(PASS_RETRY_MAX);
+                    tracing::warn!(task_id = %task_id, error_code = %code, attempt = tries + 1, wait_secs = wait.as_secs(), "pass failed, starting it again from its checkpoint: {message}");
+                    self.retry = Some((Instant::now() + wait, tries + 1));
+                    self.status.last_error = Some(format!("{code}: {message}"));
+                    self.set_activity(&format!(
+                        "retry {} of {PASS_RETRIES} in {} s after {code}",
+                        tries + 1,
+                        wait.as_secs()
+                    ));
+                } else {
+                    tracing::error!(task_id = %task_id, error_code = %code, "pass failed: {message}");
+                    self.retry = None;
+                    self.fail_task(code, message).await;
+                }
             }
         }
     }
@@ -811,6 +844,7 @@ impl Daemon {
 
     /// Stops a running pass at its next checkpoint and waits for it.
     async fn halt(&mut self) {
+        self.retry = None;
         if let Some(mut r) = self.runner.take() {
             engine::cancel(&r);
             let _ = tokio::task::spawn_blocking(move || r.join()).await;
