@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use probe::io::Slice;
 
+/// Bytes of a swap area kept: its header page, for any page size up to 64 KiB.
+const SWAP_HEADER: u64 = 64 << 10;
+
 /// The used ranges of `dev` and notes on how each region was mapped.
 pub fn used_ranges(dev: &Path) -> std::io::Result<(Vec<Range<u64>>, Vec<String>)> {
     let mut f = File::open(dev)?;
@@ -90,6 +93,15 @@ fn partition_used(
                 .map(|r| (r, format!("{fs}, block bitmaps"))),
             ("xfs", None) => transfer::alloc::xfs_used(f, start, len)
                 .map(|r| (r, "xfs, free-space btrees".into())),
+            // A migrated host boots afresh: only the header (signature, UUID, label) of a swap
+            // area matters. fsdetect names only SWAPSPACE2 headers swap, so a hibernation
+            // image (S1SUSPEND) is still read in full.
+            ("swap", _) => {
+                return (
+                    std::iter::once(0..len.min(SWAP_HEADER)).collect(),
+                    "swap: header only".into(),
+                )
+            }
             ("LVM2_member", _) => match node.and_then(|n| lvm_used(n, len)) {
                 Some(r) => return (r, "LVM PV, metadata and LV extents".into()),
                 None => return full("LVM PV, extents unknown: read in full".into()),

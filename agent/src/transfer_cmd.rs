@@ -121,6 +121,14 @@ pub struct MigrateArgs {
     /// Task id the receiver keeps its checkpoint under; keep it the same to resume.
     #[arg(long, default_value = "standalone")]
     task_id: String,
+    /// File mode: instead of copying, compare directory DIR (inside --source-root;
+    /// repeatable) with the target and print, per directory, files in all, different, missing
+    /// on the target and extra there. Exits 1 when anything differs. Needs a running receiver.
+    #[arg(long, value_name = "DIR")]
+    check: Vec<PathBuf>,
+    /// With --check: compare contents (BLAKE3) rather than size and mtime.
+    #[arg(long, requires = "check")]
+    check_hash: bool,
     /// File mode: paths to leave out (absolute, repeatable), besides /proc, /sys, /dev, /run.
     #[arg(long, value_name = "PATH")]
     exclude: Vec<PathBuf>,
@@ -396,6 +404,9 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
     let Some(root) = &a.source_root else {
         bail!("file mode needs --source-root DIR");
     };
+    if !a.check.is_empty() {
+        return check_files(a, root, connector, control);
+    }
     let passes: &[bool] = if a.sync { &[false, true] } else { &[false] };
     for &sync in passes {
         let opts = transfer::file::SendOptions {
@@ -421,5 +432,54 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
             r.changed_during_read.len()
         );
     }
+    Ok(())
+}
+
+/// `migrate --mode file --check DIR…`: the consistency check alone.
+fn check_files(
+    a: &MigrateArgs,
+    root: &std::path::Path,
+    connector: &Connector,
+    control: &Control,
+) -> anyhow::Result<()> {
+    let canon = |p: &std::path::Path| {
+        std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
+    };
+    let root = canon(root)?;
+    let mut dirs = Vec::new();
+    for d in &a.check {
+        let c = canon(d)?;
+        anyhow::ensure!(
+            c.starts_with(&root),
+            "--check {} is not inside --source-root {}",
+            d.display(),
+            root.display()
+        );
+        dirs.push(c);
+    }
+    let opts = transfer::file::CheckOptions {
+        sources: vec![root.clone()],
+        map_to_root: true,
+        dirs,
+        excludes: a.exclude.clone(),
+        hash_mode: a.check_hash,
+        task_id: a.task_id.clone(),
+    };
+    let checks = with_progress("check", |p| {
+        transfer::file::consistency(connector, &opts, p, control)
+    })?;
+    let mut differ = false;
+    for c in &checks {
+        println!(
+            "check {}: {} files, {} different, {} missing on target, {} extra on target",
+            c.dir_check,
+            c.num_total_files,
+            c.num_different_files,
+            c.num_target_miss_files,
+            c.num_target_more_files
+        );
+        differ |= c.num_different_files + c.num_target_miss_files + c.num_target_more_files > 0;
+    }
+    anyhow::ensure!(!differ, "the target differs from the source");
     Ok(())
 }

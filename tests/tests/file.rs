@@ -1224,6 +1224,46 @@ fn kill_9_of_either_process_and_the_copy_resumes_identical() {
     assert!(resent < total, "resent {resent} of {total}: started over");
     assert_eq!(rsync_diff_checksum(&src, &dst, &[]), "");
     assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
+
+    // The standalone consistency check agrees, then finds a changed and an extra file.
+    let bulk = src.join("bulk");
+    let check = |extra: &[&str]| {
+        let mut args = vec!["--check", bulk.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = migrate_file(&kit, &rx.addr, &src, &args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = check(&[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("63 files, 0 different, 0 missing on target, 0 extra on target"),
+        "{out}"
+    );
+    // Same size and mtime, other bytes: only the hash mode sees it.
+    let f0 = src.join("bulk/d0/f0");
+    let m = std::fs::metadata(&f0).unwrap();
+    let mut bytes = std::fs::read(&f0).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&f0, &bytes).unwrap();
+    set_times(
+        &f0,
+        (m.atime(), m.atime_nsec()),
+        (m.mtime(), m.mtime_nsec()),
+    );
+    write(&dst.join("bulk/d1/extra"), b"x");
+    let (ok, out) = check(&[]);
+    assert!(
+        !ok && out.contains("0 different, 0 missing on target, 1 extra on target"),
+        "{out}"
+    );
+    let (ok, out) = check(&["--check-hash"]);
+    assert!(
+        !ok && out.contains("1 different, 0 missing on target, 1 extra on target"),
+        "{out}"
+    );
 }
 
 #[test]
