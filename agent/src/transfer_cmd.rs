@@ -98,8 +98,10 @@ pub struct MigrateArgs {
     /// File mode: the directory tree to migrate (to the receiver's --root).
     #[arg(long, value_name = "DIR")]
     source_root: Option<PathBuf>,
-    /// After the full copy (or when it is already complete), run an incremental sync pass
-    /// that sends only what changed and verifies the target against the source.
+    /// Block mode: after the full copy (or when it is already complete), run an incremental
+    /// pass that sends only chunks whose hashes differ and verifies every chunk. File mode: one
+    /// pass that sends what is missing or changed and deletes on the target what the source no
+    /// longer has.
     #[arg(long)]
     sync: bool,
     /// Block mode, with --sync: freeze the source disks' mounted filesystems (FIFREEZE) for
@@ -407,31 +409,30 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
     if !a.check.is_empty() {
         return check_files(a, root, connector, control);
     }
-    let passes: &[bool] = if a.sync { &[false, true] } else { &[false] };
-    for &sync in passes {
-        let opts = transfer::file::SendOptions {
-            sources: vec![root.clone()],
-            map_to_root: true,
-            excludes: a.exclude.clone(),
-            streams: a.streams,
-            sync,
-            task_id: a.task_id.clone(),
-            ..transfer::file::SendOptions::default()
-        };
-        let label = if sync { "sync" } else { "copy" };
-        let r = with_progress(label, |p| {
-            transfer::file::send(connector, &opts, p, control)
-        })?;
-        println!(
-            "{label} complete: {} entries, {} files, {} skipped, {} bytes sent, {} deleted, {} changed while read",
-            r.entries,
-            r.files,
-            r.skipped,
-            r.bytes_sent,
-            r.deleted,
-            r.changed_during_read.len()
-        );
-    }
+    // One pass does it all: a sync pass copies what is missing or changed, as a first copy
+    // would, and also deletes what vanished from the source.
+    let opts = transfer::file::SendOptions {
+        sources: vec![root.clone()],
+        map_to_root: true,
+        excludes: a.exclude.clone(),
+        streams: a.streams,
+        sync: a.sync,
+        task_id: a.task_id.clone(),
+        ..transfer::file::SendOptions::default()
+    };
+    let label = if a.sync { "sync" } else { "copy" };
+    let r = with_progress(label, |p| {
+        transfer::file::send(connector, &opts, p, control)
+    })?;
+    println!(
+        "{label} complete: {} entries, {} files, {} skipped, {} bytes sent, {} deleted, {} changed while read",
+        r.entries,
+        r.files,
+        r.skipped,
+        r.bytes_sent,
+        r.deleted,
+        r.changed_during_read.len()
+    );
     Ok(())
 }
 

@@ -228,7 +228,10 @@ fn sums_of(f: &File, size: u64) -> std::io::Result<Option<(u32, Vec<[u8; SUM_LEN
 
 /// Writes `data` at `offset`, leaving all-zero blocks unwritten (the file is fresh, so they
 /// stay holes).
-fn write_sparse(f: &File, offset: u64, data: &[u8]) -> std::io::Result<()> {
+/// Writes `data` at `offset`, leaving holes where it is zero; returns the end of the last
+/// byte written (0 when all of it was zero).
+fn write_sparse(f: &File, offset: u64, data: &[u8]) -> std::io::Result<u64> {
+    let mut written_end = 0;
     let mut i = 0;
     while i < data.len() {
         let end = (i + ZERO_BLOCK).min(data.len());
@@ -246,9 +249,10 @@ fn write_sparse(f: &File, offset: u64, data: &[u8]) -> std::io::Result<()> {
             j = e;
         }
         f.write_all_at(&data[i..j], offset + i as u64)?;
+        written_end = offset + j as u64;
         i = j;
     }
-    Ok(())
+    Ok(written_end)
 }
 
 fn key(path: &[u8]) -> [u8; 16] {
@@ -467,20 +471,20 @@ impl Ctl {
                 let same = u64::try_from(st.st_size).ok() == Some(m.size)
                     && st.st_mtime == m.mtime.sec
                     && st.st_mtime_nsec == i64::from(m.mtime.nsec);
-                let f = open_regular(pfd, name);
+                // Opened only when needed: most files of a sync are up to date by stat alone.
                 let up_to_date = same
                     && match (self.compare, hash) {
                         (Compare::Hash, Some(h)) => {
-                            f.as_ref()
+                            open_regular(pfd, name)
                                 .ok()
-                                .and_then(|f| super::walk::hash_reader(f).ok())
+                                .and_then(|f| super::walk::hash_reader(&f).ok())
                                 == Some(h)
                         }
                         _ => true,
                     };
                 if up_to_date {
                     if self.meta_differs(pfd, name, &st, m) {
-                        match f {
+                        match open_regular(pfd, name) {
                             Ok(f) => match meta::apply_fd(f.as_fd(), m, true) {
                                 Ok(failed) => {
                                     self.report.warnings += failed as u64;
@@ -502,7 +506,7 @@ impl Ctl {
                     return Ok(());
                 }
                 if m.size >= DELTA_MIN {
-                    if let Ok(f) = &f {
+                    if let Ok(f) = &open_regular(pfd, name) {
                         sums = sums_of(f, u64::try_from(st.st_size).unwrap_or(0))
                             .map_err(|e| FileError::target(path, e))?;
                     }
@@ -835,9 +839,15 @@ struct Current {
     file: File,
     meta: Meta,
     old: Option<File>,
+    /// End of the data written so far: the temp's size (it starts empty).
+    end: std::cell::Cell<u64>,
 }
 
 impl Current {
+    fn wrote(&self, end: u64) {
+        self.end.set(self.end.get().max(end));
+    }
+
     fn check_range(&self, offset: u64, len: usize) -> Result<(), FileError> {
         if offset
             .checked_add(len as u64)
@@ -853,7 +863,9 @@ impl Current {
 
     fn write(&self, offset: u64, data: &[u8], stats: &DataStats) -> Result<(), FileError> {
         self.check_range(offset, data.len())?;
-        write_sparse(&self.file, offset, data).map_err(|e| FileError::target(&self.path, e))?;
+        let end =
+            write_sparse(&self.file, offset, data).map_err(|e| FileError::target(&self.path, e))?;
+        self.wrote(end);
         stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -875,7 +887,9 @@ impl Current {
             old.read_exact_at(&mut buf, offset)
                 .map_err(|e| FileError::target(&self.path, e))?;
         }
-        write_sparse(&self.file, offset, &buf).map_err(|e| FileError::target(&self.path, e))?;
+        let end =
+            write_sparse(&self.file, offset, &buf).map_err(|e| FileError::target(&self.path, e))?;
+        self.wrote(end);
         stats.reused.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -883,7 +897,10 @@ impl Current {
     fn finish(self) -> Result<u64, FileError> {
         let err = |e: std::io::Error| FileError::target(&self.path, e);
         let r = (|| {
-            self.file.set_len(self.meta.size)?;
+            // Only a trailing hole needs the size set; a syscall per file saved otherwise.
+            if self.end.get() != self.meta.size {
+                self.file.set_len(self.meta.size)?;
+            }
             let failed = meta::apply_fd(self.file.as_fd(), &self.meta, true)?;
             nix::fcntl::renameat(
                 Some(self.pfd.as_raw_fd()),
@@ -895,7 +912,10 @@ impl Current {
         })();
         match r {
             Ok(f) => {
-                self.unlink(&self.base);
+                // Only a large file can have had a base (a partial moved aside by its Need).
+                if self.meta.size >= DELTA_MIN {
+                    self.unlink(&self.base);
+                }
                 Ok(f)
             }
             Err(e) => {
@@ -1013,6 +1033,7 @@ fn data_stream(
                     file: File::from(fd),
                     meta,
                     old: None,
+                    end: std::cell::Cell::new(0),
                 };
                 let c = cur.insert(c);
                 if len > 0 || !data.is_empty() {

@@ -99,6 +99,17 @@ fn get_raw(n: Node<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Runs a size-query-then-fill call, growing the buffer if the value grew in between.
 fn sized(mut f: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
+    // Most lists and values fit a small buffer: one syscall instead of a size query first
+    // (a sync of many files makes this two syscalls per file on each side otherwise).
+    let mut buf = vec![0u8; 512];
+    match f(&mut buf) {
+        Ok(m) => {
+            buf.truncate(m);
+            return Ok(buf);
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+        Err(e) => return Err(e),
+    }
     for _ in 0..4 {
         let n = f(&mut [])?;
         let mut buf = vec![0u8; n];
