@@ -348,12 +348,10 @@ run_rsync_copy() {
 }
 
 # Ours: receive (in the background) and migrate --mode file, each under GNU time.
-# run_ours IDX DST STATE_DIR [MIGRATE_FLAGS...]; DST must exist. A full copy runs the receiver
-# with --once (it ends after the session). A sync (--sync) is two sessions, a copy pass (which
-# skips unchanged files, sends the changed ones and deletes nothing) and then the sync pass
-# (which deletes what vanished), and the file receiver's --once ends after the first complete
-# one; so there it serves until migrate is done and is then stopped. The time of each pass
-# (from the lines migrate prints) goes into the note.
+# run_ours IDX DST STATE_DIR [MIGRATE_FLAGS...]; DST must exist. The receiver runs with --once
+# (it ends after the session): a copy and a sync (--sync: changed files sent, vanished ones
+# deleted) are one session each. The time of the pass (from the line migrate prints) goes into
+# the note.
 run_ours() {
   local idx=$1 dst=$2 state=$3 d port rpid t0 t1 rrc=0 once=0
   shift 3
@@ -362,7 +360,7 @@ run_ours() {
   port=$(free_port)
   local recv=("$BIN" receive --listen "127.0.0.1:$port" --ca "$CERTS/ca.pem" --cert "$CERTS/target.pem"
     --key "$CERTS/target-key.pem" --root "$dst")
-  [[ " $* " != *" --sync "* ]] && has_flag "$RECV_HELP" --once && once=1
+  has_flag "$RECV_HELP" --once && once=1
   ((once)) && recv+=(--once)
   has_flag "$RECV_HELP" --state-dir && recv+=(--state-dir "$state")
   /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" "${recv[@]}" "${RECEIVE_EXTRA[@]}" >"$d/receive.log" 2>&1 &
