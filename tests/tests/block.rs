@@ -496,7 +496,7 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
         "[probe]\ndevices = [\"{}\"]\n[transfer]\nport = {port}\nstreams = 2\n",
         src.path()
     );
-    let agent = Agent::start_with(
+    let mut agent = Agent::start_with(
         &emu.url(),
         &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
         &extra,
@@ -556,6 +556,13 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
         .stderr(Stdio::null());
         cmd.spawn().unwrap()
     };
+    // 24 Mbit/s: the 20 MiB of noise take about 7 s, long enough to kill the agent midway.
+    let (st, _) = emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/speed-limit"),
+        Some(json!({"speed_limit": [{"start": "00:00", "end": "23:59", "speed": 24}]})),
+    );
+    assert_eq!(st, 200);
     // START before the target listens: the pass fails (SMS.1807) and the daemon tries it
     // again a few seconds later, without the operator and without reporting ERROR.
     emu.operator(
@@ -565,13 +572,27 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     );
     std::thread::sleep(Duration::from_millis(2500));
     let mut rx = receiver();
+    // Once data flows, kill -9 the agent and start it again: it resumes the pass itself.
+    let t0 = Instant::now();
+    while !emu.journal().iter().any(|e| {
+        e["method"] == "PUT"
+            && e["path"].as_str().unwrap_or("").ends_with("/progress")
+            && e["body"]["replicatesize"].as_u64() > Some(0)
+    }) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.kill9();
+    agent.restart();
     let t = wait_task(&emu, &tid, "MIGRATE_SUCCESS", 120);
+    let log = agent.log();
     assert!(
-        agent
-            .log()
-            .contains("starting it again from its checkpoint"),
-        "no retry: {}",
-        agent.log()
+        log.contains("starting it again from its checkpoint"),
+        "no retry: {log}"
+    );
+    assert!(
+        log.contains("resuming the task from its checkpoint"),
+        "no resume after the restart: {log}"
     );
     assert!(rx.wait().unwrap().success());
     let sub = &t["sub_tasks"][0];
