@@ -16,6 +16,8 @@ rm -rf "$DIST"; mkdir -p "$DIST"
 ROOT=$DIST/root
 install -D -m 0755 "$BIN" "$ROOT/usr/bin/sms-agent"
 install -D -m 0644 systemd/sms-agent.service "$ROOT/usr/lib/systemd/system/sms-agent.service"
+install -D -m 0644 systemd/sms-agent-receive.service "$ROOT/usr/lib/systemd/system/sms-agent-receive.service"
+install -D -m 0644 packaging/receive.env.example "$ROOT/usr/share/doc/sms-agent/receive.env.example"
 install -D -m 0600 packaging/agent.toml.example "$ROOT/etc/sms-agent/agent.toml"
 install -D -m 0644 README.md "$ROOT/usr/share/doc/sms-agent/README.md"
 mkdir -p "$ROOT/usr/share/man/man1" "$ROOT/usr/share/bash-completion/completions" "$ROOT/usr/share/zsh/vendor-completions"
@@ -89,6 +91,8 @@ cp -a $ROOT/. %{buildroot}/
 %files
 %attr(0755,root,root) /usr/bin/sms-agent
 %attr(0644,root,root) /usr/lib/systemd/system/sms-agent.service
+%attr(0644,root,root) /usr/lib/systemd/system/sms-agent-receive.service
+%doc /usr/share/doc/sms-agent/receive.env.example
 %dir %attr(0700,root,root) /etc/sms-agent
 %config(noreplace) %attr(0600,root,root) /etc/sms-agent/agent.toml
 %doc /usr/share/doc/sms-agent/README.md
@@ -112,7 +116,8 @@ fi
 T=$DIST/sms-agent-$VERSION-x86_64-linux-musl
 mkdir -p "$T"
 cp "$BIN" "$T/sms-agent"
-cp systemd/sms-agent.service packaging/agent.toml.example packaging/install.sh README.md "$T/"
+cp systemd/sms-agent.service systemd/sms-agent-receive.service packaging/agent.toml.example \
+  packaging/receive.env.example packaging/install.sh README.md "$T/"
 cp "$ROOT/usr/share/man/man1/sms-agent.1.gz" "$T/"
 tar -C "$DIST" -czf "$T.tar.gz" "$(basename "$T")"
 rm -rf "$T" "$ROOT"

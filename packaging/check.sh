@@ -11,6 +11,7 @@ fail() { echo "check.sh: $*" >&2; exit 1; }
 
 listing=$(dpkg-deb -c "$DEB")
 for f in ./usr/bin/sms-agent ./usr/lib/systemd/system/sms-agent.service ./etc/sms-agent/agent.toml \
+         ./usr/lib/systemd/system/sms-agent-receive.service ./usr/share/doc/sms-agent/receive.env.example \
          ./usr/share/man/man1/sms-agent.1.gz ./usr/share/bash-completion/completions/sms-agent \
          ./usr/share/zsh/vendor-completions/_sms-agent; do
   grep -q " $f\$" <<<"$listing" || fail "$f missing from $DEB"
@@ -48,7 +49,9 @@ echo "static binary: probe runs in an empty chroot ($(stat -c %s "$ROOT/sms-agen
 # systemd-analyze wants the ExecStart binary where the unit says.
 UNITROOT=$(mktemp -d)
 install -D -m 0755 "$ROOT/sms-agent" /usr/bin/sms-agent.verify-tmp
-sed 's#/usr/bin/sms-agent #/usr/bin/sms-agent.verify-tmp #' systemd/sms-agent.service > "$UNITROOT/sms-agent.service"
-systemd-analyze verify --man=no "$UNITROOT/sms-agent.service"
+for u in sms-agent.service sms-agent-receive.service; do
+  sed 's#/usr/bin/sms-agent #/usr/bin/sms-agent.verify-tmp #' "systemd/$u" > "$UNITROOT/$u"
+done
+systemd-analyze verify --man=no "$UNITROOT/sms-agent.service" "$UNITROOT/sms-agent-receive.service"
 rm -rf "$UNITROOT" /usr/bin/sms-agent.verify-tmp
 echo "systemd-analyze verify: ok"
