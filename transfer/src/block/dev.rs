@@ -28,16 +28,22 @@ nix::ioctl_readwrite!(
 );
 
 /// Invalidates the whole cache of a block device at the start of a pass, so that no page
-/// read before a filesystem wrote through one of its partitions is reused; files need none.
-pub fn flush_cache(file: &File) {
+/// read before a filesystem wrote through one of its partitions is reused (files, whose
+/// cache is coherent, need none). False when a device's cache could not be invalidated.
+pub fn flush_cache(file: &File) -> bool {
     let is_block = file
         .metadata()
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
-    if is_block {
-        // SAFETY: BLKFLSBUF takes no argument; the fd is open for the call's duration.
-        if let Err(e) = unsafe { blkflsbuf(file.as_raw_fd()) } {
-            tracing::debug!(error = %e, "BLKFLSBUF failed; relying on per-chunk invalidation");
+    if !is_block {
+        return true;
+    }
+    // SAFETY: BLKFLSBUF takes no argument; the fd is open for the call's duration.
+    match unsafe { blkflsbuf(file.as_raw_fd()) } {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "BLKFLSBUF failed; dropping cached pages chunk by chunk");
+            false
         }
     }
 }

@@ -91,6 +91,9 @@ struct Disk {
     path: PathBuf,
     size: u64,
     used: Vec<Range<u64>>,
+    /// The device's cache could not be invalidated at the pass start: drop each chunk's pages
+    /// before reading it instead (costlier: it throws away the kernel's readahead).
+    drop_before_read: bool,
 }
 
 /// State shared by the streams of one pass.
@@ -179,9 +182,12 @@ impl Ctx<'_> {
         buf.clear();
         buf.resize(usize::try_from(cr.end - cr.start).unwrap_or(0), 0);
         // A whole-disk device's page cache is not updated by writes through a mounted
-        // partition's filesystem: pages cached earlier (readahead of the last pass, blkid)
-        // would be stale. Dropping them first makes the read come from the device.
-        drop_cached(&disk.file, &cr);
+        // partition's filesystem: pages cached before this pass (the last pass's readahead,
+        // blkid) would be stale. The pass start invalidated them; where it could not, they
+        // are dropped here so the read comes from the device.
+        if disk.drop_before_read {
+            drop_cached(&disk.file, &cr);
+        }
         let mut read = 0;
         for r in &item.ranges {
             let a = usize::try_from(r.start - cr.start).unwrap_or(0);
@@ -243,8 +249,9 @@ pub fn send(
                 path: d.path.clone(),
                 source: e,
             })?;
-        super::dev::flush_cache(&file);
+        let drop_before_read = !super::dev::flush_cache(&file);
         open.push(Disk {
+            drop_before_read,
             file,
             path: d.path.clone(),
             size,
