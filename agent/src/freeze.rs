@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,15 +122,22 @@ impl Frozen {
             guard: Some((child, stdin)),
             deadline,
         };
-        for m in mounts {
+        for (i, m) in mounts.iter().enumerate() {
             let f = File::open(m).map_err(|source| FreezeError::Freeze {
                 path: m.clone(),
                 source,
             })?;
-            dev::freeze(&f).map_err(|source| FreezeError::Freeze {
-                path: m.clone(),
-                source,
-            })?;
+            // The guard hears of each freeze before it is tried, so that it thaws this one
+            // even if we die in the ioctl, and of a failure, so that it leaves alone a
+            // filesystem someone else froze (EBUSY).
+            me.tell(&format!("freezing {i}\n"));
+            if let Err(source) = dev::freeze(&f) {
+                me.tell(&format!("failed {i}\n"));
+                return Err(FreezeError::Freeze {
+                    path: m.clone(),
+                    source,
+                });
+            }
             tracing::info!(mount = %m.display(), "filesystem frozen");
             me.dirs.push((m.clone(), f));
         }
@@ -143,6 +150,13 @@ impl Frozen {
         let within = Instant::now() < self.deadline;
         self.release();
         within
+    }
+
+    fn tell(&mut self, line: &str) {
+        if let Some((_, stdin)) = self.guard.as_mut() {
+            let _ = stdin.write_all(line.as_bytes());
+            let _ = stdin.flush();
+        }
     }
 
     fn release(&mut self) {
@@ -168,30 +182,46 @@ impl Drop for Frozen {
     }
 }
 
-/// The guard: opens `mounts`, says `ready`, then waits for its parent's word, EOF (the parent
-/// died) or the deadline, whichever comes first, and thaws them all.
+/// The guard: opens `mounts`, says `ready`, then follows its parent's word on stdin
+/// (`freezing I`, `failed I`, `done`) until `done`, EOF (the parent died) or the deadline,
+/// whichever comes first, and thaws the filesystems the parent froze or was freezing.
 pub fn guard_main(within: Duration, mounts: &[PathBuf]) -> std::io::Result<()> {
     let deadline = Instant::now() + within.min(MAX_WINDOW);
     let mut dirs = Vec::new();
     for m in mounts {
-        dirs.push((m.clone(), File::open(m)?));
+        dirs.push((m.clone(), File::open(m)?, false));
     }
     let mut out = std::io::stdout();
     out.write_all(b"ready\n")?;
     out.flush()?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 16];
-        // Any byte or EOF or an error: the parent is done or gone.
-        let _ = std::io::stdin().read(&mut buf);
-        let _ = tx.send(());
+        for line in BufReader::new(std::io::stdin()).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+        // EOF or a read error: the parent is gone; the dropped sender says so.
     });
-    let left = deadline.saturating_duration_since(Instant::now());
-    let why = match rx.recv_timeout(left) {
-        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => "released",
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => "deadline",
+    let why = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let (verb, idx) = l.split_once(' ').unwrap_or((l.as_str(), ""));
+                let idx: Option<usize> = idx.trim().parse().ok();
+                match (verb, idx.and_then(|i| dirs.get_mut(i))) {
+                    ("freezing", Some(d)) => d.2 = true,
+                    ("failed", Some(d)) => d.2 = false,
+                    ("done", _) => break "released",
+                    _ => tracing::warn!(line = %l, "thaw guard: unknown word from the parent"),
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break "the agent is gone",
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break "deadline",
+        }
     };
-    for (m, f) in dirs.iter().rev() {
+    for (m, f, _) in dirs.iter().rev().filter(|d| d.2) {
         match dev::thaw(f) {
             Ok(()) => tracing::warn!(mount = %m.display(), why, "thaw guard thawed the filesystem"),
             Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}

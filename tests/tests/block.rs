@@ -829,5 +829,29 @@ fn freeze_makes_the_last_pass_consistent_and_always_thaws() {
     assert!(gap < Duration::from_secs(5), "thawed only after {gap:?}");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     drop(rx);
+
+    // A filesystem someone else froze: migrate fails, and leaves it frozen (fsfreeze -f on a
+    // frozen filesystem fails with EBUSY).
+    let mp = m.to_str().unwrap();
+    run("fsfreeze", &["--freeze", mp]);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let out = migrate_cmd(&kit, &rx.addr, &[(&dev, "disk0")], &["--sync", "--freeze"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot freeze"),
+        "{err}"
+    );
+    let again = Command::new("fsfreeze")
+        .args(["--freeze", mp])
+        .output()
+        .unwrap();
+    run("fsfreeze", &["--unfreeze", mp]);
+    assert!(
+        !again.status.success(),
+        "the guard thawed a freeze that was not its own"
+    );
+    drop(rx);
     writer.stop();
 }
