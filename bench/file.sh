@@ -96,74 +96,12 @@ if [[ $IFREE =~ ^[0-9]+$ ]] && ((IFREE < 5 * (FILES + 1000))); then
   die "$(dirname "$WORK") has $IFREE free inodes; the run needs $((5 * (FILES + 1000)))"
 fi
 
-# --- our binary: build it, then check it has the commands (another engineer may still be
-# writing them; then the baselines are measured alone).
-BUILD_FAILED=0
-OURS_WHY=
-if [[ -n ${SMS_AGENT_BIN:-} ]]; then
-  BIN=$SMS_AGENT_BIN
-else
-  TARGET_DIR=${CARGO_TARGET_DIR:-target}
-  [[ $TARGET_DIR == /* ]] || TARGET_DIR=$REPO/$TARGET_DIR
-  BIN=$TARGET_DIR/release/sms-agent
-  if [[ ${NO_BUILD:-0} != 1 ]]; then
-    log "cargo build --release -p sms-agent"
-    build=(cargo build --release -q -p sms-agent)
-    if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
-      # Build as the user who ran sudo (their toolchain, no root-owned files in target/).
-      envs=()
-      [[ -n ${CARGO_TARGET_DIR:-} ]] && envs+=("CARGO_TARGET_DIR=$CARGO_TARGET_DIR")
-      # shellcheck disable=SC2016 # expanded by the inner (login) shell
-      sudo -u "$SUDO_USER" -H env "${envs[@]}" bash -lc 'cd "$1" && shift && "$@"' _ "$REPO" "${build[@]}" \
-        || BUILD_FAILED=1
-    else
-      command -v cargo >/dev/null || PATH=$HOME/.cargo/bin:$PATH
-      "${build[@]}" || BUILD_FAILED=1
-    fi
-    ((BUILD_FAILED == 0)) || OURS_WHY="cargo build --release -p sms-agent failed"
-  fi
-fi
-RECV_HELP='' MIGR_HELP=''
-has_flag() { grep -q -- "$2" <<<"$1"; } # has_flag HELP_TEXT --flag
-if [[ -z $OURS_WHY ]]; then
-  if [[ ! -x $BIN ]]; then
-    OURS_WHY="$BIN does not exist"
-  elif ! MIGR_HELP=$("$BIN" migrate --help 2>&1) || ! RECV_HELP=$("$BIN" receive --help 2>&1) \
-    || ! has_flag "$MIGR_HELP" --source-root || ! has_flag "$RECV_HELP" --root; then
-    OURS_WHY="$BIN has no file mode in 'migrate'/'receive' yet"
-  elif ! "$BIN" certs --out "$WORK/certs" --target-name 127.0.0.1 >/dev/null; then
-    OURS_WHY="'sms-agent certs --out DIR --target-name 127.0.0.1' failed"
-  fi
-fi
-if [[ -z $OURS_WHY ]]; then
-  OURS=1
-  CERTS=$WORK/certs
-  has_flag "$RECV_HELP" --once || warn "receive --help shows no --once; the receiver is stopped after each run"
-  has_flag "$RECV_HELP" --state-dir || warn "receive --help shows no --state-dir; its default state dir is used"
-  has_flag "$MIGR_HELP" --sync || warn "migrate --help shows no --sync; scenario 2 measures rsync only"
-  log "ours: $BIN ($("$BIN" --version 2>/dev/null || echo '?'))"
-else
-  OURS=0
-  warn "=================================================================================="
-  warn "NOT MEASURING OURS: $OURS_WHY."
-  warn "Only the baselines run; the sms-agent rows say SKIPPED."
-  warn "=================================================================================="
-fi
-read -ra RECEIVE_EXTRA <<<"${RECEIVE_ARGS:-}"
-read -ra MIGRATE_EXTRA <<<"${MIGRATE_ARGS:-}"
-
-start_sshd "$WORK/ssh"
-log "private sshd on 127.0.0.1:$SSH_PORT (pid $SSHD_PID)"
+# --- our binary (built and checked by lib.sh) and the private sshd.
+prepare_ours --source-root --root "has no file mode in 'migrate'/'receive' yet" 2
 
 # ------------------------------------------------------------------------------------------
 # Helpers for the runs
 
-# rand_file PATH BYTES: incompressible data, fast (AES-CTR keystream with a random key).
-rand_file() {
-  { openssl enc -aes-128-ctr -K "$(openssl rand -hex 16)" -iv "$(openssl rand -hex 16)" </dev/zero 2>/dev/null || true; } \
-    | head -c "$2" >"$1"
-  [[ $(stat -c %s "$1") -eq $2 ]] || die "could not write $2 bytes of random data to $1"
-}
 
 # gen_tree DIR FILES: FILES files of 1-64 KiB in 500 directories (d00/s00 .. d19/s24), every
 # other one random, the others slices of a log-like text (compressible, as real small files

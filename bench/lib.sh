@@ -347,3 +347,79 @@ with open(json_path, "w") as f:
 print(f"\nJSON: {json_path}")
 EOP
 }
+
+# has_flag HELP_TEXT --flag
+has_flag() { grep -q -- "$2" <<<"$1"; }
+
+# prepare_ours MIGRATE_FLAG RECEIVE_FLAG WHY_MISSING SYNC_SCENARIO: builds our release binary
+# (unless SMS_AGENT_BIN or NO_BUILD=1), checks that `migrate --help` shows MIGRATE_FLAG and
+# `receive --help` RECEIVE_FLAG (another engineer may still be writing them; then the
+# baselines are measured alone), makes certificates, and starts the private sshd. Sets BIN,
+# OURS (1/0), OURS_WHY, CERTS, MIGR_HELP, RECV_HELP, RECEIVE_EXTRA and MIGRATE_EXTRA.
+# shellcheck disable=SC2034 # the globals it sets are read by the scripts that source this
+prepare_ours() {
+  local mflag=$1 rflag=$2 lacks=$3 sync_scn=$4 target_dir
+  local -a build envs
+  BUILD_FAILED=0
+  OURS_WHY=
+  if [[ -n ${SMS_AGENT_BIN:-} ]]; then
+    BIN=$SMS_AGENT_BIN
+  else
+    target_dir=${CARGO_TARGET_DIR:-target}
+    [[ $target_dir == /* ]] || target_dir=$REPO/$target_dir
+    BIN=$target_dir/release/sms-agent
+    if [[ ${NO_BUILD:-0} != 1 ]]; then
+      log "cargo build --release -p sms-agent"
+      build=(cargo build --release -q -p sms-agent)
+      if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+        # Build as the user who ran sudo (their toolchain, no root-owned files in target/).
+        envs=()
+        [[ -n ${CARGO_TARGET_DIR:-} ]] && envs+=("CARGO_TARGET_DIR=$CARGO_TARGET_DIR")
+        # shellcheck disable=SC2016 # expanded by the inner (login) shell
+        sudo -u "$SUDO_USER" -H env "${envs[@]}" bash -lc 'cd "$1" && shift && "$@"' _ "$REPO" "${build[@]}" \
+          || BUILD_FAILED=1
+      else
+        command -v cargo >/dev/null || PATH=$HOME/.cargo/bin:$PATH
+        "${build[@]}" || BUILD_FAILED=1
+      fi
+      ((BUILD_FAILED == 0)) || OURS_WHY="cargo build --release -p sms-agent failed"
+    fi
+  fi
+  RECV_HELP='' MIGR_HELP=''
+  if [[ -z $OURS_WHY ]]; then
+    if [[ ! -x $BIN ]]; then
+      OURS_WHY="$BIN does not exist"
+    elif ! MIGR_HELP=$("$BIN" migrate --help 2>&1) || ! RECV_HELP=$("$BIN" receive --help 2>&1) \
+      || ! has_flag "$MIGR_HELP" "$mflag" || ! has_flag "$RECV_HELP" "$rflag"; then
+      OURS_WHY="$BIN $lacks"
+    elif ! "$BIN" certs --out "$WORK/certs" --target-name 127.0.0.1 >/dev/null; then
+      OURS_WHY="'sms-agent certs --out DIR --target-name 127.0.0.1' failed"
+    fi
+  fi
+  if [[ -z $OURS_WHY ]]; then
+    OURS=1
+    CERTS=$WORK/certs
+    has_flag "$RECV_HELP" --once || warn "receive --help shows no --once; the receiver is stopped after each run"
+    has_flag "$RECV_HELP" --state-dir || warn "receive --help shows no --state-dir; its default state dir is used"
+    has_flag "$MIGR_HELP" --sync || warn "migrate --help shows no --sync; scenario $sync_scn measures rsync only"
+    log "ours: $BIN ($("$BIN" --version 2>/dev/null || echo '?'))"
+  else
+    OURS=0
+    warn "=================================================================================="
+    warn "NOT MEASURING OURS: $OURS_WHY."
+    warn "Only the baselines run; the sms-agent rows say SKIPPED."
+    warn "=================================================================================="
+  fi
+  read -ra RECEIVE_EXTRA <<<"${RECEIVE_ARGS:-}"
+  read -ra MIGRATE_EXTRA <<<"${MIGRATE_ARGS:-}"
+
+  start_sshd "$WORK/ssh"
+  log "private sshd on 127.0.0.1:$SSH_PORT (pid $SSHD_PID)"
+}
+
+# rand_file PATH BYTES: incompressible data, fast (AES-CTR keystream with a random key).
+rand_file() {
+  { openssl enc -aes-128-ctr -K "$(openssl rand -hex 16)" -iv "$(openssl rand -hex 16)" </dev/zero 2>/dev/null || true; } \
+    | head -c "$2" >"$1"
+  [[ $(stat -c %s "$1") -eq $2 ]] || die "could not write $2 bytes of random data to $1"
+}
