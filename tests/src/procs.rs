@@ -206,6 +206,55 @@ impl Emulator {
         }
     }
 
+    /// The id of the first source registered, waiting up to 30 s for `agent` to register.
+    pub fn source_id(&self, agent: &Agent) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(id) = self.db()["sources"]
+                .as_object()
+                .and_then(|m| m.keys().next().cloned())
+            {
+                return id;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no registration: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until task `tid` reaches `state`; fails after `secs`.
+    pub fn wait_task(&self, tid: &str, state: &str, secs: u64) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, t) = self.operator("GET", &format!("/v3/tasks/{tid}"), None);
+            if t["state"] == state {
+                return t;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "task never reached {state}: {t}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Writes task `tid`'s `certkey` CA, target certificate and target key to `ca`, `cert`
+    /// and `key`, as a receiver for the task needs them.
+    pub fn save_target_certs(&self, tid: &str, ca: &str, cert: &str, key: &str) {
+        let (st, ck) = self.operator("GET", &format!("/v3/tasks/{tid}/certkey"), None);
+        assert_eq!(st, 200, "{ck}");
+        for (k, f) in [
+            ("ca", ca),
+            ("target_data_cert", cert),
+            ("target_data_private_key", key),
+        ] {
+            std::fs::write(f, ck[k].as_str().unwrap()).unwrap();
+        }
+    }
+
     /// Stops it (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -449,27 +449,6 @@ fn bad_arguments_and_unreachable_targets_fail_clearly() {
     run_quiet("true", &[]);
 }
 
-/// Waits until the emulator's task `tid` reaches `state`; fails after `secs`.
-fn wait_task(
-    emu: &sms_tests::procs::Emulator,
-    tid: &str,
-    state: &str,
-    secs: u64,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let (_, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
-        if t["state"] == state {
-            return t;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "task never reached {state}: {t}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     use serde_json::json;
@@ -502,22 +481,7 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
         &extra,
         &[],
     );
-    let start = Instant::now();
-    let id = loop {
-        let db = emu.db();
-        if let Some(id) = db["sources"]
-            .as_object()
-            .and_then(|m| m.keys().next().cloned())
-        {
-            break id;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no registration: {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let id = emu.source_id(&agent);
     let (st, task) = emu.operator(
         "POST",
         "/v3/tasks",
@@ -526,15 +490,12 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     );
     assert_eq!(st, 200, "{task}");
     let tid = task["id"].as_str().unwrap().to_string();
-    let (st, ck) = emu.operator("GET", &format!("/v3/tasks/{tid}/certkey"), None);
-    assert_eq!(st, 200);
-    for (k, f) in [
-        ("ca", "c/tca.pem"),
-        ("target_data_cert", "c/tcert.pem"),
-        ("target_data_private_key", "c/tkey.pem"),
-    ] {
-        std::fs::write(kit.p(f), ck[k].as_str().unwrap()).unwrap();
-    }
+    emu.save_target_certs(
+        &tid,
+        &kit.p("c/tca.pem"),
+        &kit.p("c/tcert.pem"),
+        &kit.p("c/tkey.pem"),
+    );
     let dst = image(kit.dir.path(), "dst.img", 128 << 20);
     let receiver = || {
         let mut cmd = Command::new(sms_agent());
@@ -584,7 +545,7 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     }
     agent.kill9();
     agent.restart();
-    let t = wait_task(&emu, &tid, "MIGRATE_SUCCESS", 120);
+    let t = emu.wait_task(&tid, "MIGRATE_SUCCESS", 120);
     let log = agent.log();
     assert!(
         log.contains("starting it again from its checkpoint"),
@@ -655,7 +616,7 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
         &format!("/v3/tasks/{tid}/action"),
         Some(json!({"operation": "sync"})),
     );
-    wait_task(&emu, &tid, "SYNC_SUCCESS", 120);
+    emu.wait_task(&tid, "SYNC_SUCCESS", 120);
     assert!(rx.wait().unwrap().success());
     assert!(
         std::fs::read(&dst).unwrap() == std::fs::read(&src.dev).unwrap(),

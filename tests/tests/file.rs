@@ -212,22 +212,30 @@ fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
     .unwrap();
 }
 
-/// Names of leftover temporaries under `dir`.
-fn temps(dir: &Path) -> Vec<PathBuf> {
+/// Every entry below `dir`, with its type.
+fn entries(dir: &Path) -> Vec<(PathBuf, std::fs::FileType)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let e = e.unwrap();
-            if e.file_name().as_bytes().starts_with(b".sms~") {
-                out.push(e.path());
-            }
-            if e.file_type().unwrap().is_dir() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
                 stack.push(e.path());
             }
+            out.push((e.path(), t));
         }
     }
     out
+}
+
+/// Names of leftover temporaries under `dir`.
+fn temps(dir: &Path) -> Vec<PathBuf> {
+    entries(dir)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.file_name().unwrap().as_bytes().starts_with(b".sms~"))
+        .collect()
 }
 
 /// A tree with every kind of entry issue 5 names.
@@ -1038,23 +1046,6 @@ fn migrate_file(kit: &Kit, addr: &str, src: &Path, extra: &[&str]) -> Command {
     c
 }
 
-/// Every regular file below `dir`.
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let t = e.file_type().unwrap();
-            if t.is_dir() {
-                stack.push(e.path());
-            } else if t.is_file() {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 /// Count and bytes of the regular files with a final name under `dir` (not recursive).
 fn landed_in(dir: &Path) -> (usize, u64) {
     let mut n = (0, 0);
@@ -1144,10 +1135,10 @@ fn kill_9_of_either_process_and_the_copy_resumes_identical() {
     eprintln!("after two kills: {line}");
     // What had landed is not sent again; the rest of the bulk and the rich tree's data may
     // be, and up to 4 MiB more (big files in flight at a kill).
-    let rich: u64 = walk_files(&src)
+    let rich: u64 = entries(&src)
         .iter()
-        .filter(|p| !p.starts_with(src.join("bulk")))
-        .map(|p| blocks(p) * 512)
+        .filter(|(p, t)| t.is_file() && !p.starts_with(src.join("bulk")))
+        .map(|(p, _)| blocks(p) * 512)
         .sum();
     assert!(
         resent <= total - have + rich + (4 << 20),
@@ -1221,17 +1212,7 @@ fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
         &format!("[transfer]\nport = {port}\nstreams = 2\n"),
         &[],
     );
-    let t0 = Instant::now();
-    let id = loop {
-        if let Some(id) = emu.db()["sources"]
-            .as_object()
-            .and_then(|m| m.keys().next().cloned())
-        {
-            break id;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let id = emu.source_id(&agent);
     let s = |p: &str| src.join(p).display().to_string();
     let (st, task) = emu.operator(
         "POST",
@@ -1249,14 +1230,12 @@ fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
     assert_eq!(st, 200, "{task}");
     let tid = task["id"].as_str().unwrap().to_string();
     // The receiver takes the task's target certificate.
-    let (_, ck) = emu.operator("GET", &format!("/v3/tasks/{tid}/certkey"), None);
-    for (k, f) in [
-        ("ca", "c/ca.pem"),
-        ("target_data_cert", "c/target.pem"),
-        ("target_data_private_key", "c/target-key.pem"),
-    ] {
-        std::fs::write(kit.p(f), ck[k].as_str().unwrap()).unwrap();
-    }
+    emu.save_target_certs(
+        &tid,
+        &kit.p("c/ca.pem"),
+        &kit.p("c/target.pem"),
+        &kit.p("c/target-key.pem"),
+    );
     let rx = Receiver::start(
         &kit,
         &[
@@ -1274,22 +1253,7 @@ fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
         )
     };
     action("start");
-    let wait = |state: &str| {
-        let t0 = Instant::now();
-        loop {
-            let (_, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
-            if t["state"] == state {
-                return t;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "never {state}: {t}\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    let t = wait("MIGRATE_SUCCESS");
+    let t = emu.wait_task(&tid, "MIGRATE_SUCCESS", 120);
     assert_eq!(t["sub_tasks"][0]["name"], "MIGRATE_LINUX_FILE", "{t}");
     assert_eq!(t["sub_tasks"][0]["progress"], 100);
     let on_target = dst.join(src.strip_prefix("/").unwrap());
@@ -1344,7 +1308,7 @@ fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
     action("skip");
     std::thread::sleep(Duration::from_millis(1500));
     action("sync");
-    let t = wait("SYNC_SUCCESS");
+    let t = emu.wait_task(&tid, "SYNC_SUCCESS", 120);
     assert!(
         t["sub_tasks"]
             .as_array()
