@@ -59,10 +59,24 @@ pub const TEMP_PREFIX: &[u8] = b".sms~";
 /// missing. It never carries the final name, so nothing trusts it as complete.
 pub const PARTIAL_PREFIX: &[u8] = b".sms~part~";
 
-fn partial_name(name: &[u8]) -> Option<Vec<u8>> {
+/// The partial name of a file of `size` bytes called `name`: only large files get one (and
+/// only where the prefixed name still fits).
+fn partial_name(name: &[u8], size: u64) -> Option<Vec<u8>> {
+    if size < DELTA_MIN {
+        return None;
+    }
     let mut p = PARTIAL_PREFIX.to_vec();
     p.extend_from_slice(name);
     (p.len() <= super::proto::MAX_NAME).then_some(p)
+}
+
+/// Removes the non-directory `name` in `dir` if it is there (best effort).
+fn unlink_quietly(dir: BorrowedFd<'_>, name: &[u8]) {
+    let _ = nix::unistd::unlinkat(
+        Some(dir.as_raw_fd()),
+        std::ffi::OsStr::from_bytes(name),
+        UnlinkatFlags::NoRemoveDir,
+    );
 }
 
 /// Where this session keeps a partial file while it serves as the base of entry `id` (the
@@ -496,12 +510,8 @@ impl Ctl {
                         }
                     }
                     // A partial left by an interrupted pass is of no use any more.
-                    if let Some(pn) = partial_name(name).filter(|_| m.size >= DELTA_MIN) {
-                        let _ = nix::unistd::unlinkat(
-                            Some(pfd.as_raw_fd()),
-                            std::ffi::OsStr::from_bytes(&pn),
-                            UnlinkatFlags::NoRemoveDir,
-                        );
+                    if let Some(pn) = partial_name(name, m.size) {
+                        unlink_quietly(pfd, &pn);
                     }
                     return Ok(());
                 }
@@ -516,23 +526,21 @@ impl Ctl {
                     .map_err(|e| FileError::target(path, e))?;
             }
         }
-        if m.size >= DELTA_MIN {
-            if let Some(pn) = partial_name(name) {
-                if let Ok(Some(pst)) = stat_at(pfd, &pn) {
-                    let base = base_name(self.session, id);
-                    let renamed = kind_of(&pst) == S_IFREG
-                        && nix::fcntl::renameat(
-                            Some(pfd.as_raw_fd()),
-                            std::ffi::OsStr::from_bytes(&pn),
-                            Some(pfd.as_raw_fd()),
-                            std::ffi::OsStr::from_bytes(&base),
-                        )
-                        .is_ok();
-                    if renamed {
-                        if let Ok(f) = open_regular(pfd, &base) {
-                            sums = sums_of(&f, u64::try_from(pst.st_size).unwrap_or(0))
-                                .map_err(|e| FileError::target(path, e))?;
-                        }
+        if let Some(pn) = partial_name(name, m.size) {
+            if let Ok(Some(pst)) = stat_at(pfd, &pn) {
+                let base = base_name(self.session, id);
+                let renamed = kind_of(&pst) == S_IFREG
+                    && nix::fcntl::renameat(
+                        Some(pfd.as_raw_fd()),
+                        std::ffi::OsStr::from_bytes(&pn),
+                        Some(pfd.as_raw_fd()),
+                        std::ffi::OsStr::from_bytes(&base),
+                    )
+                    .is_ok();
+                if renamed {
+                    if let Ok(f) = open_regular(pfd, &base) {
+                        sums = sums_of(&f, u64::try_from(pst.st_size).unwrap_or(0))
+                            .map_err(|e| FileError::target(path, e))?;
                     }
                 }
             }
@@ -926,11 +934,7 @@ impl Current {
     }
 
     fn unlink(&self, name: &[u8]) {
-        let _ = nix::unistd::unlinkat(
-            Some(self.pfd.as_raw_fd()),
-            std::ffi::OsStr::from_bytes(name),
-            UnlinkatFlags::NoRemoveDir,
-        );
+        unlink_quietly(self.pfd.as_fd(), name);
     }
 
     fn discard(&self) {
@@ -938,28 +942,15 @@ impl Current {
         self.unlink(&self.base);
     }
 
-    /// After a broken stream: a large file keeps what it received under its partial name,
-    /// for the next session to diff against; anything else is dropped.
+    /// After a broken stream: a large file keeps what it received under its partial name
+    /// (where it was written from the start), for the next session to diff against; anything
+    /// else is dropped.
     fn keep_partial(&self) {
-        if self.meta.size >= DELTA_MIN {
-            if let Some(pn) = partial_name(&self.name) {
-                if self.temp == pn {
-                    self.unlink(&self.base);
-                    return;
-                }
-                let kept = nix::fcntl::renameat(
-                    Some(self.pfd.as_raw_fd()),
-                    std::ffi::OsStr::from_bytes(&self.temp),
-                    Some(self.pfd.as_raw_fd()),
-                    std::ffi::OsStr::from_bytes(&pn),
-                );
-                if kept.is_ok() {
-                    self.unlink(&self.base);
-                    return;
-                }
-            }
+        if partial_name(&self.name, self.meta.size).as_ref() == Some(&self.temp) {
+            self.unlink(&self.base);
+        } else {
+            self.discard();
         }
-        self.discard();
     }
 }
 
@@ -1002,13 +993,9 @@ fn data_stream(
                 // A large file is written under its partial name from the start, so that
                 // what arrived survives even a kill -9 of this process and the next session
                 // diffs against it (the Need of this entry moved any older partial aside).
-                let temp = match partial_name(&name).filter(|_| meta.size >= DELTA_MIN) {
+                let temp = match partial_name(&name, meta.size) {
                     Some(pn) => {
-                        let _ = nix::unistd::unlinkat(
-                            Some(pfd.as_raw_fd()),
-                            std::ffi::OsStr::from_bytes(&pn),
-                            UnlinkatFlags::NoRemoveDir,
-                        );
+                        unlink_quietly(pfd.as_fd(), &pn);
                         pn
                     }
                     None => {
