@@ -161,11 +161,8 @@ impl Frozen {
 
     fn release(&mut self) {
         for (m, f) in self.dirs.drain(..).rev() {
-            match dev::thaw(&f) {
-                Ok(()) => tracing::info!(mount = %m.display(), "filesystem thawed"),
-                // EINVAL: not frozen any more (the guard's deadline came first).
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
-                Err(e) => tracing::error!(mount = %m.display(), error = %e, "thaw failed"),
+            if thaw(&m, &f) {
+                tracing::info!(mount = %m.display(), "filesystem thawed");
             }
         }
         if let Some((mut child, mut stdin)) = self.guard.take() {
@@ -179,6 +176,20 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Thaws the filesystem of `f` (mounted at `m`); whether this call thawed it. EINVAL means
+/// it was not frozen any more (the other of migrate and its guard came first); other errors
+/// are logged.
+fn thaw(m: &Path, f: &File) -> bool {
+    match dev::thaw(f) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => false,
+        Err(e) => {
+            tracing::error!(mount = %m.display(), error = %e, "thaw failed");
+            false
+        }
     }
 }
 
@@ -222,10 +233,8 @@ pub fn guard_main(within: Duration, mounts: &[PathBuf]) -> std::io::Result<()> {
         }
     };
     for (m, f, _) in dirs.iter().rev().filter(|d| d.2) {
-        match dev::thaw(f) {
-            Ok(()) => tracing::warn!(mount = %m.display(), why, "thaw guard thawed the filesystem"),
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
-            Err(e) => tracing::error!(mount = %m.display(), error = %e, "thaw guard: thaw failed"),
+        if thaw(m, f) {
+            tracing::warn!(mount = %m.display(), why, "thaw guard thawed the filesystem");
         }
     }
     Ok(())
