@@ -795,6 +795,17 @@ impl Hostile {
         let _ = m.write_to(&mut self.data.writer);
         let _ = self.data.flush();
     }
+    /// Waits until the receiver has processed the whole listing (`ListDone`), so that data
+    /// sent next cannot overtake it on the other stream.
+    fn listed(&mut self) {
+        loop {
+            match transfer::file::proto::read_any(&mut self.ctl.reader) {
+                Ok(transfer::file::proto::Any::File(FileMsg::ListDone)) => return,
+                Ok(_) => {}
+                Err(e) => panic!("no ListDone: {e}"),
+            }
+        }
+    }
 }
 
 fn meta(kind: u32) -> Meta {
@@ -890,6 +901,7 @@ fn a_hostile_sender_changes_nothing_outside_the_root() {
         Box::new(|h| {
             h.ctl(&entry(0, b"lnk", S_IFLNK, &sentinel_abs));
             h.ctl(&FileMsg::ListEnd);
+            h.listed();
             h.data(&file(b"lnk"));
             h.data(&FileMsg::StreamEnd);
             h.ctl(&FileMsg::Finish);
