@@ -212,8 +212,8 @@ pub struct ProbeSection {
 pub struct TransferSection {
     /// Data port on the target.
     pub port: u16,
-    /// Parallel data connections per task.
-    pub streams: u16,
+    /// Parallel data connections per task (unset: 4 for block-level, 8 for file-level).
+    pub streams: Option<u16>,
     /// Paths excluded from file-level migration.
     pub exclude: Vec<String>,
 }
@@ -222,7 +222,7 @@ impl Default for TransferSection {
     fn default() -> Self {
         Self {
             port: 8900,
-            streams: 4,
+            streams: None,
             exclude: Vec::new(),
         }
     }

@@ -114,9 +114,10 @@ pub struct MigrateArgs {
     /// Freeze window in seconds (at most 30).
     #[arg(long, value_name = "SECS", default_value_t = 30.0, hide = true)]
     freeze_secs: f64,
-    /// Parallel data streams.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    streams: u16,
+    /// Parallel data streams [default: 4 in block mode, 8 in file mode, where more streams
+    /// keep more small-file reads and writes in flight].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: Option<u16>,
     /// Speed limit in Mbit/s (0: none), shared by all streams.
     #[arg(long, value_name = "MBIT", default_value_t = 0)]
     limit_mbit: u64,
@@ -339,7 +340,7 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
             pass,
             sync,
             more: i < last,
-            streams: a.streams,
+            streams: a.streams.unwrap_or(transfer::block::STREAMS),
             checkpoint_every: Duration::from_secs_f64(a.checkpoint_secs.clamp(0.05, 600.0)),
             ..transfer::block::SendOptions::default()
         };
@@ -415,7 +416,7 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
         sources: vec![root.clone()],
         map_to_root: true,
         excludes: a.exclude.clone(),
-        streams: a.streams,
+        streams: a.streams.unwrap_or(transfer::file::STREAMS),
         sync: a.sync,
         task_id: a.task_id.clone(),
         ..transfer::file::SendOptions::default()

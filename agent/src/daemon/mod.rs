@@ -500,7 +500,11 @@ impl Daemon {
                     task_id: task_id.clone(),
                     pass,
                     sync,
-                    streams: self.transfer.streams.max(1),
+                    streams: self
+                        .transfer
+                        .streams
+                        .unwrap_or(transfer::block::STREAMS)
+                        .max(1),
                     ..transfer::block::SendOptions::default()
                 };
                 engine::Runner::start_block(connector, disks, opts)
@@ -604,7 +608,11 @@ impl Daemon {
                 sources,
                 map_to_root: false,
                 excludes,
-                streams: self.transfer.streams.max(1),
+                streams: self
+                    .transfer
+                    .streams
+                    .unwrap_or(transfer::file::STREAMS)
+                    .max(1),
                 sync,
                 hash_mode: false,
                 task_id: task.id.clone(),

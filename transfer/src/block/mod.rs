@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 pub use recv::{receive, ReceiveOptions, ReceiveReport, TargetMap};
-pub use send::{send, PassReport, SendOptions};
+pub use send::{send, PassReport, SendOptions, STREAMS};
 
 use crate::session::SessionError;
 use crate::wire::WireError;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::ckpt::{self, Meta};
 use super::map::{chunk_count, chunk_range, Bitmap};
 use super::{leaf_hash, BlockError};
-use crate::chunk::verify;
+use crate::chunk::{verify_with, Zstd};
 use crate::session::{name_of, Incoming, Stream};
 use crate::wire::{Message, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
 
@@ -604,6 +604,7 @@ fn stream_loop(
 ) -> Result<(), BlockError> {
     let mut pending: HashMap<(u16, u64), Pending> = HashMap::new();
     let mut buf = Vec::new();
+    let mut zstd = Zstd::default();
     loop {
         if sess.failed.load(Ordering::Relaxed) {
             return Ok(());
@@ -614,7 +615,8 @@ fn stream_loop(
                 disk, offset, len, ..
             } => {
                 let (t, c) = sess.range(disk, offset, u64::from(len))?;
-                let plain = verify(&m).map_err(|e| BlockError::Protocol(e.to_string()))?;
+                let plain =
+                    verify_with(&mut zstd, &m).map_err(|e| BlockError::Protocol(e.to_string()))?;
                 t.file
                     .write_all_at(&plain, offset)
                     .map_err(|e| target_err(t, "SMS.1908", e))?;

@@ -49,6 +49,9 @@ pub struct SendOptions {
     pub checkpoint_every: Duration,
 }
 
+/// Data streams of a block pass unless told otherwise: enough for wire speed on big chunks.
+pub const STREAMS: u16 = 4;
+
 impl Default for SendOptions {
     fn default() -> Self {
         Self {
@@ -56,7 +59,7 @@ impl Default for SendOptions {
             pass: 0,
             sync: false,
             more: false,
-            streams: 4,
+            streams: STREAMS,
             chunk_size: DEFAULT_CHUNK,
             checkpoint_every: Duration::from_secs(2),
         }

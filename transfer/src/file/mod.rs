@@ -16,7 +16,7 @@
 //!
 //! Modules: [`proto`] messages, [`path`] path checks and excludes, [`walk`] the source walk,
 //! [`meta`] metadata capture and apply, [`dirs`] the descriptor cache, [`recv`] the target,
-//! [`send`] the source, `sys` the few unsafe syscalls.
+//! [`send`] the source, `squeeze` when compression pays, `sys` the few unsafe syscalls.
 
 pub mod dirs;
 pub mod meta;
@@ -24,6 +24,7 @@ pub mod path;
 pub mod proto;
 pub mod recv;
 pub mod send;
+mod squeeze;
 mod sys;
 pub mod walk;
 
@@ -31,7 +32,7 @@ use std::path::PathBuf;
 
 pub use path::{Excludes, PathError, DEFAULT_EXCLUDES};
 pub use recv::{receive, ReceiveOptions, ReceiveReport};
-pub use send::{consistency, send, CheckOptions, DirCheck, SendOptions, SendReport};
+pub use send::{consistency, send, CheckOptions, DirCheck, SendOptions, SendReport, STREAMS};
 
 use crate::session::SessionError;
 use crate::wire::WireError;

@@ -801,52 +801,38 @@ pub fn read_any(r: &mut impl std::io::Read) -> Result<Any, WireError> {
     }
 }
 
-/// Compresses `data` with zstd when that saves at least a tenth, backing off after misses
-/// (the policy of [`crate::chunk::Compressor`], for file data).
+/// Compresses file data with zstd when a probe says it may pay and it then saves a tenth; the
+/// decision is per file or chunk, since neighbouring files share nothing.
 #[derive(Debug, Default)]
 pub struct Packer {
-    skip: u32,
-    backoff: u32,
+    zstd: crate::chunk::Zstd,
 }
-
-/// Smallest data worth trying to compress.
-const MIN_COMPRESS: usize = 512;
 
 impl Packer {
-    /// (compressed?, bytes to send).
-    pub fn pack(&mut self, data: &[u8]) -> (bool, Vec<u8>) {
-        if data.len() >= MIN_COMPRESS {
-            if self.skip > 0 {
-                self.skip -= 1;
-            } else {
-                match zstd::bulk::compress(data, 1) {
-                    Ok(c) if c.len().saturating_mul(10) <= data.len().saturating_mul(9) => {
-                        self.backoff = 0;
-                        return (true, c);
-                    }
-                    _ => {
-                        self.backoff = (self.backoff * 2).clamp(1, 64);
-                        self.skip = self.backoff;
-                    }
-                }
-            }
-        }
-        (false, data.to_vec())
-    }
-}
-
-/// The plain bytes of a data field, checked against its BLAKE3; `None` when corrupt.
-pub fn unpack(len: u32, hash: &[u8; 32], compressed: bool, data: &[u8]) -> Option<Vec<u8>> {
-    let plain = if compressed {
-        let d = zstd::bulk::decompress(data, len as usize).ok()?;
-        if d.len() != len as usize {
+    /// The compressed form of `data`, or `None` to send it as it is (always when compression
+    /// is not `wanted` now).
+    pub fn pack(&mut self, data: &[u8], wanted: bool) -> Option<Vec<u8>> {
+        if !wanted || !self.zstd.promising(data) {
             return None;
         }
-        d
-    } else {
-        data.to_vec()
-    };
-    (blake3::hash(&plain).as_bytes() == hash).then_some(plain)
+        self.zstd.shrink(data)
+    }
+
+    /// The plain bytes of a data field, checked against its BLAKE3; `None` when corrupt.
+    pub fn unpack(
+        &mut self,
+        len: u32,
+        hash: &[u8; 32],
+        compressed: bool,
+        data: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        let plain = if compressed {
+            self.zstd.expand(&data, len as usize)?
+        } else {
+            data
+        };
+        (plain.len() == len as usize && blake3::hash(&plain).as_bytes() == hash).then_some(plain)
+    }
 }
 
 #[cfg(test)]
@@ -1086,12 +1072,20 @@ mod tests {
     fn packer_compresses_text_and_unpack_checks_hashes() {
         let mut p = Packer::default();
         let text = b"hello world ".repeat(1000);
-        let (c, d) = p.pack(&text);
-        assert!(c && d.len() < text.len());
+        let d = p.pack(&text, true).unwrap();
+        assert!(p.pack(&text, false).is_none());
+        assert!(d.len() < text.len());
         let h = *blake3::hash(&text).as_bytes();
         let len = text.len() as u32;
-        assert_eq!(unpack(len, &h, true, &d).unwrap(), text);
-        assert!(unpack(len, &[0; 32], true, &d).is_none());
-        assert!(unpack(len - 1, &h, true, &d).is_none());
+        assert_eq!(p.unpack(len, &h, true, d.clone()).unwrap(), text);
+        assert!(p.unpack(len, &[0; 32], true, d.clone()).is_none());
+        assert!(p.unpack(len - 1, &h, true, d).is_none());
+        assert_eq!(
+            p.unpack(3, blake3::hash(b"abc").as_bytes(), false, b"abc".to_vec()),
+            Some(b"abc".to_vec())
+        );
+        assert!(p
+            .unpack(2, blake3::hash(b"abc").as_bytes(), false, b"abc".to_vec())
+            .is_none());
     }
 }

@@ -30,7 +30,7 @@ use super::dirs::DirCache;
 use super::meta;
 use super::path::{components, join, parent, split, Excludes};
 use super::proto::{
-    read_any, unpack, Any, Compare, FileMsg, Meta, PassKind, MAX_SUMS, SUM_LEN, S_IFBLK, S_IFCHR,
+    read_any, Any, Compare, FileMsg, Meta, Packer, PassKind, MAX_SUMS, SUM_LEN, S_IFBLK, S_IFCHR,
     S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK,
 };
 use super::sys::{self, Node};
@@ -563,10 +563,10 @@ impl Ctl {
         {
             return true;
         }
-        let Ok(p) = sys::child_path(pfd, name) else {
+        let Ok(c) = std::ffi::CString::new(name) else {
             return true;
         };
-        match meta::read_xattrs(Node::Path(&p)) {
+        match meta::read_xattrs(Node::At(pfd, &c)) {
             Ok((have, 0)) => have != m.xattrs,
             _ => true,
         }
@@ -963,6 +963,7 @@ fn data_stream(
     stats: Arc<DataStats>,
 ) -> Result<u64, FileError> {
     let mut cache = DirCache::new(root);
+    let mut packer = Packer::default();
     let mut cur: Option<Current> = None;
     let mut seq = 0u64;
     let mut warnings = 0u64;
@@ -1024,7 +1025,7 @@ fn data_stream(
                 };
                 let c = cur.insert(c);
                 if len > 0 || !data.is_empty() {
-                    let plain = unpack(len, &hash, compressed, &data).ok_or_else(|| {
+                    let plain = packer.unpack(len, &hash, compressed, data).ok_or_else(|| {
                         FileError::Protocol(format!("corrupt data for {}", lossy(&c.path)))
                     })?;
                     c.write(0, &plain, &stats)?;
@@ -1046,7 +1047,7 @@ fn data_stream(
                 let c = cur
                     .as_ref()
                     .ok_or_else(|| FileError::Protocol("Data outside a file".into()))?;
-                let plain = unpack(len, &hash, compressed, &data).ok_or_else(|| {
+                let plain = packer.unpack(len, &hash, compressed, data).ok_or_else(|| {
                     FileError::Protocol(format!("corrupt data for {}", lossy(&c.path)))
                 })?;
                 c.write(offset, &plain, &stats)?;

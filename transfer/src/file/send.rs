@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -27,6 +27,7 @@ use super::path::{join, parent, Excludes, DEFAULT_EXCLUDES};
 use super::proto::{
     read_any, Any, Compare, FileMsg, Meta, Packer, PassKind, SUM_LEN, S_IFDIR, S_IFREG,
 };
+use super::squeeze::Squeeze;
 use super::walk::{open_source, Item, Root, WalkOptions, Walker};
 use super::{lossy, source_path, sys, target_rel, FileError};
 use crate::conn::ConnWriter;
@@ -34,6 +35,10 @@ use crate::session::{Connector, Stream, MAX_STREAMS};
 use crate::task::{Control, Progress};
 use crate::wire::{Message, Mode};
 
+/// Data streams of a file pass unless told otherwise: each is a reader on the source and a
+/// writer on the target, and with small files more of them keep more disk requests in flight
+/// (8 measured a tenth faster than 4 with a cold cache, 16 no faster than 8).
+pub const STREAMS: u16 = 8;
 /// Files up to this size (with no older copy to diff against) travel whole in one frame.
 pub const SMALL: u64 = 1 << 20;
 /// Chunk of a large file without sums.
@@ -404,6 +409,7 @@ impl Pass<'_> {
         let summary: Mutex<(u64, u64)> = Mutex::new((0, 0));
         let changed: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
         let errors: Mutex<Vec<FileError>> = Mutex::new(Vec::new());
+        let squeeze = Squeeze::new(self.streams);
 
         let result = std::thread::scope(|s| -> Result<Listed, FileError> {
             // Control reader.
@@ -512,6 +518,7 @@ impl Pass<'_> {
 
             // Data workers.
             let mut workers = Vec::new();
+            let squeeze = &squeeze;
             for stream in data.drain(..) {
                 let (qrx, abort, stats, changed, errors, root_fds) =
                     (&qrx, &abort, &stats, &changed, &errors, &root_fds);
@@ -521,6 +528,7 @@ impl Pass<'_> {
                         stats,
                         progress,
                         control,
+                        squeeze,
                     };
                     w.run(stream, qrx, abort, changed, errors, root_fds);
                 }));
@@ -815,6 +823,7 @@ struct Worker<'a> {
     stats: &'a Stats,
     progress: &'a Progress,
     control: &'a Control,
+    squeeze: &'a Squeeze,
 }
 
 /// How sending one file went.
@@ -888,8 +897,10 @@ impl Worker<'_> {
         m: &FileMsg,
         wire: usize,
     ) -> Result<(), FileError> {
+        let t = Instant::now();
         self.control.pace(wire as u64);
         m.write_to(w)?;
+        self.squeeze.waited(t.elapsed());
         self.stats.wire.fetch_add(wire as u64, Ordering::Relaxed);
         Progress::add(&self.progress.wire_sent, wire as u64);
         Ok(())
@@ -941,20 +952,22 @@ impl Worker<'_> {
             source: e,
         };
         if size <= SMALL && job.sums.is_none() {
-            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-            (&file)
-                .take(size + 1)
-                .read_to_end(&mut buf)
-                .map_err(read_err)?;
-            if buf.len() as u64 != size {
+            // One read of the size fstat gave: a file that grew meanwhile shows in the
+            // change key checked after the read.
+            let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+            let got = read_full(&file, &mut buf, 0).map_err(read_err)?;
+            if got < buf.len() {
                 changed = true;
-                buf.truncate(usize::try_from(size).unwrap_or(0));
+                buf.truncate(got);
             }
             let hash = *blake3::hash(&buf).as_bytes();
-            let (compressed, data) = packer.pack(&buf);
-            let wire = data.len();
             let len =
                 u32::try_from(buf.len()).map_err(|_| FileError::Protocol("file data".into()))?;
+            let (compressed, data) = match packer.pack(&buf, self.squeeze.wanted()) {
+                Some(c) => (true, c),
+                None => (false, buf),
+            };
+            let wire = data.len();
             self.send(
                 w,
                 &FileMsg::File {
@@ -1026,7 +1039,10 @@ impl Worker<'_> {
                     self.stats.reused.fetch_add(got as u64, Ordering::Relaxed);
                 } else if !chunk.iter().all(|&b| b == 0) {
                     let hash = *blake3::hash(chunk).as_bytes();
-                    let (compressed, data) = packer.pack(chunk);
+                    let (compressed, data) = match packer.pack(chunk, self.squeeze.wanted()) {
+                        Some(c) => (true, c),
+                        None => (false, chunk.to_vec()),
+                    };
                     let wire = data.len();
                     self.send(
                         w,

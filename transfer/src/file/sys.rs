@@ -65,6 +65,47 @@ pub enum Node<'a> {
     Path(&'a CStr),
     /// A path that is followed (a `/proc/self/fd/N` of an `O_PATH` descriptor).
     Follow(&'a CStr),
+    /// The entry `name` (one component, not followed) of directory `dir`: `listxattrat` and
+    /// `getxattrat` (Linux 6.13) where the kernel has them, which spares the lookup of a
+    /// `/proc/self/fd/N/name` path (a tenth of a sync's CPU on each side); that path otherwise.
+    At(BorrowedFd<'a>, &'a CStr),
+}
+
+/// `listxattrat` and `getxattrat`, the same numbers on every architecture (the generic table).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_XATTRAT: Option<(libc::c_long, libc::c_long)> = Some((465, 464));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYS_XATTRAT: Option<(libc::c_long, libc::c_long)> = None;
+
+/// Set once the kernel said `ENOSYS` to the `*xattrat` calls.
+static NO_XATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `struct xattr_args` of `getxattrat`.
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// Runs an `*xattrat` call, or `None` when the kernel has none (then the caller falls back).
+fn xattrat(call: impl FnOnce(libc::c_long, libc::c_long) -> libc::c_long) -> Option<libc::c_long> {
+    use std::sync::atomic::Ordering;
+    let (list, get) = SYS_XATTRAT?;
+    if NO_XATTRAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    let r = call(list, get);
+    if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        NO_XATTRAT.store(true, Ordering::Relaxed);
+        return None;
+    }
+    Some(r)
+}
+
+/// The `/proc/self/fd/N/name` path of an [`Node::At`], for the calls without an `*at` form.
+fn at_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<CString> {
+    child_path(dir, name.to_bytes())
 }
 
 fn check(r: isize) -> io::Result<usize> {
@@ -80,6 +121,25 @@ fn list_raw(n: Node<'_>, buf: &mut [u8]) -> io::Result<usize> {
         Node::Path(c) => unsafe { libc::llistxattr(c.as_ptr(), p, len) },
         // SAFETY: as above.
         Node::Follow(c) => unsafe { libc::listxattr(c.as_ptr(), p, len) },
+        Node::At(dir, name) => {
+            // SAFETY: dir is open, name NUL-terminated, the buffer pointer and length
+            // describe `buf`; the kernel reads and writes nothing else.
+            let at = xattrat(|list, _| unsafe {
+                libc::syscall(
+                    list,
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+                    p,
+                    len,
+                )
+            })
+            .map(|r| isize::try_from(r).unwrap_or(-1));
+            match at {
+                Some(r) => r,
+                None => return list_raw(Node::Path(&at_path(dir, name)?), buf),
+            }
+        }
     };
     check(r)
 }
@@ -93,6 +153,31 @@ fn get_raw(n: Node<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
         Node::Path(c) => unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), p, len) },
         // SAFETY: as above.
         Node::Follow(c) => unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), p, len) },
+        Node::At(dir, entry) => {
+            let mut args = XattrArgs {
+                value: p as u64,
+                size: u32::try_from(len).unwrap_or(u32::MAX),
+                flags: 0,
+            };
+            // SAFETY: dir is open, both strings NUL-terminated, `args` describes `buf` and
+            // its own size is passed; the kernel reads and writes nothing else.
+            let at = xattrat(|_, get| unsafe {
+                libc::syscall(
+                    get,
+                    dir.as_raw_fd(),
+                    entry.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+                    name.as_ptr(),
+                    std::ptr::addr_of_mut!(args),
+                    std::mem::size_of::<XattrArgs>(),
+                )
+            })
+            .map(|r| isize::try_from(r).unwrap_or(-1));
+            match at {
+                Some(r) => r,
+                None => return get_raw(Node::Path(&at_path(dir, entry)?), name, buf),
+            }
+        }
     };
     check(r)
 }
@@ -153,6 +238,7 @@ pub fn xattr_set(n: Node<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
         Node::Path(c) => unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), p, len, 0) },
         // SAFETY: as above.
         Node::Follow(c) => unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), p, len, 0) },
+        Node::At(dir, entry) => return xattr_set(Node::Path(&at_path(dir, entry)?), name, value),
     };
     if r == 0 {
         Ok(())
@@ -170,10 +256,48 @@ pub fn xattr_remove(n: Node<'_>, name: &CStr) -> io::Result<()> {
         Node::Path(c) => unsafe { libc::lremovexattr(c.as_ptr(), name.as_ptr()) },
         // SAFETY: both strings are NUL-terminated.
         Node::Follow(c) => unsafe { libc::removexattr(c.as_ptr(), name.as_ptr()) },
+        Node::At(dir, entry) => return xattr_remove(Node::Path(&at_path(dir, entry)?), name),
     };
     if r == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn xattrs_at_an_entry_match_its_path_and_never_follow_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::os::unix::fs::symlink("f", t.path().join("link")).unwrap();
+        let cf = CString::new(f.as_os_str().as_bytes()).unwrap();
+        let name = CString::new("user.k").unwrap();
+        xattr_set(Node::Path(&cf), &name, b"v1").unwrap();
+        let dir = open(t.path(), OFlag::O_RDONLY | OFlag::O_DIRECTORY).unwrap();
+        let fname = CString::new("f").unwrap();
+        let at = Node::At(dir.as_fd(), &fname);
+        assert_eq!(
+            xattr_list(at).unwrap(),
+            xattr_list(Node::Path(&cf)).unwrap()
+        );
+        assert!(xattr_list(at).unwrap().contains(&b"user.k".to_vec()));
+        assert_eq!(xattr_get(at, &name).unwrap(), b"v1");
+        // Set and remove go through the entry's /proc path.
+        xattr_set(at, &name, b"v2").unwrap();
+        assert_eq!(xattr_get(Node::Path(&cf), &name).unwrap(), b"v2");
+        let link = CString::new("link").unwrap();
+        let l = Node::At(dir.as_fd(), &link);
+        assert!(!xattr_list(l).unwrap().contains(&b"user.k".to_vec()));
+        assert!(xattr_get(l, &name).is_err());
+        xattr_remove(at, &name).unwrap();
+        assert!(xattr_get(at, &name).is_err());
+        let gone = CString::new("gone").unwrap();
+        assert!(xattr_list(Node::At(dir.as_fd(), &gone)).is_err());
     }
 }

@@ -267,8 +267,11 @@ where
                 }
             }
             let mut m = meta::from_stat(&st);
-            match sys::child_path(fd.as_fd(), &name) {
-                Ok(p) => m.xattrs = self.xattrs(Node::Path(&p), &String::from_utf8_lossy(&crel)),
+            match std::ffi::CString::new(name.as_slice()) {
+                Ok(c) => {
+                    let at = Node::At(fd.as_fd(), &c);
+                    m.xattrs = self.xattrs(at, &String::from_utf8_lossy(&crel));
+                }
                 Err(e) => self.note(format!("{}: {e}", String::from_utf8_lossy(&crel))),
             }
             let mut target = Vec::new();
