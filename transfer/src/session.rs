@@ -252,7 +252,14 @@ impl Listener {
             let sock = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20));
+                    // Wake at the next connection (a sleep here delayed each of a session's
+                    // streams), or after a while to see a stop.
+                    use std::os::fd::AsFd;
+                    let mut fds = [nix::poll::PollFd::new(
+                        self.listener.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
                     continue;
                 }
                 Err(e) => {

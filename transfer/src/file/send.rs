@@ -381,10 +381,29 @@ impl Pass<'_> {
         ctl.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut data = Vec::new();
         if self.kind == PassKind::Copy {
-            for i in 1..=self.streams {
-                let (s, _) =
-                    self.connector
-                        .open(self.task_id, Mode::File, i, self.streams, session)?;
+            // All at once: each is a TCP connect and a TLS handshake, a round trip or two.
+            let opened: Vec<Result<Stream, FileError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (1..=self.streams)
+                    .map(|i| {
+                        s.spawn(move || {
+                            self.connector
+                                .open(self.task_id, Mode::File, i, self.streams, session)
+                                .map(|(s, _)| s)
+                                .map_err(FileError::from)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(FileError::Protocol("stream opener panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            for s in opened {
+                let s = s?;
                 s.set_write_timeout(Some(WRITE_TIMEOUT));
                 data.push(s);
             }
