@@ -125,13 +125,12 @@ fn opts(src: &Path, sync: bool) -> SendOptions {
 
 impl Rig {
     fn send(&self, o: &SendOptions) -> SendReport {
-        let r = send(
-            &connector(&self.addr),
-            o,
-            &Progress::default(),
-            &Control::default(),
-        )
-        .unwrap();
+        self.send_with(o, &Control::default())
+    }
+
+    /// One pass under `control` (a speed limit, say); the receiver must report it complete.
+    fn send_with(&self, o: &SendOptions, control: &Control) -> SendReport {
+        let r = send(&connector(&self.addr), o, &Progress::default(), control).unwrap();
         let rr = self
             .done
             .recv_timeout(Duration::from_secs(30))
@@ -514,19 +513,7 @@ fn compression_when_the_link_is_the_bottleneck() {
         bucket: transfer::limit::Bucket::new(Some(4_000_000)),
         ..Control::default()
     };
-    let rep = send(
-        &connector(&r.addr),
-        &opts(src.path(), false),
-        &Progress::default(),
-        &control,
-    )
-    .unwrap();
-    let rr = r
-        .done
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap()
-        .unwrap();
-    assert!(rr.complete, "{rr:?}");
+    let rep = r.send_with(&opts(src.path(), false), &control);
     assert_eq!(rsync_diff_checksum(src.path(), &r.root, &[]), "");
     let text = 64 * (65536 / line.len() * line.len()) as u64;
     let noise_bytes = 4 * (256u64 << 10);
