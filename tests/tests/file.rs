@@ -689,13 +689,31 @@ fn a_dropped_connection_resumes_without_resending_what_is_complete() {
             );
         }
     }
+    let (_, have) = landed(&r.root);
+    let partial: u64 = std::fs::read_dir(&r.root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().as_bytes().starts_with(b".sms~part~"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
     let again = r.send(&opts(src.path(), false));
-    eprintln!("resume after a cut at 60 %: {again:?}");
-    assert!(again.skipped > 0);
+    eprintln!("resume after a cut at 60 %: {again:?}, {have} bytes had landed");
+    // What landed under a final name is skipped, the big files' partials are diffed against
+    // (their chunks reused, not sent), and nothing more is sent than what was missing. How
+    // much landed before the cut depends on the scheduling of the streams (data in socket
+    // buffers is lost at the cut), so the bound is what landed, not a share of the total.
+    assert!(again.skipped > 0 && have > 0, "{again:?}");
+    if partial >= 1 << 20 {
+        assert!(
+            again.bytes_reused > 0,
+            "the partials were not used: {again:?}"
+        );
+    }
     assert!(
-        again.bytes_plain < total * 6 / 10,
-        "resent {} of {total}",
-        again.bytes_plain
+        again.bytes_plain + again.bytes_reused <= total - have,
+        "resent {} and reused {} of {total} with {have} already there",
+        again.bytes_plain,
+        again.bytes_reused
     );
     assert_eq!(rsync_diff(src.path(), &r.root, true), "");
     assert!(temps(&r.root).is_empty(), "{:?}", temps(&r.root));
