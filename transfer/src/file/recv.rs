@@ -280,6 +280,28 @@ type CtlWriter = Arc<Mutex<BufWriter<ConnWriter>>>;
 /// Where a data stream leaves its error.
 type Failed = Arc<Mutex<Option<FileError>>>;
 
+/// Ends a failed session's data streams before `receive` returns: their writers must not
+/// go on applying buffered frames to files that the next session (a resume) then uses.
+#[derive(Default)]
+struct Halt {
+    stop: std::sync::atomic::AtomicBool,
+    socks: Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl Halt {
+    fn halted(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Stops the writers at their next frame and wakes any blocked in a read.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in lock(&self.socks).iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -961,6 +983,7 @@ fn data_stream(
     session: u64,
     prefix: Vec<u8>,
     stats: Arc<DataStats>,
+    halt: &Halt,
 ) -> Result<u64, FileError> {
     let mut cache = DirCache::new(root);
     let mut packer = Packer::default();
@@ -968,7 +991,11 @@ fn data_stream(
     let mut seq = 0u64;
     let mut warnings = 0u64;
     let res = (|| loop {
-        match read_any(&mut r)? {
+        let m = read_any(&mut r)?;
+        if halt.halted() {
+            return Err(FileError::Protocol("the session ended".into()));
+        }
+        match m {
             Any::File(FileMsg::File {
                 id,
                 path,
@@ -1102,24 +1129,41 @@ fn accept_data(
     root: Arc<OwnedFd>,
     session: u64,
     stats: Arc<DataStats>,
-    (ctl, failed): (CtlWriter, Failed),
+    (ctl, failed, halt): (CtlWriter, Failed, Arc<Halt>),
 ) -> Result<DataHandles, FileError> {
     let mut handles = Vec::new();
     for i in 0..streams {
-        let s = data.recv_timeout(DATA_WAIT).map_err(|_| {
+        let never = || {
             FileError::Protocol(format!(
                 "data stream {} of {streams} never connected",
                 i + 1
             ))
-        })?;
+        };
+        let deadline = std::time::Instant::now() + DATA_WAIT;
+        let s = loop {
+            // In slices, so that a halted session does not wait out DATA_WAIT.
+            match data.recv_timeout(Duration::from_millis(200)) {
+                Ok(s) => break s,
+                Err(_) if halt.halted() => return Ok(handles),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    if std::time::Instant::now() < deadline => {}
+                Err(_) => return Err(never()),
+            }
+        };
+        if let Some(c) = s.cutter() {
+            lock(&halt.socks).push(c);
+        }
+        if halt.halted() {
+            halt.halt();
+        }
         let (r, w) = s.into_halves();
         let mut prefix = TEMP_PREFIX.to_vec();
         prefix.extend_from_slice(format!("{session:016x}.{i}.").as_bytes());
         let (root, stats) = (Arc::clone(&root), Arc::clone(&stats));
-        let (ctl, failed) = (Arc::clone(&ctl), Arc::clone(&failed));
+        let (ctl, failed, halt) = (Arc::clone(&ctl), Arc::clone(&failed), Arc::clone(&halt));
         handles.push(std::thread::spawn(move || {
             let _keep = w;
-            let r = data_stream(r, root, session, prefix, stats);
+            let r = data_stream(r, root, session, prefix, stats, &halt);
             if let Err(e) = &r {
                 // Stop the session now rather than at the end of the listing.
                 tracing::warn!(error = %e, "file data stream failed");
@@ -1239,11 +1283,36 @@ fn serve(
         other => return Err(unexpected("waiting for the plan", &other)),
     }
     let stats = Arc::new(DataStats::default());
-    let accepter = (ctl.pass == PassKind::Copy).then(|| {
+    let halt = Arc::new(Halt::default());
+    let mut accepter = (ctl.pass == PassKind::Copy).then(|| {
         let (root, stats, session) = (Arc::clone(&ctl.root), Arc::clone(&stats), ctl.session);
-        let shared = (Arc::clone(&ctl.w), Arc::clone(&ctl.failed));
+        let shared = (
+            Arc::clone(&ctl.w),
+            Arc::clone(&ctl.failed),
+            Arc::clone(&halt),
+        );
         std::thread::spawn(move || accept_data(data, streams, root, session, stats, shared))
     });
+    let res = serve_pass(ctl, r, &mut accepter, &stats);
+    if res.is_err() {
+        // Nothing of this session may touch the tree once it has ended.
+        halt.halt();
+        if let Some(Ok(Ok(handles))) = accepter.take().map(std::thread::JoinHandle::join) {
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+    }
+    res
+}
+
+/// The listing, data and final phases of a pass whose plan was read.
+fn serve_pass(
+    ctl: &mut Ctl,
+    r: &mut BufReader<ConnReader>,
+    accepter: &mut Option<std::thread::JoinHandle<Result<DataHandles, FileError>>>,
+    stats: &DataStats,
+) -> Result<(), FileError> {
     // Listing.
     loop {
         if r.buffer().is_empty() {
@@ -1282,7 +1351,7 @@ fn serve(
             other => return Err(unexpected("listing", &other)),
         }
     }
-    let Some(accepter) = accepter else {
+    if accepter.is_none() {
         // A check ends here.
         return match read_any(r)? {
             Any::Common(Message::Bye) => {
@@ -1291,7 +1360,7 @@ fn serve(
             }
             other => Err(unexpected("ending a check", &other)),
         };
-    };
+    }
     // Data: the data streams run until the source says all is sent.
     match read_any(r)? {
         Any::File(FileMsg::Finish) => {}
@@ -1301,6 +1370,8 @@ fn serve(
         other => return Err(unexpected("waiting for the data", &other)),
     }
     let handles = accepter
+        .take()
+        .ok_or_else(|| FileError::Protocol("no data accepter".into()))?
         .join()
         .map_err(|_| FileError::Protocol("data accepter panicked".into()))??;
     let mut first_err = None;

@@ -408,6 +408,14 @@ impl Pass<'_> {
                 data.push(s);
             }
         }
+        // A worker blocked in a write to a peer that stopped reading (a cut connection, a
+        // target gone silent) wakes only when its socket is shut: the failure paths do that.
+        let cutters: Vec<std::net::TcpStream> = data.iter().filter_map(Stream::cutter).collect();
+        let cut_data = || {
+            for c in &cutters {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        };
         let (mut cr, mut cw) = ctl.into_halves();
         FileMsg::Plan {
             pass: self.kind,
@@ -714,6 +722,7 @@ impl Pass<'_> {
                 Ok(l) => l,
                 Err(e) => {
                     abort.store(true, Ordering::Relaxed);
+                    cut_data();
                     // A write that failed because the target gave up: report the target's why.
                     if let Ok(Event::Failed(remote @ FileError::Remote { .. })) =
                         erx.recv_timeout(Duration::from_secs(2))
@@ -733,6 +742,7 @@ impl Pass<'_> {
             }
             if let Some(e) = failed {
                 abort.store(true, Ordering::Relaxed);
+                cut_data();
                 listed.w.get_ref().abort();
                 drop(listed);
                 for w in workers {
