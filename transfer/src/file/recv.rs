@@ -1164,11 +1164,16 @@ fn accept_data(
         handles.push(std::thread::spawn(move || {
             let _keep = w;
             let r = data_stream(r, root, session, prefix, stats, &halt);
-            if let Err(e) = &r {
-                // Stop the session now rather than at the end of the listing.
-                tracing::warn!(error = %e, "file data stream failed");
-                lock(&failed).get_or_insert(FileError::Protocol(e.to_string()));
-                lock(&ctl).get_ref().abort();
+            // A stream the session itself halted carries no news: the session's own error
+            // is the one to report.
+            match &r {
+                Err(e) if !halt.halted() => {
+                    // Stop the session now rather than at the end of the listing.
+                    tracing::warn!(error = %e, "file data stream failed");
+                    lock(&failed).get_or_insert(FileError::Protocol(e.to_string()));
+                    lock(&ctl).get_ref().abort();
+                }
+                _ => {}
             }
             r
         }));

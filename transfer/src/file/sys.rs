@@ -89,7 +89,7 @@ struct XattrArgs {
 }
 
 /// Runs an `*xattrat` call, or `None` when the kernel has none (then the caller falls back).
-fn xattrat(call: impl FnOnce(libc::c_long, libc::c_long) -> libc::c_long) -> Option<libc::c_long> {
+fn xattrat(call: impl FnOnce(libc::c_long, libc::c_long) -> libc::c_long) -> Option<isize> {
     use std::sync::atomic::Ordering;
     let (list, get) = SYS_XATTRAT?;
     if NO_XATTRAT.load(Ordering::Relaxed) {
@@ -100,7 +100,7 @@ fn xattrat(call: impl FnOnce(libc::c_long, libc::c_long) -> libc::c_long) -> Opt
         NO_XATTRAT.store(true, Ordering::Relaxed);
         return None;
     }
-    Some(r)
+    Some(isize::try_from(r).unwrap_or(-1))
 }
 
 /// The `/proc/self/fd/N/name` path of an [`Node::At`], for the calls without an `*at` form.
@@ -133,8 +133,7 @@ fn list_raw(n: Node<'_>, buf: &mut [u8]) -> io::Result<usize> {
                     p,
                     len,
                 )
-            })
-            .map(|r| isize::try_from(r).unwrap_or(-1));
+            });
             match at {
                 Some(r) => r,
                 None => return list_raw(Node::Path(&at_path(dir, name)?), buf),
@@ -171,8 +170,7 @@ fn get_raw(n: Node<'_>, name: &CStr, buf: &mut [u8]) -> io::Result<usize> {
                     std::ptr::addr_of_mut!(args),
                     std::mem::size_of::<XattrArgs>(),
                 )
-            })
-            .map(|r| isize::try_from(r).unwrap_or(-1));
+            });
             match at {
                 Some(r) => r,
                 None => return get_raw(Node::Path(&at_path(dir, entry)?), name, buf),
