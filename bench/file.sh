@@ -21,9 +21,9 @@
 #   (source, three destinations): 5 × the dataset must be free where WORK goes.
 # Environment (all optional):
 #   BIG_MIB              size of each of the four large files (default 256)
-#   RUNS                 runs of each copy in scenario 1 (default 1; the median counts; the
-#                        order rotates each round; scenario 2 runs once, as a sync changes its
-#                        target)
+#   RUNS                 runs of each copy in scenario 1 and rounds of scenario 2 (default 1;
+#                        the median counts; the order rotates each round; each round of
+#                        scenario 2 changes and deletes files anew, and both tools sync that)
 #   CHANGE_PCT, DELETE_PCT   share of the small files rewritten / deleted (default 1 and 1)
 #   BENCH_TMPDIR         where the trees go (default $TMPDIR or /tmp)
 #   RESULTS_DIR          where the JSON goes (default bench/results)
@@ -134,14 +134,14 @@ print(total)
 EOP
 }
 
-# change_tree DIR CHANGE_PCT DELETE_PCT: rewrite CHANGE_PCT % of the small files with new
+# change_tree DIR CHANGE_PCT DELETE_PCT [ROUND]: rewrite CHANGE_PCT % of the small files with new
 # contents of a new size (so a new mtime too) and delete another DELETE_PCT %; prints
 # "CHANGED CHANGED_BYTES DELETED".
 change_tree() {
-  python3 - "$1" "$2" "$3" <<'EOP'
+  python3 - "$1" "$2" "$3" "${4:-0}" <<'EOP'
 import os, random, sys
 root, cpct, dpct = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-rng = random.Random(7)
+rng = random.Random(7 + int(sys.argv[4]))
 small = []
 for dirpath, dirs, names in os.walk(root):
     dirs.sort()
@@ -383,29 +383,40 @@ scenario1() {
 
 # Scenario 2: change and delete small files of the source, then bring the destinations of
 # scenario 1 up to date: ours (migrate --sync, a fresh receiver, the same state dir) and rsync -a
-# --delete.
+# --delete. RUNS rounds, each with changes of its own that both tools sync (the order rotated).
+s2_run() {
+  case $1 in
+    "$OURS_TOOL")
+      if ((OURS == 0)); then
+        skip 2 "$OURS_TOOL --sync" "$OURS_WHY"
+      elif ! has_flag "$MIGR_HELP" --sync; then
+        skip 2 "$OURS_TOOL --sync" "migrate has no --sync"
+      elif ! ran_ok 1 "$OURS_TOOL"; then
+        skip 2 "$OURS_TOOL --sync" "no target: the last full copy of scenario 1 failed"
+      else
+        bench 2 "$OURS_TOOL --sync" run_ours 2 "$WORK/dst-ours" "$WORK/state" --sync
+      fi
+      ;;
+    "$RSYNC_SYNC_TOOL")
+      if ran_ok 1 "$RSYNC_TOOL"; then
+        bench 2 "$RSYNC_SYNC_TOOL" run_rsync 2 "$WORK/dst-rsync" "$RSYNC_SYNC_TOOL" --delete
+      else
+        skip 2 "$RSYNC_SYNC_TOOL" "no target: the last rsync -a of scenario 1 failed"
+      fi
+      ;;
+  esac
+}
 scenario2() {
-  local out changed changed_bytes deleted
-  out=$(change_tree "$SRC" "$CHANGE_PCT" "$DELETE_PCT")
-  read -r changed changed_bytes deleted <<<"$out"
-  log "${SCN[2]}: rewrote $changed files ($(human "$changed_bytes")), deleted $deleted"
-  meta_set s2_changed_files "$changed"
-  meta_set s2_changed_bytes "$changed_bytes"
-  meta_set s2_deleted_files "$deleted"
-  if ((OURS == 0)); then
-    skip 2 "$OURS_TOOL --sync" "$OURS_WHY"
-  elif ! has_flag "$MIGR_HELP" --sync; then
-    skip 2 "$OURS_TOOL --sync" "migrate has no --sync"
-  elif ! ran_ok 1 "$OURS_TOOL"; then
-    skip 2 "$OURS_TOOL --sync" "no target: the last full copy of scenario 1 failed"
-  else
-    bench 2 "$OURS_TOOL --sync" run_ours 2 "$WORK/dst-ours" "$WORK/state" --sync
-  fi
-  if ran_ok 1 "$RSYNC_TOOL"; then
-    bench 2 "$RSYNC_SYNC_TOOL" run_rsync 2 "$WORK/dst-rsync" "$RSYNC_SYNC_TOOL" --delete
-  else
-    skip 2 "$RSYNC_SYNC_TOOL" "no target: the last rsync -a of scenario 1 failed"
-  fi
+  local out changed changed_bytes deleted r k tools=("$OURS_TOOL" "$RSYNC_SYNC_TOOL")
+  for ((r = 0; r < RUNS; r++)); do
+    out=$(change_tree "$SRC" "$CHANGE_PCT" "$DELETE_PCT" "$r")
+    read -r changed changed_bytes deleted <<<"$out"
+    log "${SCN[2]}: round $((r + 1)): rewrote $changed files ($(human "$changed_bytes")), deleted $deleted"
+    meta_set s2_changed_files "$changed"
+    meta_set s2_changed_bytes "$changed_bytes"
+    meta_set s2_deleted_files "$deleted"
+    for k in 0 1; do s2_run "${tools[(k + r) % 2]}"; done
+  done
 }
 
 # ------------------------------------------------------------------------------------------

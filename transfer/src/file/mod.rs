@@ -18,6 +18,7 @@
 //! [`meta`] metadata capture and apply, [`dirs`] the descriptor cache, [`recv`] the target,
 //! [`send`] the source, `squeeze` when compression pays, `sys` the few unsafe syscalls.
 
+mod direct;
 pub mod dirs;
 pub mod meta;
 pub mod path;

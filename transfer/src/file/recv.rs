@@ -26,6 +26,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::unistd::UnlinkatFlags;
 
+use super::direct::{Target, Writer};
 use super::dirs::DirCache;
 use super::meta;
 use super::path::{components, join, parent, split, Excludes};
@@ -240,11 +241,14 @@ fn sums_of(f: &File, size: u64) -> std::io::Result<Option<(u32, Vec<[u8; SUM_LEN
     Ok(Some((u32::try_from(cs).unwrap_or(0), sums)))
 }
 
-/// Writes `data` at `offset`, leaving all-zero blocks unwritten (the file is fresh, so they
-/// stay holes).
-/// Writes `data` at `offset`, leaving holes where it is zero; returns the end of the last
-/// byte written (0 when all of it was zero).
-fn write_sparse(f: &File, offset: u64, data: &[u8]) -> std::io::Result<u64> {
+/// Writes `data` at `offset` of the fresh file `f`, leaving holes
+/// where it is zero; returns the end of the last byte written (0 when all of it was zero).
+fn write_sparse(
+    w: &mut Writer,
+    (f, t): (&File, &Target),
+    offset: u64,
+    data: &[u8],
+) -> std::io::Result<u64> {
     let mut written_end = 0;
     let mut i = 0;
     while i < data.len() {
@@ -262,7 +266,7 @@ fn write_sparse(f: &File, offset: u64, data: &[u8]) -> std::io::Result<u64> {
             }
             j = e;
         }
-        f.write_all_at(&data[i..j], offset + i as u64)?;
+        w.write_at(f, t, offset + i as u64, &data[i..j])?;
         written_end = offset + j as u64;
         i = j;
     }
@@ -867,6 +871,8 @@ struct Current {
     /// A kept partial copy serving as the base of `Copy` (else the final name's old copy).
     base: Vec<u8>,
     file: File,
+    /// How `file` is written (past the page cache or not).
+    how: Target,
     meta: Meta,
     old: Option<File>,
     /// End of the data written so far: the temp's size (it starts empty).
@@ -891,16 +897,32 @@ impl Current {
         Ok(())
     }
 
-    fn write(&self, offset: u64, data: &[u8], stats: &DataStats) -> Result<(), FileError> {
+    fn out(&self) -> (&File, &Target) {
+        (&self.file, &self.how)
+    }
+
+    fn write(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        data: &[u8],
+        stats: &DataStats,
+    ) -> Result<(), FileError> {
         self.check_range(offset, data.len())?;
-        let end =
-            write_sparse(&self.file, offset, data).map_err(|e| FileError::target(&self.path, e))?;
+        let end = write_sparse(w, self.out(), offset, data)
+            .map_err(|e| FileError::target(&self.path, e))?;
         self.wrote(end);
         stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    fn copy(&mut self, offset: u64, len: u32, stats: &DataStats) -> Result<(), FileError> {
+    fn copy(
+        &mut self,
+        w: &mut Writer,
+        offset: u64,
+        len: u32,
+        stats: &DataStats,
+    ) -> Result<(), FileError> {
         let len = len as usize;
         if len > MAX_CHUNK {
             return Err(FileError::Protocol("copy longer than a chunk".into()));
@@ -917,8 +939,8 @@ impl Current {
             old.read_exact_at(&mut buf, offset)
                 .map_err(|e| FileError::target(&self.path, e))?;
         }
-        let end =
-            write_sparse(&self.file, offset, &buf).map_err(|e| FileError::target(&self.path, e))?;
+        let end = write_sparse(w, self.out(), offset, &buf)
+            .map_err(|e| FileError::target(&self.path, e))?;
         self.wrote(end);
         stats.reused.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
@@ -987,6 +1009,7 @@ fn data_stream(
 ) -> Result<u64, FileError> {
     let mut cache = DirCache::new(root);
     let mut packer = Packer::default();
+    let mut writer = Writer::default();
     let mut cur: Option<Current> = None;
     let mut seq = 0u64;
     let mut warnings = 0u64;
@@ -1039,13 +1062,15 @@ fn data_stream(
                     0o600,
                 )
                 .map_err(|e| FileError::target(&path, e))?;
+                let file = File::from(fd);
                 let c = Current {
                     pfd,
                     path,
                     name,
                     temp,
                     base: base_name(session, id),
-                    file: File::from(fd),
+                    how: Target::new(&file),
+                    file,
                     meta,
                     old: None,
                     end: std::cell::Cell::new(0),
@@ -1055,7 +1080,7 @@ fn data_stream(
                     let plain = packer.unpack(len, &hash, compressed, data).ok_or_else(|| {
                         FileError::Protocol(format!("corrupt data for {}", lossy(&c.path)))
                     })?;
-                    c.write(0, &plain, &stats)?;
+                    c.write(&mut writer, 0, &plain, &stats)?;
                 }
                 if complete {
                     if let Some(c) = cur.take() {
@@ -1077,12 +1102,12 @@ fn data_stream(
                 let plain = packer.unpack(len, &hash, compressed, data).ok_or_else(|| {
                     FileError::Protocol(format!("corrupt data for {}", lossy(&c.path)))
                 })?;
-                c.write(offset, &plain, &stats)?;
+                c.write(&mut writer, offset, &plain, &stats)?;
             }
             Any::File(FileMsg::Copy { offset, len }) => {
                 cur.as_mut()
                     .ok_or_else(|| FileError::Protocol("Copy outside a file".into()))?
-                    .copy(offset, len, &stats)?;
+                    .copy(&mut writer, offset, len, &stats)?;
             }
             Any::File(FileMsg::End { changed }) => {
                 let c = cur
@@ -1440,7 +1465,9 @@ mod tests {
         let mut data = vec![0u8; 64 << 10];
         data[10] = 1;
         data[40_000] = 2;
-        write_sparse(&f, 1 << 20, &data).unwrap();
+        let how = Target::new(&f);
+        let end = write_sparse(&mut Writer::default(), (&f, &how), 1 << 20, &data);
+        assert_eq!(end.unwrap(), (1 << 20) + 40_960);
         f.set_len(2 << 20).unwrap();
         let back = std::fs::read(t.path().join("f")).unwrap();
         assert_eq!(&back[1 << 20..(1 << 20) + data.len()], &data[..]);

@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -21,6 +20,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::unistd::Whence;
 
+use super::direct::Reader;
 use super::dirs::DirCache;
 use super::meta;
 use super::path::{join, parent, Excludes, DEFAULT_EXCLUDES};
@@ -877,6 +877,7 @@ impl Worker<'_> {
             .map(|f| DirCache::new(Arc::clone(f)))
             .collect();
         let mut packer = Packer::default();
+        let mut reader = Reader::default();
         loop {
             let job = {
                 let q = qrx
@@ -888,7 +889,7 @@ impl Worker<'_> {
             if self.control.cancelled() || abort.load(Ordering::Relaxed) {
                 continue;
             }
-            match self.file(&mut w, &mut caches, &mut packer, &job) {
+            match self.file(&mut w, &mut caches, &mut packer, &mut reader, &job) {
                 Ok(Sent::Done { changed: false }) => {}
                 Ok(Sent::Done { changed: true }) => {
                     let p = source_path(&self.roots[job.root].src, &job.src_rel);
@@ -940,6 +941,7 @@ impl Worker<'_> {
         w: &mut BufWriter<ConnWriter>,
         caches: &mut [DirCache],
         packer: &mut Packer,
+        reader: &mut Reader,
         job: &Job,
     ) -> Result<Sent, FileError> {
         let src = || lossy(&job.src_rel);
@@ -976,6 +978,7 @@ impl Worker<'_> {
         // The target needs the path it knows: the target-relative one.
         let path = self.target_path(job);
         let file = File::from(fd);
+        reader.open(&file);
         let read_err = |e: std::io::Error| FileError::Source {
             path: src(),
             source: e,
@@ -983,18 +986,17 @@ impl Worker<'_> {
         if size <= SMALL && job.sums.is_none() {
             // One read of the size fstat gave: a file that grew meanwhile shows in the
             // change key checked after the read.
-            let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
-            let got = read_full(&file, &mut buf, 0).map_err(read_err)?;
-            if got < buf.len() {
+            let want = usize::try_from(size).unwrap_or(0);
+            let buf = reader.read_at(&file, 0, want).map_err(read_err)?;
+            if buf.len() < want {
                 changed = true;
-                buf.truncate(got);
             }
-            let hash = *blake3::hash(&buf).as_bytes();
+            let hash = *blake3::hash(buf).as_bytes();
             let len =
                 u32::try_from(buf.len()).map_err(|_| FileError::Protocol("file data".into()))?;
-            let (compressed, data) = match packer.pack(&buf, self.squeeze.wanted()) {
+            let (compressed, data) = match packer.pack(buf, self.squeeze.wanted()) {
                 Some(c) => (true, c),
-                None => (false, buf),
+                None => (false, buf.to_vec()),
             };
             let wire = data.len();
             self.send(
@@ -1032,7 +1034,6 @@ impl Worker<'_> {
                 Some((cs, s)) => (*cs, s.as_slice()),
                 None => (CHUNK, &[][..]),
             };
-            let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(1 << 20)];
             let mut pos = 0u64;
             while pos < size {
                 if self.control.cancelled() {
@@ -1053,11 +1054,11 @@ impl Worker<'_> {
                 }
                 let c = data_at / cs * cs;
                 let n = usize::try_from((size - c).min(cs)).unwrap_or(0);
-                let got = read_full(&file, &mut buf[..n], c).map_err(read_err)?;
+                let chunk = reader.read_at(&file, c, n).map_err(read_err)?;
+                let got = chunk.len();
                 if got < n {
                     changed = true;
                 }
-                let chunk = &buf[..got];
                 let i = usize::try_from(c / cs).unwrap_or(usize::MAX);
                 let sum_ok = sums
                     .get(i)
@@ -1119,20 +1120,6 @@ impl Worker<'_> {
             join(&root.rel, &job.src_rel)
         }
     }
-}
-
-/// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the file.
-fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], off + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]

@@ -56,6 +56,47 @@ pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     Ok(names)
 }
 
+/// `cachestat` (Linux 6.5), the same number on every architecture (the generic table).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range`.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` (only the kernel writes the fields past the first).
+#[repr(C)]
+#[derive(Default)]
+#[allow(dead_code)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// How many pages of `f` are in the page cache; `None` when the kernel cannot tell.
+pub fn cached(f: BorrowedFd<'_>) -> Option<u64> {
+    // len 0: to the end of the file.
+    let range = CachestatRange { off: 0, len: 0 };
+    let mut cs = Cachestat::default();
+    // SAFETY: both pointers are to live, correctly laid out structs for the duration of the
+    // call; the kernel writes only `cs`.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut cs as *mut Cachestat,
+            0u32,
+        )
+    };
+    (r == 0).then_some(cs.nr_cache)
+}
+
 /// What an xattr call acts on.
 #[derive(Clone, Copy)]
 pub enum Node<'a> {
