@@ -486,12 +486,9 @@ scenario3() {
   umount "$WORK/mnt/src"
   blockdev --flushbufs "$LOOP2"
   sync
-  if ((OURS == 0)); then
-    skip 3 "$OURS_TOOL --sync" "$OURS_WHY"
-  elif ! has_flag "$MIGR_HELP" --sync; then
-    skip 3 "$OURS_TOOL --sync" "migrate has no --sync"
-  elif ! ran_ok 2 "$OURS_TOOL"; then
-    skip 3 "$OURS_TOOL --sync" "no target: the full copy of scenario 2 failed"
+  local why
+  if why=$(sync_blocked 2 "the full copy of scenario 2"); then
+    skip 3 "$OURS_TOOL --sync" "$why"
   else
     bench 3 "$OURS_TOOL --sync" run_ours 3 "$LOOP2" "$dir/src.img" "$dir/ours.img" "$S2_BYTES" "$dir/state" --sync
   fi

@@ -387,12 +387,9 @@ scenario1() {
 s2_run() {
   case $1 in
     "$OURS_TOOL")
-      if ((OURS == 0)); then
-        skip 2 "$OURS_TOOL --sync" "$OURS_WHY"
-      elif ! has_flag "$MIGR_HELP" --sync; then
-        skip 2 "$OURS_TOOL --sync" "migrate has no --sync"
-      elif ! ran_ok 1 "$OURS_TOOL"; then
-        skip 2 "$OURS_TOOL --sync" "no target: the last full copy of scenario 1 failed"
+      local why
+      if why=$(sync_blocked 1 "the last full copy of scenario 1"); then
+        skip 2 "$OURS_TOOL --sync" "$why"
       else
         bench 2 "$OURS_TOOL --sync" run_ours 2 "$WORK/dst-ours" "$WORK/state" --sync
       fi

@@ -423,3 +423,18 @@ rand_file() {
     | head -c "$2" >"$1"
   [[ $(stat -c %s "$1") -eq $2 ]] || die "could not write $2 bytes of random data to $1"
 }
+
+# sync_blocked PREV WHAT: prints why ours cannot run a sync onto the target of scenario PREV
+# (WHAT names that run in the message), or returns 1 when it can. Uses the caller's OURS,
+# OURS_WHY, MIGR_HELP, OURS_TOOL and ran_ok.
+sync_blocked() {
+  if ((OURS == 0)); then
+    echo "$OURS_WHY"
+  elif ! has_flag "$MIGR_HELP" --sync; then
+    echo "migrate has no --sync"
+  elif ! ran_ok "$1" "$OURS_TOOL"; then
+    echo "no target: $2 failed"
+  else
+    return 1
+  fi
+}
