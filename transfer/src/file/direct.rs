@@ -85,7 +85,8 @@ impl Reader {
     /// Up to `len` bytes of `f` at `off`; fewer only at the end of the file.
     pub fn read_at(&mut self, f: &File, off: u64, len: usize) -> io::Result<&[u8]> {
         if self.direct && aligned(off) {
-            match read_direct(f, self.buf.get(len), off) {
+            // The whole aligned buffer: a direct read's length must be whole blocks too.
+            match read_full(f, self.buf.get(len), off, true) {
                 Ok(got) => return Ok(&self.buf.get(len)[..got.min(len)]),
                 // The device wants a larger alignment than ALIGN: the buffered way then.
                 Err(e) if is_einval(&e) => {}
@@ -96,39 +97,25 @@ impl Reader {
             set(f, false);
             self.direct = false;
         }
-        let buf = self.buf.get(len);
-        let got = read_full(f, &mut buf[..len], off)?;
-        Ok(&self.buf.get(len)[..got])
+        let buf = &mut self.buf.get(len)[..len];
+        let got = read_full(f, buf, off, false)?;
+        Ok(&buf[..got])
     }
 }
 
-/// Fills the aligned `buf` from `off`, stopping at the end of the file.
-fn read_direct(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+/// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the file (where a
+/// `direct` read, whose next piece would be unaligned, ends at its first short read).
+fn read_full(f: &File, buf: &mut [u8], off: u64, direct: bool) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match f.read_at(&mut buf[got..], off + got as u64) {
             Ok(0) => break,
             Ok(n) => {
                 got += n;
-                // A short direct read ends at the end of the file; the next would be unaligned.
-                if !n.is_multiple_of(ALIGN) {
+                if direct && !n.is_multiple_of(ALIGN) {
                     break;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-/// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the file.
-pub fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], off + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

@@ -241,11 +241,12 @@ fn sums_of(f: &File, size: u64) -> std::io::Result<Option<(u32, Vec<[u8; SUM_LEN
     Ok(Some((u32::try_from(cs).unwrap_or(0), sums)))
 }
 
-/// Writes `data` at `offset` of the fresh file `f`, leaving holes
-/// where it is zero; returns the end of the last byte written (0 when all of it was zero).
+/// Writes `data` at `offset` of the fresh file `f`, leaving holes where it is zero; returns
+/// the end of the last byte written (0 when all of it was zero).
 fn write_sparse(
     w: &mut Writer,
-    (f, t): (&File, &Target),
+    f: &File,
+    t: &Target,
     offset: u64,
     data: &[u8],
 ) -> std::io::Result<u64> {
@@ -897,10 +898,6 @@ impl Current {
         Ok(())
     }
 
-    fn out(&self) -> (&File, &Target) {
-        (&self.file, &self.how)
-    }
-
     fn write(
         &self,
         w: &mut Writer,
@@ -909,7 +906,7 @@ impl Current {
         stats: &DataStats,
     ) -> Result<(), FileError> {
         self.check_range(offset, data.len())?;
-        let end = write_sparse(w, self.out(), offset, data)
+        let end = write_sparse(w, &self.file, &self.how, offset, data)
             .map_err(|e| FileError::target(&self.path, e))?;
         self.wrote(end);
         stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -939,7 +936,7 @@ impl Current {
             old.read_exact_at(&mut buf, offset)
                 .map_err(|e| FileError::target(&self.path, e))?;
         }
-        let end = write_sparse(w, self.out(), offset, &buf)
+        let end = write_sparse(w, &self.file, &self.how, offset, &buf)
             .map_err(|e| FileError::target(&self.path, e))?;
         self.wrote(end);
         stats.reused.fetch_add(len as u64, Ordering::Relaxed);
@@ -1466,7 +1463,7 @@ mod tests {
         data[10] = 1;
         data[40_000] = 2;
         let how = Target::new(&f);
-        let end = write_sparse(&mut Writer::default(), (&f, &how), 1 << 20, &data);
+        let end = write_sparse(&mut Writer::default(), &f, &how, 1 << 20, &data);
         assert_eq!(end.unwrap(), (1 << 20) + 40_960);
         f.set_len(2 << 20).unwrap();
         let back = std::fs::read(t.path().join("f")).unwrap();
