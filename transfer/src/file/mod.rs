@@ -16,13 +16,15 @@
 //!
 //! Modules: [`proto`] messages, [`path`] path checks and excludes, [`walk`] the source walk,
 //! [`meta`] metadata capture and apply, [`dirs`] the descriptor cache, [`recv`] the target,
-//! [`send`] the source, `squeeze` when compression pays, `sys` the few unsafe syscalls.
+//! [`send`] the source, `reap` the deletions, `squeeze` when compression pays, `sys` the few
+//! unsafe syscalls.
 
 mod direct;
 pub mod dirs;
 pub mod meta;
 pub mod path;
 pub mod proto;
+mod reap;
 pub mod recv;
 pub mod send;
 mod squeeze;

@@ -34,6 +34,7 @@ use super::proto::{
     read_any, Any, Compare, FileMsg, Meta, Packer, PassKind, MAX_SUMS, SUM_LEN, S_IFBLK, S_IFCHR,
     S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK,
 };
+use super::reap::{self, Reaper};
 use super::sys::{self, Node};
 use super::{lossy, FileError};
 use crate::conn::{ConnReader, ConnWriter};
@@ -129,7 +130,7 @@ fn io_of(e: Errno) -> std::io::Error {
     e.into()
 }
 
-fn stat_at(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<Option<FileStat>> {
+pub(super) fn stat_at(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<Option<FileStat>> {
     match nix::sys::stat::fstatat(
         Some(dir.as_raw_fd()),
         std::ffi::OsStr::from_bytes(name),
@@ -159,37 +160,6 @@ fn open_regular(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<File> {
         return Err(std::io::Error::other("not a regular file"));
     }
     Ok(File::from(fd))
-}
-
-/// Removes `name` from `dir` (a directory recursively), never following a symlink. Returns the
-/// entries removed.
-fn remove(dir: BorrowedFd<'_>, name: &[u8], st: &FileStat) -> std::io::Result<u64> {
-    if kind_of(st) != S_IFDIR {
-        nix::unistd::unlinkat(
-            Some(dir.as_raw_fd()),
-            std::ffi::OsStr::from_bytes(name),
-            UnlinkatFlags::NoRemoveDir,
-        )?;
-        return Ok(1);
-    }
-    let fd = sys::openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
-        0,
-    )?;
-    let mut n = 0;
-    for child in sys::list_dir(fd.as_fd())? {
-        if let Some(cst) = stat_at(fd.as_fd(), &child)? {
-            n += remove(fd.as_fd(), &child, &cst)?;
-        }
-    }
-    nix::unistd::unlinkat(
-        Some(dir.as_raw_fd()),
-        std::ffi::OsStr::from_bytes(name),
-        UnlinkatFlags::RemoveDir,
-    )?;
-    Ok(n + 1)
 }
 
 /// Non-directory entries at and below `name` (the extras of a check).
@@ -330,6 +300,8 @@ struct Ctl {
     failed: Failed,
     last_id: u64,
     since: u32,
+    /// Deletes what listings left out, off this thread.
+    reaper: Reaper,
 }
 
 impl Ctl {
@@ -458,7 +430,7 @@ impl Ctl {
         name: &[u8],
         st: &FileStat,
     ) -> std::io::Result<()> {
-        self.report.deleted += remove(dir, name, st)?;
+        self.report.deleted += reap::remove(dir, name, st)?;
         self.cache.forget(path);
         Ok(())
     }
@@ -758,21 +730,13 @@ impl Ctl {
             if self.excludes.matches(&rel) {
                 continue;
             }
-            let Ok(Some(st)) = stat_at(dfd.as_fd(), &n) else {
-                continue;
-            };
             if check {
-                extra += count_files(dfd.as_fd(), &n, &st);
-            } else {
-                match remove(dfd.as_fd(), &n, &st) {
-                    Ok(k) => {
-                        if !n.starts_with(TEMP_PREFIX) {
-                            self.report.deleted += k;
-                        }
-                        self.cache.forget(&rel);
-                    }
-                    Err(e) => self.warn("not deleted", &rel, &e),
+                if let Ok(Some(st)) = stat_at(dfd.as_fd(), &n) {
+                    extra += count_files(dfd.as_fd(), &n, &st);
                 }
+            } else {
+                self.cache.forget(&rel);
+                self.reaper.delete(Arc::clone(&dfd), n, rel);
             }
         }
         if check && extra > 0 {
@@ -1234,6 +1198,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
         failed: Arc::default(),
         last_id: 0,
         since: 0,
+        reaper: Reaper::default(),
     };
     let mut res = serve(&mut ctl, &mut r, data, streams);
     if res.is_err() {
@@ -1413,6 +1378,10 @@ fn serve_pass(
             }
         }
     }
+    // Directory times come next, and a deletion would change them.
+    let reaped = ctl.reaper.drain();
+    ctl.report.deleted += reaped.deleted;
+    ctl.report.warnings += reaped.failed;
     ctl.report.files_written = stats.files.load(Ordering::Relaxed);
     ctl.report.bytes_written = stats.bytes.load(Ordering::Relaxed);
     ctl.report.bytes_reused = stats.reused.load(Ordering::Relaxed);
