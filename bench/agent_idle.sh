@@ -28,7 +28,7 @@ AGENT=$!
 sleep 5
 conns=()
 START_TICKS=$(awk '{print $14+$15}' /proc/$AGENT/stat)
-for i in $(seq 1 "$((DURATION / 10))"); do
+for _ in $(seq 1 "$((DURATION / 10))"); do
   sleep 10
   conns+=("$(ss -tnp 2>/dev/null | grep -c "pid=$AGENT," || true)")
 done

@@ -16,7 +16,7 @@ WORK=$(mktemp -d)
 LOOPS=()
 cleanup() {
   set +e
-  for m in $(grep -o "$WORK/[^ ]*" /proc/mounts | sort -r); do umount "$m"; done
+  grep -o "$WORK/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount "$m"; done
   for vg in $(vgs --noheadings -o vg_name 2>/dev/null | grep benchvg); do vgremove -f "$vg" >/dev/null 2>&1; done
   for l in "${LOOPS[@]}"; do wipefs -a -q "$l"; partx -d "$l" 2>/dev/null; losetup -d "$l"; done
   rm -rf "$WORK"

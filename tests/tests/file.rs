@@ -764,6 +764,7 @@ fn sync_after_changes_renames_and_deletions() {
     let src = tempfile::tempdir().unwrap();
     let s = src.path();
     write(&s.join("keep"), b"unchanged");
+    write(&s.join("read"), b"only read on the source");
     write(&s.join("edit"), b"version 1");
     write(&s.join("dir/a"), b"a");
     write(&s.join("dir/sub/b"), b"b");
@@ -807,6 +808,13 @@ fn sync_after_changes_renames_and_deletions() {
     std::fs::remove_file(s.join("link")).unwrap();
     std::os::unix::fs::symlink("edit", s.join("link")).unwrap();
     std::fs::set_permissions(s.join("keep"), PermissionsExt::from_mode(0o600)).unwrap();
+    // Read on the source: only its atime moves (rsync does not compare atimes, so checked here).
+    let m = std::fs::metadata(s.join("read")).unwrap();
+    set_times(
+        &s.join("read"),
+        (1_700_000_000, 42),
+        (m.mtime(), m.mtime_nsec()),
+    );
     write(&s.join("new/file"), b"new");
     // A database-like file: two 4 KiB pages change, 64 KiB appended.
     big[100..4196].copy_from_slice(&noise(4096, 77));
@@ -816,11 +824,19 @@ fn sync_after_changes_renames_and_deletions() {
 
     let rep = r.send(&o);
     eprintln!("sync: {rep:?}");
+    // Before the rsync below, whose reads move the target's atimes.
+    let t = std::fs::metadata(r.root.join("read")).unwrap();
+    assert_eq!((t.atime(), t.atime_nsec()), (1_700_000_000, 42));
+    assert_eq!((t.mtime(), t.mtime_nsec()), (m.mtime(), m.mtime_nsec()));
     // Identical but for the excluded directory, which is left alone on the target.
     assert_eq!(rsync_diff_checksum(s, &r.root, &["/cache"]), "");
     assert!(r.root.join("cache/target-only").exists());
     assert!(!r.root.join("gone").exists() && !r.root.join("gone-dir").exists());
     assert!(rep.deleted >= 6 + 2999, "{rep:?}");
+    assert!(
+        rep.target_updated >= 2,
+        "keep (mode) and read (atime): {rep:?}"
+    );
     // The big file: two changed chunks and the tail travel, the rest is reused.
     assert!(rep.bytes_reused >= 13 << 20, "{rep:?}");
     assert!(rep.bytes_plain < 4 << 20, "{rep:?}");

@@ -136,13 +136,7 @@ pub fn apply_symlink(dir: BorrowedFd<'_>, name: &[u8], m: &Meta) -> io::Result<u
     let path = std::path::Path::new(OsStr::from_bytes(p.as_bytes()));
     std::os::unix::fs::lchown(path, Some(m.uid), Some(m.gid))?;
     let failed = sync_xattrs(Node::Path(&p), &m.xattrs)?;
-    nix::sys::stat::utimensat(
-        Some(dir.as_raw_fd()),
-        OsStr::from_bytes(name),
-        &ts(m.atime),
-        &ts(m.mtime),
-        UtimensatFlags::NoFollowSymlink,
-    )?;
+    set_times_at(dir, name, m.atime, m.mtime)?;
     Ok(failed)
 }
 
@@ -163,6 +157,18 @@ pub fn apply_node(fd: BorrowedFd<'_>, m: &Meta) -> io::Result<usize> {
         UtimensatFlags::FollowSymlink,
     )?;
     Ok(failed)
+}
+
+/// Sets the times of `name` in `dir`, never following a symlink.
+pub fn set_times_at(dir: BorrowedFd<'_>, name: &[u8], atime: Time, mtime: Time) -> io::Result<()> {
+    nix::sys::stat::utimensat(
+        Some(dir.as_raw_fd()),
+        OsStr::from_bytes(name),
+        &ts(atime),
+        &ts(mtime),
+        UtimensatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
 }
 
 /// Sets a directory's times (the final phase, after its contents stopped changing).

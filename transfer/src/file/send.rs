@@ -97,6 +97,8 @@ pub struct SendReport {
     pub deleted: u64,
     /// Regular files the target wrote.
     pub target_written: u64,
+    /// Entries whose metadata alone the target updated in place.
+    pub target_updated: u64,
     /// Things the operator should hear about (also in `Progress::note`).
     pub notes: Vec<String>,
 }
@@ -433,7 +435,7 @@ impl Pass<'_> {
         let stats = Stats::default();
         let starts: Mutex<Vec<u64>> = Mutex::new(Vec::new());
         let checks: Mutex<Vec<DirCheck>> = Mutex::new(vec![DirCheck::default(); self.roots.len()]);
-        let summary: Mutex<(u64, u64)> = Mutex::new((0, 0));
+        let summary: Mutex<(u64, u64, u64)> = Mutex::new((0, 0, 0));
         let changed: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
         let errors: Mutex<Vec<FileError>> = Mutex::new(Vec::new());
         let squeeze = Squeeze::new(self.streams);
@@ -512,12 +514,14 @@ impl Pass<'_> {
                                 tally(starts, checks, id, |c| c.num_target_more_files += count);
                             }
                             Any::File(FileMsg::Summary {
-                                written, deleted, ..
+                                written,
+                                deleted,
+                                updated,
                             }) => {
                                 *summary
                                     .lock()
                                     .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                                    (written, deleted);
+                                    (written, deleted, updated);
                             }
                             Any::Common(Message::Ack { .. }) => {
                                 let _ = etx.send(Event::Ack);
@@ -814,7 +818,7 @@ impl Pass<'_> {
             r.map(|()| listed)
         });
         let listed = result?;
-        let (written, deleted) = *summary
+        let (written, deleted, updated) = *summary
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for n in &listed.notes {
@@ -835,6 +839,7 @@ impl Pass<'_> {
             vanished: stats.vanished.load(Ordering::Relaxed),
             deleted,
             target_written: written,
+            target_updated: updated,
             notes: listed.notes,
         };
         Ok((
