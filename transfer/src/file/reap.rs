@@ -23,8 +23,10 @@ use super::sys;
 
 /// Worker threads: enough for the device to overlap several discards.
 const THREADS: usize = 4;
-/// Deletions queued at most; the control thread waits beyond that (bounds memory).
-const QUEUE: usize = 4096;
+/// Deletions queued at most; the control thread waits beyond that. Each one may hold the only
+/// descriptor of its directory (the cache has closed its own), so this bounds the descriptors
+/// the reaper keeps open, well under the 1024 a service gets by default.
+const QUEUE: usize = 256;
 
 /// Removes `name` from `dir` (a directory recursively), never following a symlink. Returns the
 /// entries removed.
