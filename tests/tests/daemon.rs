@@ -116,6 +116,41 @@ fn registers_polls_and_keeps_its_id_across_restarts() {
 }
 
 #[test]
+fn a_saved_source_id_sms_no_longer_knows_is_replaced_by_a_new_registration() {
+    let emu = Emulator::start();
+    let mut agent = Agent::start(&emu.url(), SK);
+    let old = registered(&emu, 1);
+    let (status, _) = agent.terminate();
+    assert!(status.success(), "exit {status}: {}", agent.log());
+    // The source is gone on the service side: a fresh emulator at the same address.
+    let addr = emu.addr.clone();
+    drop(emu);
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start_with(&dir.path().join("emu.json"), &addr);
+    agent.restart();
+    let new = registered(&emu, 1);
+    assert_ne!(new, old);
+    let j = emu.journal();
+    let posts: Vec<&Value> = j
+        .iter()
+        .filter(|e| e["method"] == "POST" && e["path"] == "/v3/sources")
+        .collect();
+    assert_eq!(posts[0]["body"]["id"], old.as_str(), "{}", summary(&j));
+    assert_eq!(posts[0]["status"], 400);
+    assert!(posts[1]["body"].get("id").is_none(), "{}", summary(&j));
+    let end = Instant::now() + Duration::from_secs(20);
+    while agent.status()["source_id"] != new.as_str() {
+        assert!(Instant::now() < end, "status: {}", agent.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        agent.log().contains("registering as a new source"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn commands_are_answered_and_a_second_daemon_is_refused() {
     let emu = Emulator::start();
     let agent = Agent::start(&emu.url(), SK);

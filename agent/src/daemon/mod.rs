@@ -19,6 +19,9 @@ use crate::api::{ApiError, Client};
 use crate::config::Config;
 use state::{Phase, State, StateError, Status, Store, TaskState};
 
+/// SMS's answer to a registration whose `id` it does not know ("Invalid source server ID").
+const UNKNOWN_SOURCE: &str = "SMS.6030";
+
 /// Poll interval while a task runs: commands like STOP must be seen quickly.
 const BUSY_POLL: Duration = Duration::from_secs(2);
 /// Longest wait between retries of start-up calls.
@@ -248,6 +251,22 @@ impl Daemon {
                         "SMS.0502: registration answered without an id",
                         attempt,
                     );
+                }
+                // The saved id names a source SMS no longer has (deleted in the console, or
+                // another region): retrying it would never succeed, so register as new. Its
+                // task and unsent results went with it.
+                Err(ApiError::Status { code, .. })
+                    if code == UNKNOWN_SOURCE && body.id.is_some() =>
+                {
+                    tracing::warn!(
+                        source_id = body.id.as_deref().unwrap_or_default(),
+                        "SMS does not know the saved source id; registering as a new source"
+                    );
+                    self.state.source_id = None;
+                    self.state.task = None;
+                    self.state.pending_results.clear();
+                    self.status.source_id = None;
+                    continue;
                 }
                 Err(e) => {
                     self.registration_failed(
