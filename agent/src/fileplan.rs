@@ -261,7 +261,9 @@ mod tests {
     fn used_bytes_counts_each_filesystem_once() {
         let one = used_bytes(&[PathBuf::from("/")]);
         assert!(one > 0);
-        assert_eq!(used_bytes(&[PathBuf::from("/"), "/".into()]), one);
+        // Other processes write to / meanwhile: counted twice would be about twice as much.
+        let twice = used_bytes(&[PathBuf::from("/"), "/".into()]);
+        assert!(twice.abs_diff(one) < one / 2, "{one} vs {twice}");
         assert_eq!(used_bytes(&[PathBuf::from("/no/such/dir")]), 0);
     }
 }
