@@ -19,7 +19,7 @@
 //! [`send`] the source, `reap` the deletions, `squeeze` when compression pays, `sys` the few
 //! unsafe syscalls.
 
-mod direct;
+pub(crate) mod direct;
 pub mod dirs;
 pub mod meta;
 pub mod path;
