@@ -15,7 +15,7 @@ use super::ckpt::{self, Meta};
 use super::map::{chunk_count, chunk_range, Bitmap};
 use super::{leaf_hash, BlockError};
 use crate::chunk::{verify_with, Zstd};
-use crate::file::direct::{Aligned, ALIGN};
+use crate::file::direct::{aligned, Aligned, ALIGN};
 use crate::session::{name_of, Incoming, Stream};
 use crate::wire::{Message, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
 
@@ -79,15 +79,12 @@ impl Target {
     /// Writes `data` at `offset`: directly when both are whole blocks, else through the cache.
     fn write_at(&self, buf: &mut Aligned, data: &[u8], offset: u64) -> std::io::Result<()> {
         if let Some(d) = &self.direct {
-            if offset.is_multiple_of(ALIGN as u64) && data.len().is_multiple_of(ALIGN) {
-                let b = buf.get(data.len());
-                b.copy_from_slice(data);
-                match d.write_all_at(b, offset) {
-                    Ok(()) => return Ok(()),
-                    // The device wants a larger alignment: the cached way for this piece.
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
-                    Err(e) => return Err(e),
-                }
+            // Refused (the device wants a larger alignment): the cached way for this piece.
+            if aligned(offset)
+                && data.len().is_multiple_of(ALIGN)
+                && buf.write_direct(d, data, offset)?
+            {
+                return Ok(());
             }
         }
         self.file.write_all_at(data, offset)

@@ -27,7 +27,8 @@ pub fn round_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-fn aligned(off: u64) -> bool {
+/// Whether `off` is a multiple of [`ALIGN`].
+pub fn aligned(off: u64) -> bool {
     off.is_multiple_of(ALIGN as u64)
 }
 
@@ -46,6 +47,18 @@ impl Aligned {
         }
         let start = self.raw.as_ptr().align_offset(ALIGN);
         &mut self.raw[start..start + want]
+    }
+
+    /// Writes `data` (whole blocks) at `off` of `f`, opened `O_DIRECT`, through this buffer;
+    /// false when the device wants a larger alignment than [`ALIGN`] (nothing was written).
+    pub fn write_direct(&mut self, f: &File, data: &[u8], off: u64) -> io::Result<bool> {
+        let buf = self.get(data.len());
+        buf.copy_from_slice(data);
+        match f.write_all_at(buf, off) {
+            Ok(()) => Ok(true),
+            Err(e) if is_einval(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -151,15 +164,9 @@ impl Writer {
         let mut done = 0;
         if t.direct.get() && aligned(off) {
             let whole = data.len() - data.len() % ALIGN;
-            if whole > 0 {
-                let buf = self.buf.get(whole);
-                buf.copy_from_slice(&data[..whole]);
-                match f.write_all_at(buf, off) {
-                    Ok(()) => done = whole,
-                    // The device wants a larger alignment than ALIGN: the buffered way then.
-                    Err(e) if is_einval(&e) => {}
-                    Err(e) => return Err(e),
-                }
+            // Refused (the device wants a larger alignment): the buffered way then.
+            if whole > 0 && self.buf.write_direct(f, &data[..whole], off)? {
+                done = whole;
             }
         }
         if done == data.len() {

@@ -17,8 +17,8 @@ use nix::sys::stat::FileStat;
 use nix::unistd::UnlinkatFlags;
 
 use super::lossy;
-use super::proto::{S_IFDIR, S_IFMT};
-use super::recv::{stat_at, TEMP_PREFIX};
+use super::proto::S_IFDIR;
+use super::recv::{kind_of, stat_at, TEMP_PREFIX};
 use super::sys;
 
 /// Worker threads: enough for the device to overlap several discards.
@@ -31,7 +31,7 @@ const QUEUE: usize = 256;
 /// Removes `name` from `dir` (a directory recursively), never following a symlink. Returns the
 /// entries removed.
 pub(super) fn remove(dir: BorrowedFd<'_>, name: &[u8], st: &FileStat) -> std::io::Result<u64> {
-    if st.st_mode & S_IFMT != S_IFDIR {
+    if kind_of(st) != S_IFDIR {
         nix::unistd::unlinkat(
             Some(dir.as_raw_fd()),
             std::ffi::OsStr::from_bytes(name),
@@ -76,6 +76,13 @@ pub(super) struct Reaped {
     pub failed: u64,
 }
 
+impl std::ops::AddAssign for Reaped {
+    fn add_assign(&mut self, r: Reaped) {
+        self.deleted += r.deleted;
+        self.failed += r.failed;
+    }
+}
+
 /// Deletion workers, started on the first deletion of a session.
 #[derive(Default)]
 pub(super) struct Reaper {
@@ -100,8 +107,7 @@ impl Reaper {
             },
             None => job,
         };
-        let r = reap(&job);
-        self.add(r);
+        self.done += reap(&job);
     }
 
     fn start(&mut self) {
@@ -123,23 +129,15 @@ impl Reaper {
         }
     }
 
-    fn add(&mut self, r: Reaped) {
-        self.done.deleted += r.deleted;
-        self.done.failed += r.failed;
-    }
-
     /// Waits until everything handed over is deleted; returns what was done since the last
     /// drain.
     pub fn drain(&mut self) -> Reaped {
         self.tx = None;
         for h in std::mem::take(&mut self.workers) {
-            match h.join() {
-                Ok(r) => self.add(r),
-                Err(_) => self.add(Reaped {
-                    deleted: 0,
-                    failed: 1,
-                }),
-            }
+            self.done += h.join().unwrap_or(Reaped {
+                deleted: 0,
+                failed: 1,
+            });
         }
         std::mem::take(&mut self.done)
     }
@@ -162,9 +160,7 @@ fn work(rx: &Mutex<Receiver<Doomed>>) -> Reaped {
         let Ok(job) = job else {
             return out;
         };
-        let r = reap(&job);
-        out.deleted += r.deleted;
-        out.failed += r.failed;
+        out += reap(&job);
     }
 }
 

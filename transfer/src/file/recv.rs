@@ -142,7 +142,7 @@ pub(super) fn stat_at(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<Optio
     }
 }
 
-fn kind_of(st: &FileStat) -> u32 {
+pub(super) fn kind_of(st: &FileStat) -> u32 {
     st.st_mode & S_IFMT
 }
 
