@@ -13,7 +13,8 @@ pub mod procs;
 
 pub use probe::model::PostSourceServerBody;
 
-/// Runs a command and returns its stdout; panics with its stderr when it fails.
+/// Runs a command and returns its stdout; panics with its output when it fails (fsck tools
+/// report what they found on stdout).
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
@@ -22,10 +23,11 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     assert!(
         out.status.success(),
-        "`{cmd} {}` failed ({}): {}",
+        "`{cmd} {}` failed ({}): {}{}",
         args.join(" "),
         out.status,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
