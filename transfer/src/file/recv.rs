@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
@@ -1144,14 +1144,13 @@ fn accept_data(
                 i + 1
             ))
         };
-        let deadline = std::time::Instant::now() + DATA_WAIT;
+        let deadline = Instant::now() + DATA_WAIT;
         let s = loop {
             // In slices, so that a halted session does not wait out DATA_WAIT.
             match data.recv_timeout(Duration::from_millis(200)) {
                 Ok(s) => break s,
                 Err(_) if halt.halted() => return Ok(handles),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    if std::time::Instant::now() < deadline => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(_) => return Err(never()),
             }
         };
@@ -1324,6 +1323,15 @@ fn serve_pass(
     accepter: &mut Option<std::thread::JoinHandle<Result<DataHandles, FileError>>>,
     stats: &DataStats,
 ) -> Result<(), FileError> {
+    // Phase times at debug level: where a slow pass spends its time.
+    let started = Instant::now();
+    let phase = |name: &str| {
+        tracing::debug!(
+            phase = name,
+            secs = started.elapsed().as_secs_f64(),
+            "file pass phase done"
+        )
+    };
     // Listing.
     loop {
         if r.buffer().is_empty() {
@@ -1354,6 +1362,7 @@ fn serve_pass(
                 ctl.send(&FileMsg::Processed { upto })?;
                 ctl.send(&FileMsg::ListDone)?;
                 ctl.flush()?;
+                phase("listing");
                 break;
             }
             Any::Common(Message::Error { code, message }) => {
@@ -1397,8 +1406,10 @@ fn serve_pass(
             }
         }
     }
+    phase("data");
     // Directory times come next, and a deletion would change them.
     let reaped = ctl.reaper.drain();
+    phase("deletions");
     ctl.report.deleted += reaped.deleted;
     ctl.report.warnings += reaped.failed;
     ctl.report.files_written = stats.files.load(Ordering::Relaxed);
@@ -1417,8 +1428,10 @@ fn serve_pass(
                 ctl.times(&path, atime, mtime);
             }
             Any::Common(Message::Checkpoint { seq }) => {
+                phase("links and times");
                 nix::unistd::syncfs(ctl.root.as_raw_fd())
                     .map_err(|e| FileError::target(b"/", io_of(e)))?;
+                phase("syncfs");
                 let rep = &ctl.report;
                 let summary = FileMsg::Summary {
                     written: rep.files_written,
