@@ -197,7 +197,7 @@ fn a_gpt_disk_with_ext4_xfs_btrfs_swap_and_lvm_arrives_identical_and_syncs() {
     // Every partition arrives as it is, byte for byte: their free blocks were never written
     // on this new disk, so they are zeros on both sides.
     for n in 1..=5u32 {
-        run("cmp", &[&parts[n as usize - 1], &tp(n)]);
+        run("cmp", &[&p(n as usize), &tp(n)]);
     }
     run("e2fsck", &["-fn", &tp(1)]);
     run("xfs_repair", &["-n", &tp(2)]);
