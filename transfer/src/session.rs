@@ -510,5 +510,7 @@ pub fn name_of(m: &Message) -> &'static str {
         Message::SumReq { .. } => "SumReq",
         Message::Sums { .. } => "Sums",
         Message::Mismatch { .. } => "Mismatch",
+        Message::Accepted { .. } => "Accepted",
+        Message::VerifyMap { .. } => "VerifyMap",
     }
 }

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 /// Frame magic.
 pub const MAGIC: &[u8; 4] = b"SMSW";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest chunk of disk or file data in one frame. Big enough to keep a fast link busy with a
@@ -168,6 +168,23 @@ pub enum Message {
         disk: u16,
         /// Chunk index.
         chunk: u64,
+    },
+    /// The receiver's answer to a `DiskPlan`, before the maps: how it serves the pass.
+    Accepted {
+        /// Whether the pass runs as a sync. A full pass is turned into one when the targets
+        /// already hold a complete copy of this migration: the full pass would only rewrite it,
+        /// and the sync pass verifies every chunk instead of trusting the old copy.
+        sync: bool,
+        /// The last pass that completed on these targets, if the receiver recorded one.
+        held: Option<u32>,
+    },
+    /// The chunks of `disk` that an interrupted session of this pass may have written after
+    /// its last checkpoint (bit i = chunk i): the sender compares hashes before sending them.
+    VerifyMap {
+        /// Index into the disk plan.
+        disk: u16,
+        /// Bitmap, LSB first.
+        bits: Vec<u8>,
     },
 }
 
@@ -382,6 +399,8 @@ impl Message {
             Message::SumReq { .. } => 13,
             Message::Sums { .. } => 14,
             Message::Mismatch { .. } => 15,
+            Message::Accepted { .. } => 16,
+            Message::VerifyMap { .. } => 17,
         }
     }
 
@@ -451,10 +470,14 @@ impl Message {
                 put_string(&mut p, message)?;
             }
             Message::Bye | Message::Ready => {}
-            Message::DoneMap { disk, bits } => {
+            Message::DoneMap { disk, bits } | Message::VerifyMap { disk, bits } => {
                 p.extend_from_slice(&disk.to_be_bytes());
                 put_count(&mut p, "done map", bits.len(), MAX_CHUNK)?;
                 p.extend_from_slice(bits);
+            }
+            Message::Accepted { sync, held } => {
+                p.push(u8::from(*sync) | (u8::from(held.is_some()) << 1));
+                p.extend_from_slice(&held.unwrap_or(0).to_be_bytes());
             }
             Message::Zero { disk, offset, len } => {
                 p.extend_from_slice(&disk.to_be_bytes());
@@ -641,6 +664,25 @@ impl Message {
                 disk: r.u16("mismatch disk")?,
                 chunk: r.u64("mismatch chunk")?,
             },
+            16 => {
+                let flags = r.u8("accepted flags")?;
+                if flags > 3 {
+                    return Err(WireError::Invalid("accepted flags"));
+                }
+                let held = r.u32("held pass")?;
+                Message::Accepted {
+                    sync: flags & 1 != 0,
+                    held: (flags & 2 != 0).then_some(held),
+                }
+            }
+            17 => {
+                let disk = r.u16("verify map disk")?;
+                let n = get_count(&mut r, "verify map", MAX_CHUNK)?;
+                Message::VerifyMap {
+                    disk,
+                    bits: r.take(n, "verify map")?.to_vec(),
+                }
+            }
             other => return Err(WireError::Type(other)),
         };
         r.finish()?;
@@ -714,6 +756,18 @@ mod tests {
                 leaves: vec![[1; LEAF_HASH], [2; LEAF_HASH]],
             },
             Message::Mismatch { disk: 3, chunk: 4 },
+            Message::Accepted {
+                sync: true,
+                held: Some(4),
+            },
+            Message::Accepted {
+                sync: false,
+                held: None,
+            },
+            Message::VerifyMap {
+                disk: 0,
+                bits: vec![0x0f],
+            },
             Message::Chunk {
                 disk: 1,
                 offset: 1 << 40,

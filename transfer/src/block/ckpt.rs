@@ -35,6 +35,41 @@ pub struct Meta {
     /// Whether the sender finished the pass.
     #[serde(default)]
     pub complete: bool,
+    /// The last pass of this migration that completed on these targets, carried from pass
+    /// to pass: a full pass asked for later runs as a verifying sync instead.
+    #[serde(default)]
+    pub held: Option<u32>,
+    /// Per disk, the first chunk this pass has never written: the receiver records a higher
+    /// mark before it writes past the old one, so after a kill the chunks below it that are not
+    /// done are the only ones that may hold data of the interrupted session.
+    #[serde(default)]
+    pub lease: Vec<u64>,
+    /// BLAKE3 of a few done chunks as they were on the targets at this checkpoint: a resume
+    /// first reads them back, so a target replaced or rewritten since is not trusted.
+    #[serde(default)]
+    pub samples: Vec<Sample>,
+}
+
+/// One sampled chunk of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Index into the plan.
+    pub disk: u16,
+    /// Chunk index.
+    pub chunk: u64,
+    /// BLAKE3 of the chunk's bytes, hex.
+    pub hash: String,
+}
+
+impl Meta {
+    /// Whether `self` (a saved checkpoint) is of the same migration and targets as `other`:
+    /// task, chunk size, disks and target identities; pass and progress aside.
+    pub fn same_migration(&self, other: &Meta) -> bool {
+        self.task_id == other.task_id
+            && self.chunk_size == other.chunk_size
+            && self.disks == other.disks
+            && self.targets == other.targets
+    }
 }
 
 /// Why a checkpoint could not be read or written.
@@ -158,6 +193,13 @@ mod tests {
             disks: vec![("a".into(), 10 << 20), ("b".into(), 3)],
             targets: vec!["/x:1:2".into()],
             complete: false,
+            held: Some(1),
+            lease: vec![4, 0],
+            samples: vec![Sample {
+                disk: 0,
+                chunk: 3,
+                hash: "ab".into(),
+            }],
         };
         let mut m1 = Bitmap::new(10);
         m1.set(3);

@@ -27,6 +27,24 @@ nix::ioctl_readwrite!(
     nix::libc::c_int
 );
 
+nix::ioctl_read!(
+    /// FS_IOC_GETVERSION = `_IOR('v', 1, long)`: the inode's generation number.
+    fs_ioc_getversion,
+    b'v',
+    1,
+    nix::libc::c_long
+);
+
+/// The inode generation of a file, where its filesystem keeps one (ext4, Btrfs): a file
+/// deleted and created again may get the same inode number, but not the same generation.
+pub fn generation(file: &File) -> Option<i64> {
+    let mut v: nix::libc::c_long = 0;
+    // SAFETY: the fd is open for the call's duration and `v` is a valid c_long to write.
+    unsafe { fs_ioc_getversion(file.as_raw_fd(), &mut v) }
+        .ok()
+        .map(i64::from)
+}
+
 /// Invalidates the whole cache of a block device at the start of a pass, so that no page
 /// read before a filesystem wrote through one of its partitions is reused (files, whose
 /// cache is coherent, need none). False when a device's cache could not be invalidated.

@@ -175,6 +175,104 @@ fn full_copy_then_sync_sends_only_changes() {
     assert_eq!(r.plain_sent, 0, "{r:?}");
 }
 
+/// Whether the target holds the source's bytes in every used range.
+fn same_in(src: &Path, tgt: &Path, used: &[std::ops::Range<u64>]) -> bool {
+    let (s, t) = (read(src), read(tgt));
+    used.iter().all(|u| {
+        let (a, b) = (
+            usize::try_from(u.start).unwrap(),
+            usize::try_from(u.end).unwrap(),
+        );
+        s[a..b] == t[a..b]
+    })
+}
+
+#[test]
+fn a_completed_pass_is_never_resumed_and_a_recreated_target_is_never_trusted() {
+    let rig = rig(&["d0"]);
+    let (src, used) = source(rig.dir.path());
+    let tgt = rig.dir.path().join("tgt-d0.img");
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: used.clone(),
+    }];
+    let first = run(&rig, &disks, 0, false);
+    assert!(same_in(&src, &tgt, &used));
+    assert!(!first.upgraded && first.held.is_none(), "{first:?}");
+
+    // The same full pass again: the receiver holds a complete copy, so it runs as a sync
+    // that checks every chunk and, the source being unchanged, sends nothing.
+    let again = run(&rig, &disks, 0, false);
+    assert!(again.upgraded, "{again:?}");
+    assert_eq!(again.held, Some(0));
+    assert_eq!(again.chunks_resumed, 0, "{again:?}");
+    assert_eq!(again.plain_sent, 0, "{again:?}");
+
+    // New source content, and the target deleted and created again at the same path (its
+    // inode number may well be reused): nothing of the old copy may count as done.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(3 << 20, 77), 0).unwrap();
+    f.write_all_at(&noise(1 << 20, 78), 5 << 20).unwrap();
+    drop(f);
+    std::fs::remove_file(&tgt).unwrap();
+    std::fs::File::create(&tgt)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let fresh = run(&rig, &disks, 0, false);
+    assert_eq!(fresh.chunks_resumed, 0, "{fresh:?}");
+    assert!(!fresh.upgraded, "{fresh:?}");
+    assert!(fresh.plain_sent >= 4 << 20, "{fresh:?}");
+    assert!(same_in(&src, &tgt, &used), "the recreated target differs");
+}
+
+#[test]
+fn a_resumed_pass_compares_chunks_written_after_the_last_checkpoint_instead_of_resending() {
+    let rig = rig(&["d0"]);
+    let (src, used) = source(rig.dir.path());
+    let tgt = rig.dir.path().join("tgt-d0.img");
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: used.clone(),
+    }];
+    run(&rig, &disks, 0, false);
+    // What a kill -9 after the writes but before any checkpoint leaves: data on the target,
+    // nothing done, the lease recorded.
+    let file = ckpt::path(&rig.dir.path().join("state"), "task-1");
+    let (mut meta, maps) = ckpt::load(&file).unwrap().unwrap();
+    assert!(
+        meta.complete && meta.lease.iter().all(|&l| l > 0),
+        "{meta:?}"
+    );
+    meta.complete = false;
+    meta.samples.clear();
+    let empty: Vec<_> = maps.iter().map(|m| map::Bitmap::new(m.len())).collect();
+    ckpt::save(&file, &meta, &empty).unwrap();
+    let r = run(&rig, &disks, 0, false);
+    assert!(!r.upgraded, "{r:?}");
+    assert_eq!(r.verified, r.chunks, "{r:?}");
+    assert_eq!(r.plain_sent, 0, "{r:?}");
+    assert!(same_in(&src, &tgt, &used));
+
+    // A sampled chunk that no longer holds what the checkpoint says: the target was changed
+    // behind the receiver's back, so nothing is resumed.
+    let (mut meta, maps) = ckpt::load(&file).unwrap().unwrap();
+    assert!(!meta.samples.is_empty(), "{meta:?}");
+    meta.complete = false;
+    ckpt::save(&file, &meta, &maps).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&tgt).unwrap();
+    f.write_all_at(&noise(4096, 99), 4096).unwrap();
+    drop(f);
+    let r = run(&rig, &disks, 0, false);
+    assert_eq!(r.chunks_resumed, 0, "{r:?}");
+    assert!(
+        same_in(&src, &tgt, &used),
+        "the changed target was not repaired"
+    );
+}
+
 #[test]
 fn a_target_smaller_than_the_source_or_unmapped_is_refused() {
     let rig = rig(&["d0"]);
@@ -235,7 +333,9 @@ fn hand_session(rig: &Rig, size: u64) -> (crate::session::Stream, crate::session
     })
     .unwrap();
     ctl.flush().unwrap();
+    assert!(matches!(ctl.recv().unwrap(), Message::Accepted { .. }));
     assert!(matches!(ctl.recv().unwrap(), Message::DoneMap { .. }));
+    assert!(matches!(ctl.recv().unwrap(), Message::VerifyMap { .. }));
     assert_eq!(ctl.recv().unwrap(), Message::Ready);
     let (data, _) = rig
         .connector

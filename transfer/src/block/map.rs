@@ -65,6 +65,15 @@ impl Bitmap {
         }
     }
 
+    /// The lowest and highest set bits, if any.
+    pub fn ends(&self) -> Option<(u64, u64)> {
+        let first = self.bits.iter().position(|&b| b != 0)?;
+        let last = self.bits.iter().rposition(|&b| b != 0)?;
+        let lo = first as u64 * 8 + u64::from(self.bits[first].trailing_zeros());
+        let hi = last as u64 * 8 + 7 - u64::from(self.bits[last].leading_zeros());
+        Some((lo, hi))
+    }
+
     /// Bits set.
     pub fn count(&self) -> u64 {
         self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
@@ -238,7 +247,14 @@ mod tests {
         assert!(b.get(0) && b.get(9) && !b.get(5) && !b.get(100));
         assert_eq!(b.count(), 2);
         assert!(Bitmap::from_bytes(vec![0; 3], 10).is_none());
+        assert_eq!(b.ends(), Some((0, 9)));
         assert_eq!(Bitmap::from_bytes(b.as_bytes().to_vec(), 10), Some(b));
+        let mut c = Bitmap::new(100);
+        assert_eq!(c.ends(), None);
+        c.set(42);
+        assert_eq!(c.ends(), Some((42, 42)));
+        c.set(17);
+        assert_eq!(c.ends(), Some((17, 42)));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use super::ckpt::{self, Meta};
+use super::ckpt::{self, Meta, Sample};
 use super::map::{chunk_count, chunk_range, Bitmap};
 use super::{leaf_hash, BlockError};
 use crate::chunk::{verify_with, Zstd};
@@ -26,6 +26,13 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most sync hash requests one stream may have outstanding (the sender keeps far fewer).
 const MAX_OUTSTANDING: usize = 256;
+/// Bytes of chunks a lease extension covers: each extension costs one checkpoint write, and
+/// after a kill every chunk below the lease that is not done is hashed before it is resent.
+const LEASE_BYTES: u64 = 256 << 20;
+/// Done chunks sampled per disk at a checkpoint (the first and the last).
+const SAMPLES_PER_DISK: usize = 2;
+/// Disks sampled at a checkpoint.
+const SAMPLED_DISKS: usize = 4;
 
 /// One `--disk NAME=PATH` of the receiver.
 #[derive(Debug, Clone)]
@@ -62,6 +69,10 @@ pub struct ReceiveReport {
     pub chunks_resumed: u64,
     /// The sender announced another pass right after this one.
     pub more: bool,
+    /// The pass ran as a sync because the targets held a complete copy already.
+    pub upgraded: bool,
+    /// Chunks an interrupted session may have written, offered for a hash compare.
+    pub chunks_to_verify: u64,
 }
 
 struct Target {
@@ -73,6 +84,8 @@ struct Target {
     direct: Option<File>,
     /// The plan's size: no write may pass it.
     size: u64,
+    /// The device's or image's size when opened.
+    capacity: u64,
 }
 
 impl Target {
@@ -91,16 +104,38 @@ impl Target {
     }
 }
 
+/// What the checkpoint file holds besides the fixed part of its [`Meta`], under one lock so
+/// that a lease extension and a checkpoint never overwrite each other's newer state.
+struct Saved {
+    /// The done maps as last made durable.
+    durable: Vec<Bitmap>,
+    /// The samples of that checkpoint.
+    samples: Vec<Sample>,
+    /// Per disk, the first chunk not yet leased for writing.
+    lease: Vec<u64>,
+}
+
 struct Sess {
     targets: Vec<Target>,
     maps: Mutex<Vec<Bitmap>>,
     chunk: u64,
     sync: bool,
+    /// Chunks an interrupted session of this pass may have written after its last
+    /// checkpoint: the sender may ask for their hashes even in a full pass.
+    verify: Vec<Bitmap>,
     failed: AtomicBool,
     error: Mutex<Option<BlockError>>,
     written: AtomicU64,
     /// Cuts the control stream, so a failed data stream ends the session at once.
     cut: Mutex<Option<std::net::TcpStream>>,
+    /// The checkpoint file and the fixed part of what it records.
+    file: PathBuf,
+    meta: Meta,
+    saved: Mutex<Saved>,
+    /// `saved.lease`, readable by the streams without the lock.
+    lease: Vec<AtomicU64>,
+    /// Chunks one lease extension covers.
+    lease_step: u64,
 }
 
 impl Sess {
@@ -129,16 +164,111 @@ impl Sess {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// fdatasync of every target, then the bitmap as it was before the sync is recorded.
-    fn checkpoint(&self, file: &Path, meta: &Meta) -> Result<u64, BlockError> {
+    fn saved(&self) -> std::sync::MutexGuard<'_, Saved> {
+        self.saved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// fdatasync of every target, then the bitmap as it was before the sync is recorded,
+    /// with samples of it read back from the targets.
+    fn checkpoint(&self, complete: bool) -> Result<u64, BlockError> {
         let snapshot = self.maps().clone();
         for t in &self.targets {
             t.file
                 .sync_data()
                 .map_err(|e| target_err(t, "SMS.1908", e))?;
         }
-        ckpt::save(file, meta, &snapshot)?;
-        Ok(snapshot.iter().map(Bitmap::count).sum())
+        let samples = self.sample(&snapshot)?;
+        let mut saved = self.saved();
+        let meta = Meta {
+            complete,
+            lease: saved.lease.clone(),
+            samples: samples.clone(),
+            ..self.meta.clone()
+        };
+        ckpt::save(&self.file, &meta, &snapshot)?;
+        let n = snapshot.iter().map(Bitmap::count).sum();
+        saved.durable = snapshot;
+        saved.samples = samples;
+        Ok(n)
+    }
+
+    /// Hashes of the first and last done chunk of the first few disks, as the targets hold
+    /// them now.
+    fn sample(&self, maps: &[Bitmap]) -> Result<Vec<Sample>, BlockError> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for (d, (t, m)) in self
+            .targets
+            .iter()
+            .zip(maps)
+            .enumerate()
+            .take(SAMPLED_DISKS)
+        {
+            let Some((lo, hi)) = m.ends() else { continue };
+            let mut chunks = vec![lo, hi];
+            chunks.dedup();
+            for c in chunks.into_iter().take(SAMPLES_PER_DISK) {
+                read_chunk(t, c, self.chunk, &mut buf)?;
+                out.push(Sample {
+                    disk: u16::try_from(d).unwrap_or(u16::MAX),
+                    chunk: c,
+                    hash: blake3::hash(&buf).to_hex().to_string(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes sure chunk `chunk` of `disk` is below the recorded lease before it is written:
+    /// a kill after the write then leaves the chunk among those hashed on resume, never
+    /// among those sent blindly or trusted.
+    fn cover(&self, disk: u16, chunk: u64) -> Result<(), BlockError> {
+        let d = usize::from(disk);
+        let Some(mark) = self.lease.get(d) else {
+            return Ok(());
+        };
+        if chunk < mark.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut saved = self.saved();
+        let Some(cur) = saved.lease.get(d).copied() else {
+            return Ok(());
+        };
+        if chunk < cur {
+            return Ok(());
+        }
+        let end = self
+            .targets
+            .get(d)
+            .map_or(u64::MAX, |t| chunk_count(t.size, self.chunk));
+        let new = chunk
+            .saturating_add(self.lease_step)
+            .min(end)
+            .max(chunk + 1);
+        saved.lease[d] = new;
+        let meta = Meta {
+            complete: false,
+            lease: saved.lease.clone(),
+            samples: saved.samples.clone(),
+            ..self.meta.clone()
+        };
+        if let Err(e) = ckpt::save(&self.file, &meta, &saved.durable) {
+            saved.lease[d] = cur;
+            return Err(e.into());
+        }
+        mark.store(new, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the sender may ask for the target's hashes of this chunk.
+    fn may_compare(&self, disk: u16, chunk: u64) -> bool {
+        self.sync
+            || self
+                .verify
+                .get(usize::from(disk))
+                .is_some_and(|m| m.get(chunk))
     }
 
     /// The target of `disk` after checking that `[offset, offset+len)` lies inside one chunk
@@ -306,6 +436,7 @@ fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
         file,
         direct,
         size,
+        capacity: have,
     })
 }
 
@@ -335,14 +466,28 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         )));
     };
     let prepared = prepare(&task_id, pass, sync, chunk_size, &disks, opts);
-    let (sess, meta, file, resumed) = match prepared {
+    let (sess, p) = match prepared {
         Ok(p) => p,
         Err(e) => {
             control.send_error(&e.code(), &e.to_string());
             return Err(e);
         }
     };
-    tracing::info!(task_id = %task_id, pass, sync, disks = disks.len(), resumed_chunks = resumed, "block pass accepted");
+    tracing::info!(
+        task_id = %task_id,
+        pass,
+        sync = sess.sync,
+        upgraded = sess.sync && !sync,
+        held = ?p.held,
+        disks = disks.len(),
+        resumed_chunks = p.resumed,
+        chunks_to_verify = p.to_verify,
+        "block pass accepted"
+    );
+    control.send(&Message::Accepted {
+        sync: sess.sync,
+        held: p.held,
+    })?;
     {
         let maps = sess.maps();
         for (i, m) in maps.iter().enumerate() {
@@ -351,6 +496,12 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
                 bits: m.as_bytes().to_vec(),
             })?;
         }
+    }
+    for (i, m) in sess.verify.iter().enumerate() {
+        control.send(&Message::VerifyMap {
+            disk: u16::try_from(i).unwrap_or(u16::MAX),
+            bits: m.as_bytes().to_vec(),
+        })?;
     }
     control.send(&Message::Ready)?;
     control.flush()?;
@@ -373,7 +524,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         }));
     }
     let complete = if workers.len() == usize::from(streams) {
-        control_loop(&mut control, &sess, &file, &meta)
+        control_loop(&mut control, &sess)
     } else {
         let e = BlockError::Protocol(format!(
             "only {} of {streams} data streams connected",
@@ -387,11 +538,10 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         let _ = w.join();
     }
     // Whatever arrived is made durable and recorded, complete or not.
-    let mut final_meta = meta.clone();
     let failed = sess.failed.load(Ordering::SeqCst);
-    final_meta.complete = complete && !failed;
-    let done = sess.checkpoint(&file, &final_meta)?;
-    if final_meta.complete {
+    let complete = complete && !failed;
+    let done = sess.checkpoint(complete)?;
+    if complete {
         let _ = control.send(&Message::Bye);
         let _ = control.flush();
         control.close();
@@ -399,11 +549,13 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
     let report = ReceiveReport {
         task_id,
         pass,
-        complete: final_meta.complete,
+        complete,
         chunks_done: done,
         bytes_written: sess.written.load(Ordering::Relaxed),
-        chunks_resumed: resumed,
+        chunks_resumed: p.resumed,
         more,
+        upgraded: sess.sync && !sync,
+        chunks_to_verify: p.to_verify,
     };
     let err = sess
         .error
@@ -416,7 +568,56 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
     }
 }
 
-type Prepared = (Arc<Sess>, Meta, PathBuf, u64);
+/// What `prepare` found in the old checkpoint.
+struct Prior {
+    /// Chunks resumed as done.
+    resumed: u64,
+    /// Chunks offered for a hash compare.
+    to_verify: u64,
+    /// Last complete pass on these targets.
+    held: Option<u32>,
+}
+
+/// Identity of a target that does not survive its replacement: for an image file its inode
+/// with birth time and generation (a file deleted and created again can get the same inode
+/// number), for a device its number and size (samples of its content are checked on resume).
+fn identity(t: &Target) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = t.file.metadata() else {
+        return format!("unknown:{}", t.path.display());
+    };
+    if m.file_type().is_block_device() {
+        return format!("dev:{}:{}:{}", t.path.display(), m.rdev(), t.capacity);
+    }
+    let born = m
+        .created()
+        .ok()
+        .and_then(|b| b.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(|| "-".to_string(), |d| d.as_nanos().to_string());
+    let generation =
+        super::dev::generation(&t.file).map_or_else(|| "-".to_string(), |g| g.to_string());
+    format!(
+        "file:{}:{}:{}:{born}:{generation}",
+        t.path.display(),
+        m.dev(),
+        m.ino()
+    )
+}
+
+/// Whether every sample of a checkpoint still hashes as recorded.
+fn samples_hold(targets: &[Target], chunk: u64, samples: &[Sample]) -> bool {
+    let mut buf = Vec::new();
+    samples.iter().all(|s| {
+        let Some(t) = targets.get(usize::from(s.disk)) else {
+            return false;
+        };
+        if s.chunk >= chunk_count(t.size, chunk) {
+            return false;
+        }
+        read_chunk(t, s.chunk, chunk, &mut buf).is_ok()
+            && blake3::hash(&buf).to_hex().as_str() == s.hash
+    })
+}
 
 fn prepare(
     task_id: &str,
@@ -425,7 +626,7 @@ fn prepare(
     chunk_size: u32,
     disks: &[(String, u64)],
     opts: &ReceiveOptions,
-) -> Result<Prepared, BlockError> {
+) -> Result<(Arc<Sess>, Prior), BlockError> {
     if !chunk_size.is_power_of_two()
         || !(MIN_BLOCK_CHUNK..=u32::try_from(MAX_CHUNK).unwrap_or(u32::MAX)).contains(&chunk_size)
     {
@@ -455,73 +656,98 @@ fn prepare(
         }
         targets.push(open_target(m, *size)?);
     }
-    let targets_id = targets
-        .iter()
-        .map(|t| {
-            use std::os::unix::fs::MetadataExt;
-            let m = t.file.metadata().ok();
-            format!(
-                "{}:{}:{}:{}",
-                t.path.display(),
-                m.as_ref().map_or(0, MetadataExt::dev),
-                m.as_ref().map_or(0, MetadataExt::ino),
-                m.as_ref().map_or(0, MetadataExt::rdev)
-            )
-        })
-        .collect();
-    let meta = Meta {
-        targets: targets_id,
+    let chunk = u64::from(chunk_size);
+    let counts: Vec<u64> = disks.iter().map(|(_, s)| chunk_count(*s, chunk)).collect();
+    let mut meta = Meta {
+        targets: targets.iter().map(identity).collect(),
         task_id: task_id.to_string(),
         pass,
         sync,
         chunk_size,
         disks: disks.to_vec(),
         complete: false,
+        held: None,
+        lease: vec![0; disks.len()],
+        samples: Vec::new(),
     };
     let file = ckpt::path(&opts.state_dir, task_id);
-    let chunk = u64::from(chunk_size);
-    let fresh = || -> Vec<Bitmap> {
-        disks
-            .iter()
-            .map(|(_, s)| Bitmap::new(chunk_count(*s, chunk)))
-            .collect()
-    };
-    let maps = match ckpt::load(&file) {
-        Ok(Some((old, maps)))
-            if Meta {
-                complete: false,
-                ..old.clone()
-            } == meta =>
-        {
-            maps
-        }
-        Ok(_) => fresh(),
+    let old = match ckpt::load(&file) {
+        Ok(old) => old,
         Err(e) => {
             tracing::warn!(error = %e, "starting the pass afresh");
-            fresh()
+            None
         }
     };
-    let resumed = maps.iter().map(Bitmap::count).sum();
+    let fresh = || -> Vec<Bitmap> { counts.iter().map(|&n| Bitmap::new(n)).collect() };
+    let mut maps = fresh();
+    let mut verify = fresh();
+    if let Some((old, old_maps)) = old.filter(|(o, _)| o.same_migration(&meta)) {
+        // A pass that completed is never resumed: a later full pass over a complete copy
+        // runs as a sync, which compares every chunk instead of trusting it.
+        meta.held = if old.complete {
+            Some(old.pass)
+        } else {
+            old.held
+        };
+        meta.sync = sync || meta.held.is_some();
+        let same_pass = !old.complete && old.pass == pass && old.sync == meta.sync;
+        if same_pass && samples_hold(&targets, chunk, &old.samples) {
+            // Leases of an old format are unknown: every chunk not done may have been written.
+            let lease = if old.lease.len() == counts.len() {
+                old.lease.clone()
+            } else {
+                counts.clone()
+            };
+            for (d, v) in verify.iter_mut().enumerate() {
+                for c in 0..lease[d].min(counts[d]) {
+                    if !old_maps[d].get(c) {
+                        v.set(c);
+                    }
+                }
+            }
+            maps = old_maps;
+            meta.lease = lease;
+        } else if same_pass {
+            tracing::warn!(task_id = %task_id, pass, "the targets changed since the checkpoint (a sampled chunk differs); starting the pass afresh");
+            meta.held = None;
+            meta.sync = sync;
+        }
+    }
+    let prior = Prior {
+        resumed: maps.iter().map(Bitmap::count).sum(),
+        to_verify: verify.iter().map(Bitmap::count).sum(),
+        held: meta.held,
+    };
+    let lease_step = (LEASE_BYTES / chunk).max(16);
+    let durable = maps.clone();
     Ok((
         Arc::new(Sess {
             targets,
             maps: Mutex::new(maps),
             chunk,
-            sync,
+            sync: meta.sync,
+            verify,
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
             written: AtomicU64::new(0),
             cut: Mutex::new(None),
+            file,
+            lease: meta.lease.iter().map(|&l| AtomicU64::new(l)).collect(),
+            saved: Mutex::new(Saved {
+                durable,
+                samples: Vec::new(),
+                lease: meta.lease.clone(),
+            }),
+            meta,
+            lease_step,
         }),
-        meta,
-        file,
-        resumed,
+        prior,
     ))
 }
 
 /// Checkpoints on request until the sender says the pass is over; returns whether it
 /// completed it.
-fn control_loop(control: &mut Stream, sess: &Sess, file: &Path, meta: &Meta) -> bool {
+fn control_loop(control: &mut Stream, sess: &Sess) -> bool {
     loop {
         let m = match control.recv() {
             Ok(m) => m,
@@ -531,7 +757,7 @@ fn control_loop(control: &mut Stream, sess: &Sess, file: &Path, meta: &Meta) -> 
             }
         };
         match m {
-            Message::Checkpoint { .. } => match sess.checkpoint(file, meta) {
+            Message::Checkpoint { .. } => match sess.checkpoint(false) {
                 Ok(n) => {
                     if sess.failed.load(Ordering::SeqCst) {
                         let msg = sess
@@ -644,6 +870,7 @@ fn stream_loop(
                 disk, offset, len, ..
             } => {
                 let (t, c) = sess.range(disk, offset, u64::from(len))?;
+                sess.cover(disk, c)?;
                 let plain =
                     verify_with(&mut zstd, &m).map_err(|e| BlockError::Protocol(e.to_string()))?;
                 t.write_at(&mut aligned, &plain, offset)
@@ -655,6 +882,7 @@ fn stream_loop(
             }
             Message::Zero { disk, offset, len } => {
                 let (t, c) = sess.range(disk, offset, u64::from(len))?;
+                sess.cover(disk, c)?;
                 zero_range(t, offset, u64::from(len)).map_err(|e| target_err(t, "SMS.1908", e))?;
                 sess.written.fetch_add(u64::from(len), Ordering::Relaxed);
                 if let Some(p) = pending.get_mut(&(disk, c)) {
@@ -689,10 +917,12 @@ fn stream_loop(
                 }
             }
             Message::SumReq { disk, chunk } => {
-                if !sess.sync {
-                    return Err(BlockError::Protocol("SumReq outside a sync pass".into()));
-                }
                 let t = sess.chunk_of(disk, chunk)?;
+                if !sess.may_compare(disk, chunk) {
+                    return Err(BlockError::Protocol(format!(
+                        "SumReq for chunk {chunk} of disk {disk} outside a sync pass"
+                    )));
+                }
                 if pending.len() >= MAX_OUTSTANDING {
                     return Err(BlockError::Protocol(format!(
                         "more than {MAX_OUTSTANDING} hash requests outstanding"

@@ -85,6 +85,13 @@ pub struct PassReport {
     pub zero_bytes: u64,
     /// Chunks the receiver found different after they were sent, and got again.
     pub resent: u64,
+    /// Chunks compared by hash before sending because an interrupted session may have
+    /// written them after its last checkpoint.
+    pub verified: u64,
+    /// The receiver turned the full pass into a sync: the targets held a complete copy.
+    pub upgraded: bool,
+    /// The last pass the receiver recorded as complete on its targets.
+    pub held: Option<u32>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -105,6 +112,9 @@ struct Ctx<'a> {
     disks: Vec<Disk>,
     chunk: u64,
     sync: bool,
+    /// Per disk, chunks to compare by hash even in a full pass (the receiver's `VerifyMap`).
+    verify: Vec<Bitmap>,
+    verified: AtomicU64,
     work: Mutex<Work>,
     progress: &'a Progress,
     control: &'a Control,
@@ -134,6 +144,15 @@ impl Ctx<'_> {
         if slot.is_none() {
             *slot = Some(e);
         }
+    }
+
+    /// Whether an item goes by hash compare (`SumReq`) rather than as a whole.
+    fn compares(&self, item: &Item) -> bool {
+        self.sync
+            || self
+                .verify
+                .get(usize::from(item.disk))
+                .is_some_and(|m| m.get(item.chunk))
     }
 
     fn stopped(&self) -> bool {
@@ -275,24 +294,35 @@ pub fn send(
     })?;
     ctl.flush()?;
     ctl.set_read_timeout(Some(ACK_TIMEOUT));
-    let mut done = Vec::new();
-    for (i, d) in open.iter().enumerate() {
-        match ctl.recv()? {
-            Message::DoneMap { disk, bits } if usize::from(disk) == i => {
-                let n = chunk_count(d.size, chunk);
-                done.push(Bitmap::from_bytes(bits, n).ok_or_else(|| {
-                    BlockError::Protocol(format!("done map of disk {i} has the wrong length"))
-                })?);
-            }
-            Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
-            other => {
-                return Err(BlockError::Protocol(format!(
-                    "expected DoneMap, got {}",
-                    name_of(&other)
-                )))
-            }
+    let (sync, held) = match ctl.recv()? {
+        Message::Accepted { sync, held } => (sync, held),
+        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
+        other => {
+            return Err(BlockError::Protocol(format!(
+                "expected Accepted, got {}",
+                name_of(&other)
+            )))
         }
+    };
+    if opts.sync && !sync {
+        return Err(BlockError::Protocol(
+            "the target would not run the sync pass as a sync".into(),
+        ));
     }
+    let upgraded = sync && !opts.sync;
+    if upgraded {
+        tracing::info!(
+            task_id = %opts.task_id,
+            held = ?held,
+            "the target holds a complete copy of this migration; this pass compares every chunk and sends only what differs"
+        );
+        progress.note(format!(
+            "the target holds a complete copy (pass {}): verifying it instead of copying again",
+            held.map_or_else(|| "?".to_string(), |p| p.to_string())
+        ));
+    }
+    let done = read_maps(&mut ctl, &open, chunk, "DoneMap")?;
+    let verify = read_maps(&mut ctl, &open, chunk, "VerifyMap")?;
     match ctl.recv()? {
         Message::Ready => {}
         Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
@@ -303,7 +333,11 @@ pub fn send(
             )))
         }
     }
-    let mut report = PassReport::default();
+    let mut report = PassReport {
+        upgraded,
+        held,
+        ..PassReport::default()
+    };
     for (i, d) in open.iter().enumerate() {
         let items = DiskItems::new(0, chunk, d.size, &d.used);
         for it in items {
@@ -324,9 +358,10 @@ pub fn send(
     tracing::info!(
         task_id = %opts.task_id,
         pass = opts.pass,
-        sync = opts.sync,
+        sync,
         chunks = report.chunks,
         resumed = report.chunks_resumed,
+        to_verify = verify.iter().map(Bitmap::count).sum::<u64>(),
         used_bytes = report.used_bytes,
         "block pass started"
     );
@@ -334,7 +369,9 @@ pub fn send(
     let ctx = Ctx {
         disks: open,
         chunk,
-        sync: opts.sync,
+        sync,
+        verify,
+        verified: AtomicU64::new(0),
         work: Mutex::new(Work {
             disk: 0,
             pos: vec![(0, 0); n],
@@ -374,6 +411,7 @@ pub fn send(
     report.bytes_read = ctx.bytes_read.load(Ordering::Relaxed);
     report.zero_bytes = ctx.zero_bytes.load(Ordering::Relaxed);
     report.resent = ctx.resent.load(Ordering::Relaxed);
+    report.verified = ctx.verified.load(Ordering::Relaxed);
     report.plain_sent = Progress::get(&progress.plain_sent) - plain0;
     report.wire_sent = Progress::get(&progress.wire_sent) - wire0;
     let err = ctx
@@ -425,6 +463,39 @@ pub fn send(
         "block pass complete"
     );
     Ok(report)
+}
+
+/// Reads one map per disk (`DoneMap` or `VerifyMap`, as `what` says) in plan order.
+fn read_maps(
+    ctl: &mut Stream,
+    disks: &[Disk],
+    chunk: u64,
+    what: &str,
+) -> Result<Vec<Bitmap>, BlockError> {
+    let mut maps = Vec::with_capacity(disks.len());
+    for (i, d) in disks.iter().enumerate() {
+        let (disk, bits) = match ctl.recv()? {
+            Message::DoneMap { disk, bits } if what == "DoneMap" => (disk, bits),
+            Message::VerifyMap { disk, bits } if what == "VerifyMap" => (disk, bits),
+            Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
+            other => {
+                return Err(BlockError::Protocol(format!(
+                    "expected {what}, got {}",
+                    name_of(&other)
+                )))
+            }
+        };
+        if usize::from(disk) != i {
+            return Err(BlockError::Protocol(format!(
+                "{what} of disk {disk} where disk {i} was due"
+            )));
+        }
+        let n = chunk_count(d.size, chunk);
+        maps.push(Bitmap::from_bytes(bits, n).ok_or_else(|| {
+            BlockError::Protocol(format!("{what} of disk {i} has the wrong length"))
+        })?);
+    }
+    Ok(maps)
 }
 
 fn expect_ack(ctl: &mut Stream) -> Result<u64, BlockError> {
@@ -615,44 +686,29 @@ fn run_stream(
         if ctx.stopped() {
             break;
         }
-        if !ctx.sync {
-            let Some(item) = ctx.next() else { break };
-            let data = {
-                ctx.read_masked(&item, &mut buf)?;
-                std::mem::take(&mut buf)
-            };
-            let base = item.chunk * ctx.chunk;
-            for r in &item.ranges {
-                let a = usize::try_from(r.start - base).unwrap_or(0);
-                let b = usize::try_from(r.end - base).unwrap_or(0);
-                out.send_span(ctx, item.disk, r.start, &data[a..b])?;
-            }
-            buf = data;
-            out.send(&Message::Done {
-                disk: item.disk,
-                chunk: item.chunk,
-                hash: [0; 32],
-            })?;
-            ctx.sent_items.fetch_add(1, Ordering::Relaxed);
-            Progress::add(&ctx.progress.done, item.bytes());
-            continue;
-        }
-        while !exhausted && pending.len() < SYNC_WINDOW {
+        // Items that go by hash compare keep a window of requests in flight; the others are
+        // sent whole as they come.
+        if !exhausted && pending.len() < SYNC_WINDOW {
             match ctx.next() {
-                Some(item) => {
+                Some(item) if ctx.compares(&item) => {
+                    if !ctx.sync {
+                        ctx.verified.fetch_add(1, Ordering::Relaxed);
+                    }
                     out.send(&Message::SumReq {
                         disk: item.disk,
                         chunk: item.chunk,
                     })?;
                     pending.push_back(item);
                 }
+                Some(item) => send_whole(ctx, out, &item, &mut buf)?,
                 None => exhausted = true,
             }
+            continue;
         }
-        out.flush()?;
         if pending.is_empty() {
             break;
         }
+        out.flush()?;
         let m = rx
             .recv()
             .map_err(|_| BlockError::Protocol("the data stream closed".into()))?;
@@ -692,6 +748,32 @@ fn run_stream(
         ))),
         Err(_) => Err(BlockError::Protocol("the data stream closed".into())),
     }
+}
+
+/// Sends the used data of an item and its `Done` (no hash: the frames carry their own).
+fn send_whole(
+    ctx: &Ctx<'_>,
+    out: &mut Out,
+    item: &Item,
+    buf: &mut Vec<u8>,
+) -> Result<(), BlockError> {
+    ctx.read_masked(item, buf)?;
+    let data = std::mem::take(buf);
+    let base = item.chunk * ctx.chunk;
+    for r in &item.ranges {
+        let a = usize::try_from(r.start - base).unwrap_or(0);
+        let b = usize::try_from(r.end - base).unwrap_or(0);
+        out.send_span(ctx, item.disk, r.start, &data[a..b])?;
+    }
+    *buf = data;
+    out.send(&Message::Done {
+        disk: item.disk,
+        chunk: item.chunk,
+        hash: [0; 32],
+    })?;
+    ctx.sent_items.fetch_add(1, Ordering::Relaxed);
+    Progress::add(&ctx.progress.done, item.bytes());
+    Ok(())
 }
 
 /// Acts on one message from the receiver on a data stream.
