@@ -6,3 +6,4 @@ pub mod config;
 pub mod daemon;
 pub mod fileplan;
 pub mod freeze;
+pub mod standalone;

@@ -121,9 +121,16 @@ pub struct MigrateArgs {
     /// Speed limit in Mbit/s (0: none), shared by all streams.
     #[arg(long, value_name = "MBIT", default_value_t = 0)]
     limit_mbit: u64,
-    /// Task id the receiver keeps its checkpoint under; keep it the same to resume.
-    #[arg(long, default_value = "standalone")]
-    task_id: String,
+    /// Name of this migration, sent as the task id the receiver keeps its checkpoints under
+    /// [default: in block mode, an id made when the migration starts and kept in --state-dir
+    /// for as long as the source disks stay the same; in file mode "standalone"].
+    #[arg(long)]
+    task_id: Option<String>,
+    /// Block mode: where the source keeps its record of each migration (its id, what each
+    /// source disk was, the last pass the target acknowledged), so that a rerun resumes or
+    /// verifies instead of copying again, and a replaced or rewritten disk starts afresh.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/sms-agent/migrate")]
+    state_dir: PathBuf,
     /// File mode: instead of copying, compare directory DIR (inside --source-root;
     /// repeatable) with the target and print, per directory, files in all, different, missing
     /// on the target and extra there. Exits 1 when anything differs. Needs a running receiver.
@@ -325,18 +332,26 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
         }
         Ok(disks)
     };
+    let mut ids = Vec::new();
+    for (path, name) in &sources {
+        ids.push(sms_agent::standalone::identify(path, name)?);
+    }
+    let mut record =
+        sms_agent::standalone::Record::open(&a.state_dir, &a.target, a.task_id.as_deref(), ids)?;
+    record.save()?;
+    tracing::info!(migration = %record.migration, completed = ?record.completed, record = %record.file().display(), "standalone block migration");
     let mut disks = plan()?;
-    // (pass, sync, frozen): with --freeze, an unfrozen sync first catches up, so that the
-    // frozen one has little left to send.
-    let passes: &[(u32, bool, bool)] = match (a.sync, a.freeze) {
-        (true, true) => &[(0, false, false), (1, true, false), (2, true, true)],
-        (true, false) => &[(0, false, false), (1, true, false)],
-        _ => &[(0, false, false)],
-    };
+    let passes = plan_passes(record.completed, a.sync, a.freeze);
+    if let Some(done) = record.completed {
+        println!(
+            "migration {}: pass {done} completed earlier; this run verifies the target and sends only what differs",
+            record.migration
+        );
+    }
     let last = passes.len() - 1;
     for (i, &(pass, sync, frozen)) in passes.iter().enumerate() {
         let opts = transfer::block::SendOptions {
-            task_id: a.task_id.clone(),
+            task_id: record.migration.clone(),
             pass,
             sync,
             more: i < last,
@@ -389,18 +404,44 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
         } else {
             print_block(label, &r?);
         }
+        // Only now, with every chunk acknowledged durable, does the pass count as done.
+        record.completed = Some(pass);
+        record.save()?;
     }
     Ok(())
+}
+
+/// The passes (number, sync, frozen) of a run, after the last pass that completed earlier.
+/// With --freeze, an unfrozen sync first catches up, so that the frozen one has little left
+/// to send. Once a copy was completed, a run is a sync: it verifies every used chunk and sends
+/// what differs, since the source may have changed since.
+fn plan_passes(completed: Option<u32>, sync: bool, freeze: bool) -> Vec<(u32, bool, bool)> {
+    match completed {
+        None => match (sync, freeze) {
+            (true, true) => vec![(0, false, false), (1, true, false), (2, true, true)],
+            (true, false) => vec![(0, false, false), (1, true, false)],
+            _ => vec![(0, false, false)],
+        },
+        Some(c) if freeze => vec![(c + 1, true, false), (c + 2, true, true)],
+        Some(c) => vec![(c + 1, true, false)],
+    }
 }
 
 fn print_block(label: &str, r: &transfer::block::PassReport) {
     let secs = r.elapsed.as_secs_f64().max(1e-9);
     #[allow(clippy::cast_precision_loss)]
     let rate = r.bytes_read as f64 / secs / 1e6;
+    let label = if r.upgraded { "sync" } else { label };
     println!(
-        "{label} complete: {} chunks ({} resumed), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
-        r.chunks, r.chunks_resumed, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate
+        "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
+        r.chunks, r.chunks_resumed, r.verified, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate
     );
+    if r.upgraded {
+        println!(
+            "  the target already held a complete copy (pass {}): every used chunk was compared by hash and only differences sent",
+            r.held.map_or_else(|| "?".to_string(), |p| p.to_string())
+        );
+    }
 }
 
 fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> anyhow::Result<()> {
@@ -418,7 +459,7 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
         excludes: a.exclude.clone(),
         streams: a.streams.unwrap_or(transfer::file::STREAMS),
         sync: a.sync,
-        task_id: a.task_id.clone(),
+        task_id: a.task_id.clone().unwrap_or_else(|| "standalone".into()),
         ..transfer::file::SendOptions::default()
     };
     let label = if a.sync { "sync" } else { "copy" };
@@ -465,7 +506,7 @@ fn check_files(
         dirs,
         excludes: a.exclude.clone(),
         hash_mode: a.check_hash,
-        task_id: a.task_id.clone(),
+        task_id: a.task_id.clone().unwrap_or_else(|| "standalone".into()),
     };
     let checks = with_progress("check", |p| {
         transfer::file::consistency(connector, &opts, p, control)

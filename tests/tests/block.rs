@@ -21,7 +21,8 @@ fn migrate_cmd(kit: &Kit, addr: &str, disks: &[(&Path, &str)], extra: &[&str]) -
     let mut cmd = Command::new(sms_agent());
     cmd.args(["migrate", "--mode", "block", "--target", addr])
         .args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/source.pem")])
-        .args(["--key", &kit.p("c/source-key.pem")]);
+        .args(["--key", &kit.p("c/source-key.pem")])
+        .args(["--state-dir", &kit.p("source-state")]);
     for (s, n) in disks {
         cmd.arg("--disk").arg(format!("{}={n}", s.display()));
     }
@@ -359,6 +360,8 @@ fn kill_9_of_either_side_resumes_without_a_wrong_byte_or_much_resending() {
     let mut rx = Receiver::disks(&kit, &[("disk0", &clean_dst)]);
     let (clean, ok) = migrate_run(&kit, &mut rx, &src, None);
     assert!(ok);
+    let _ = std::fs::remove_dir_all(kit.p("state"));
+    let _ = std::fs::remove_dir_all(kit.p("source-state"));
     let mut seed = 0x5eed_u64;
     for (round, sender) in [(0, true), (1, false), (2, true), (3, false)] {
         let dst = image(kit.dir.path(), &format!("dst{round}.img"), 256 << 20);
@@ -388,9 +391,121 @@ fn kill_9_of_either_side_resumes_without_a_wrong_byte_or_much_resending() {
             ratio < 1.1,
             "round {round}: {total} bytes against {clean} clean ({ratio:.3})"
         );
-        // Each round uses a new target; forget the old checkpoint.
+        // Each round is a new migration onto a new target: forget both sides' records.
         let _ = std::fs::remove_dir_all(kit.p("state"));
+        let _ = std::fs::remove_dir_all(kit.p("source-state"));
     }
+}
+
+/// Writes `n` bytes of noise from `seed` over the start of `dev` and flushes them.
+fn overwrite(dev: &Path, n: usize, seed: u64) -> Vec<u8> {
+    let data = noise(n, seed);
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(&data, 0).unwrap();
+    f.sync_all().unwrap();
+    data
+}
+
+#[test]
+fn a_second_migration_onto_a_recreated_target_copies_everything_again() {
+    // The README's commands, twice: a loop disk of random data copied to a fresh image;
+    // then new random data over the whole disk and the image deleted and created again
+    // (its inode number is likely reused). The second run must copy, not "resume".
+    let kit = Kit::new();
+    let disk = LoopDisk::new(64);
+    let first = overwrite(&disk.dev, 64 << 20, 1);
+    let dst = image(kit.dir.path(), "t.img", 64 << 20);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &[]);
+    assert!(rx.wait());
+    assert!(std::fs::read(&dst).unwrap() == first, "first copy differs");
+
+    let second = overwrite(&disk.dev, 64 << 20, 2);
+    std::fs::remove_file(&dst).unwrap();
+    let dst = image(kit.dir.path(), "t.img", 64 << 20);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &[]);
+    assert!(rx.wait());
+    assert!(out.contains("(0 resumed"), "{out}");
+    let (plain, _) = sent(&out, "copy complete");
+    assert!(plain >= 64 << 20, "{out}");
+    assert!(
+        std::fs::read(&dst).unwrap() == second,
+        "second copy differs: {out}"
+    );
+
+    // The same migration again, source changed in one place only: the target holds a
+    // complete copy, so the run verifies it and sends about what changed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.dev)
+        .unwrap();
+    f.write_all_at(&noise(8192, 3), 30 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let want = std::fs::read(&disk.dev).unwrap();
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&disk.dev, "disk0")], &[]);
+    assert!(rx.wait());
+    let (plain, _) = sent(&out, "sync complete");
+    assert!(plain <= 8192, "{out}");
+    assert!(
+        std::fs::read(&dst).unwrap() == want,
+        "verified copy differs"
+    );
+}
+
+#[test]
+fn a_repeated_or_interrupted_sync_sends_only_what_changed() {
+    let kit = Kit::new();
+    let src = image(kit.dir.path(), "src.img", 96 << 20);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(&noise(80 << 20, 21), 0).unwrap();
+    }
+    let dst = image(kit.dir.path(), "dst.img", 96 << 20);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    migrate(&kit, &rx.addr, &[(&src, "disk0")], &["--sync"]);
+    assert!(rx.wait());
+    // About 10 MiB change; a second --sync sends that, not the whole used disk.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(10 << 20, 22), 40 << 20).unwrap();
+    drop(f);
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&src, "disk0")], &["--sync"]);
+    assert!(rx.wait());
+    let (plain, _) = sent(&out, "sync complete");
+    assert!(plain <= 10 << 20, "{out}");
+    assert!(!out.contains("copy complete"), "{out}");
+    assert!(std::fs::read(&dst).unwrap() == std::fs::read(&src).unwrap());
+
+    // A third --sync killed once it has saved a checkpoint, then run again: the rerun
+    // resumes that sync pass, and neither sends the whole disk.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(10 << 20, 23), 60 << 20).unwrap();
+    drop(f);
+    let mut rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let mut child = migrate_cmd(
+        &kit,
+        &rx.addr,
+        &[(&src, "disk0")],
+        &["--sync", "--limit-mbit", "40", "--checkpoint-secs", "0.2"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = rx.child.kill();
+    let _ = rx.child.wait();
+    let rx = Receiver::disks(&kit, &[("disk0", &dst)]);
+    let out = migrate(&kit, &rx.addr, &[(&src, "disk0")], &["--sync"]);
+    assert!(rx.wait());
+    let (plain, _) = sent(&out, "sync complete");
+    assert!(plain <= 10 << 20, "{out}");
+    assert!(std::fs::read(&dst).unwrap() == std::fs::read(&src).unwrap());
 }
 
 #[test]
