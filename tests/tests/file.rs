@@ -1510,3 +1510,363 @@ fn a_4_gib_file_arrives_whole_and_syncs_by_its_changed_chunks() {
     assert!(same_file(&big, &r.root.join("big")), "differs after sync");
     assert!(temps(&r.root).is_empty(), "{:?}", temps(&r.root));
 }
+
+/// The byte count of a migrate's `copy complete: … N bytes sent …` line.
+fn bytes_sent(stdout: &str) -> u64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("copy complete") || l.starts_with("sync complete"))
+        .unwrap_or_else(|| panic!("no summary in {stdout}"));
+    line.split(" bytes sent")
+        .next()
+        .and_then(|h| h.rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {line}"))
+}
+
+/// A migrate that must succeed: its bytes sent.
+fn migrate_ok(kit: &Kit, addr: &str, src: &Path, extra: &[&str]) -> u64 {
+    let out = migrate_file(kit, addr, src, extra).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", stdout.trim());
+    bytes_sent(&stdout)
+}
+
+fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn len_of(p: &Path) -> u64 {
+    std::fs::symlink_metadata(p).map_or(0, |m| m.len())
+}
+
+/// Every regular file under a final name in `dst` has the bytes of its source in `src`.
+fn finals_are_complete(src: &Path, dst: &Path) {
+    for (p, t) in entries(dst) {
+        let rel = p.strip_prefix(dst).unwrap();
+        let temp = rel.iter().any(|c| c.as_bytes().starts_with(b".sms~"));
+        if t.is_file() && !temp {
+            assert!(
+                same_file(&src.join(rel), &p),
+                "{} is under its final name but not complete",
+                rel.display()
+            );
+        }
+    }
+}
+
+/// Kills at any moment of a resumed pass leave the partial of a large file on the target:
+/// the session after a receiver killed while the resumed pass had the partial summed (and
+/// the file queued behind others) sends only what the partial lacked.
+#[test]
+fn a_receiver_killed_while_a_resume_diffs_a_partial_keeps_that_partial() {
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let big = src.join("z/big");
+    write(&big, &noise(48 << 20, 4242));
+    let part = dst.join("z/.sms~part~big");
+    let slow = ["--limit-mbit", "80", "--streams", "1"];
+    let quiet = || std::process::Stdio::null();
+
+    // 1: the source dies mid-file, leaving a partial.
+    let mut rx = Receiver::root(&kit, &dst);
+    let mut tx = migrate_file(&kit, &rx.addr, &src, &slow)
+        .stdout(quiet())
+        .stderr(quiet())
+        .spawn()
+        .unwrap();
+    wait_for("a 16 MiB partial", 60, || len_of(&part) >= 16 << 20);
+    tx.kill().unwrap();
+    tx.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let had = len_of(&part);
+
+    // 2: new files listed before z/big keep the one data stream busy, so the receiver dies
+    // after the Need of z/big (whose answer summed the partial) and before its data.
+    let small = 512u64 << 10;
+    for i in 0..40u64 {
+        write(
+            &src.join(format!("a/n{i:02}")),
+            &noise(small as usize, i + 1),
+        );
+    }
+    let mut tx = migrate_file(&kit, &rx.addr, &src, &slow)
+        .stdout(quiet())
+        .stderr(quiet())
+        .spawn()
+        .unwrap();
+    wait_for("three new files landed", 60, || {
+        landed_in(&dst.join("a")).0 >= 3
+    });
+    rx.child.kill().unwrap();
+    assert!(
+        !tx.wait().unwrap().success(),
+        "a dead receiver fails the pass"
+    );
+    drop(rx);
+    finals_are_complete(&src, &dst);
+
+    // 3: the resume sends the small files still missing and what the partial lacked.
+    let (_, landed_small) = landed_in(&dst.join("a"));
+    let rx = Receiver::root(&kit, &dst);
+    let sent = migrate_ok(&kit, &rx.addr, &src, &[]);
+    let big_len = 48u64 << 20;
+    let big_sent = sent.saturating_sub(40 * small - landed_small);
+    eprintln!(
+        "partial of {had} bytes kept across the kill: {big_sent} of {big_len} bytes of z/big \
+         sent again ({:.2} of the file, {:.2} of what was missing)",
+        big_sent as f64 / big_len as f64,
+        big_sent as f64 / (big_len - had) as f64
+    );
+    assert!(
+        big_sent <= big_len - had + (2 << 20),
+        "sent {sent}: the partial of {had} bytes was lost"
+    );
+    assert!(same_file(&big, &dst.join("z/big")));
+    assert_eq!(rsync_diff_checksum(&src, &dst, &[]), "");
+    assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
+}
+
+/// A partial with the right name and size but other bytes (left by an older source file of
+/// that name, say) is only diffed against: each chunk it shares with the source is reused,
+/// every other chunk is sent, and the result is the source's.
+#[test]
+fn a_stale_partial_of_the_right_name_and_size_is_never_trusted() {
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    let dst = kit.dir.path().join("dst");
+    let chunks = 16u64;
+    let mine: Vec<Vec<u8>> = (0..chunks).map(|i| noise(1 << 20, 500 + i)).collect();
+    write(&src.join("big"), &mine.concat());
+    // Odd chunks are another file's, chunk 4 differs in one byte, the rest are the source's.
+    let mut stale = mine.clone();
+    for (i, c) in stale.iter_mut().enumerate() {
+        if i % 2 == 1 {
+            *c = noise(1 << 20, 900 + i as u64);
+        }
+    }
+    stale[4][12_345] ^= 0x40;
+    write(&dst.join(".sms~part~big"), &stale.concat());
+    // Even its times are the source's: nothing about it but its bytes counts.
+    let m = std::fs::metadata(src.join("big")).unwrap();
+    set_times(
+        &dst.join(".sms~part~big"),
+        (m.atime(), m.atime_nsec()),
+        (m.mtime(), m.mtime_nsec()),
+    );
+    let rx = Receiver::root(&kit, &dst);
+    let sent = migrate_ok(&kit, &rx.addr, &src, &[]);
+    let differing = (chunks / 2 + 1) << 20;
+    eprintln!(
+        "stale partial: {sent} bytes sent for {differing} differing of {} ({:.2} of the file)",
+        chunks << 20,
+        sent as f64 / (chunks << 20) as f64
+    );
+    assert!(same_file(&src.join("big"), &dst.join("big")));
+    assert!(
+        sent >= differing && sent <= differing + (1 << 20),
+        "sent {sent} for {differing} differing bytes"
+    );
+    assert_eq!(rsync_diff_checksum(&src, &dst, &[]), "");
+    assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
+}
+
+/// Forwards TCP to `to`, adding what goes source → target to `count`.
+fn counting_proxy(to: String, count: Arc<AtomicU64>) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { break };
+            let Ok(t) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let (mut c2, mut t2) = (c.try_clone().unwrap(), t.try_clone().unwrap());
+            let count = Arc::clone(&count);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match c2.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    if t2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = t2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut c3, mut t3) = (c, t);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut t3, &mut c3);
+                let _ = c3.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+/// kill -9 of the source and of the target, by turns, during a copy of a few large files
+/// and many small ones, each followed by a resume: the result is identical, and all the
+/// sessions together put little more than the data on the wire.
+#[test]
+fn repeated_kill_9_of_either_side_resumes_identical_and_resends_little() {
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let mut data = 0u64;
+    for i in 0..3u64 {
+        let d = noise(16 << 20, 7000 + i);
+        data += d.len() as u64;
+        write(&src.join(format!("big{i}")), &d);
+    }
+    for i in 0..600u64 {
+        let d = noise(32 << 10, 8000 + i);
+        data += d.len() as u64;
+        write(&src.join(format!("s/d{}/f{i:03}", i % 10)), &d);
+    }
+    let wire = Arc::new(AtomicU64::new(0));
+    let mut rx = Receiver::root(&kit, &dst);
+    for round in 0..6u64 {
+        let proxy = counting_proxy(rx.addr.clone(), Arc::clone(&wire));
+        // 80 Mbit/s: the copy takes about 7 s in all; each round is cut after about 0.8 s.
+        let mut tx = migrate_file(&kit, &proxy, &src, &["--limit-mbit", "80"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700 + 40 * round));
+        let kill_receiver = round % 2 == 1;
+        if kill_receiver {
+            rx.child.kill().unwrap();
+            let _ = tx.wait();
+            drop(rx);
+            rx = Receiver::root(&kit, &dst);
+        } else {
+            tx.kill().unwrap();
+            tx.wait().unwrap();
+        }
+        finals_are_complete(&src, &dst);
+        let (big, _) = landed_in(&dst);
+        let small = (0..10)
+            .map(|d| landed_in(&dst.join(format!("s/d{d}"))).0)
+            .sum::<usize>();
+        eprintln!(
+            "round {round}: killed the {}, {} bytes on the wire so far; {big} large and \
+             {small} small files landed",
+            if kill_receiver { "receiver" } else { "source" },
+            wire.load(Ordering::Relaxed)
+        );
+    }
+    let proxy = counting_proxy(rx.addr.clone(), Arc::clone(&wire));
+    migrate_ok(&kit, &proxy, &src, &[]);
+    let total = wire.load(Ordering::Relaxed);
+    let ratio = total as f64 / data as f64;
+    eprintln!(
+        "6 kills and resumes: {total} bytes on the wire for {data} bytes of data ({ratio:.3})"
+    );
+    assert_eq!(rsync_diff_checksum(&src, &dst, &[]), "");
+    assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
+    assert!(ratio <= 1.3, "{total} bytes on the wire for {data}");
+}
+
+/// A `Copy` the target cannot check against a sum it offered (none offered, off the chunks
+/// it summed, or bytes that changed since) is refused: the final name keeps its older,
+/// complete contents. The last-session record says which session failed, and no more.
+#[test]
+fn a_copy_of_bytes_no_sum_covers_is_refused() {
+    let r = rig();
+    let big = vec![b'A'; 2 << 20];
+    write(&r.root.join("big"), &big);
+    write(&r.root.join("small"), b"hello");
+    let file_of = |id: u64, path: &[u8], size: u64| {
+        let m = Meta {
+            size,
+            mtime: Time { sec: 7, nsec: 0 },
+            ..meta(S_IFREG)
+        };
+        let mut f = FileMsg::whole_file(id, path.to_vec(), m, Vec::new()).unwrap();
+        if let FileMsg::File { complete, .. } = &mut f {
+            *complete = false;
+        }
+        f
+    };
+    let entry_of = |id: u64, path: &[u8], size: u64| FileMsg::Entry {
+        id,
+        path: path.to_vec(),
+        meta: Meta {
+            size,
+            mtime: Time { sec: 7, nsec: 0 },
+            ..meta(S_IFREG)
+        },
+        target: Vec::new(),
+        linked: false,
+        hash: None,
+    };
+    // (entry, size, copy offset, copy length): off a chunk boundary; no sums at all.
+    for (path, size, offset, len) in [
+        (&b"big"[..], 2u64 << 20, 512u64 << 10, 4096u32),
+        (&b"small"[..], 5, 0, 5),
+    ] {
+        let mut h = Hostile::open(&r.addr);
+        h.ctl(&entry_of(1, path, size));
+        h.ctl(&FileMsg::ListEnd);
+        h.listed();
+        h.data(&file_of(1, path, size));
+        h.data(&FileMsg::Copy { offset, len });
+        h.data(&FileMsg::End { changed: false });
+        h.data(&FileMsg::StreamEnd);
+        h.ctl(&FileMsg::Finish);
+        let res = r.done.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(res.is_err(), "{res:?}");
+        eprintln!("{}: {res:?}", String::from_utf8_lossy(path));
+    }
+    assert_eq!(std::fs::read(r.root.join("big")).unwrap(), big);
+    assert_eq!(std::fs::read(r.root.join("small")).unwrap(), b"hello");
+
+    // The older copy changes after its sums went out: the chunk the source matched is no
+    // longer there, and is not copied.
+    let mut h = Hostile::open(&r.addr);
+    h.ctl(&entry_of(1, b"big", 2 << 20));
+    h.ctl(&FileMsg::ListEnd);
+    h.listed();
+    let changed = [vec![b'C'; 1 << 20], vec![b'A'; 1 << 20]].concat();
+    std::fs::write(r.root.join("big"), &changed).unwrap();
+    h.data(&file_of(1, b"big", 2 << 20));
+    h.data(&FileMsg::Copy {
+        offset: 0,
+        len: 1 << 20,
+    });
+    h.data(&FileMsg::End { changed: false });
+    h.data(&FileMsg::StreamEnd);
+    h.ctl(&FileMsg::Finish);
+    let res = r.done.recv_timeout(Duration::from_secs(30)).unwrap();
+    eprintln!("changed base: {res:?}");
+    assert!(
+        res.as_ref()
+            .is_err_and(|e| e.contains("changed since its chunk sums")),
+        "{res:?}"
+    );
+    assert_eq!(std::fs::read(r.root.join("big")).unwrap(), changed);
+    let last: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(r._dir.path().join("file-last-session.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["task_id"], "evil", "{last}");
+    assert_eq!(last["complete"], false, "{last}");
+    assert_eq!(last["root"], r.root.display().to_string(), "{last}");
+    assert_eq!(last["session"].as_str().map(str::len), Some(16), "{last}");
+}

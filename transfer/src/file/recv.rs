@@ -67,6 +67,12 @@ fn partial_name(name: &[u8], size: u64) -> Option<Vec<u8>> {
     if size < DELTA_MIN {
         return None;
     }
+    partial_of(name)
+}
+
+/// The name a partial of `name` has, whatever the size (a file that shrank below
+/// [`DELTA_MIN`] may still have one from when it was larger).
+fn partial_of(name: &[u8]) -> Option<Vec<u8>> {
     let mut p = PARTIAL_PREFIX.to_vec();
     p.extend_from_slice(name);
     (p.len() <= super::proto::MAX_NAME).then_some(p)
@@ -81,12 +87,121 @@ fn unlink_quietly(dir: BorrowedFd<'_>, name: &[u8]) {
     );
 }
 
-/// Where this session keeps a partial file while it serves as the base of entry `id` (the
-/// session's own temporary prefix, so its deletion pass leaves it alone).
-fn base_name(session: u64, id: u64) -> Vec<u8> {
-    let mut p = TEMP_PREFIX.to_vec();
-    p.extend_from_slice(format!("{session:016x}.base.{id}").as_bytes());
-    p
+/// Most bytes of chunk sums a session keeps for files whose data has not arrived yet; past
+/// it, a `Need` offers none (the file is sent whole).
+const MAX_PENDING_SUMS: usize = 256 << 20;
+
+/// What a `Need` offered the source to diff against, kept until the file's data arrives:
+/// a `Copy` is applied only when the bytes it reuses still hash to the sum the source
+/// matched, so nothing unverified from a partial or an older copy reaches a final file.
+#[derive(Debug, Clone)]
+struct Base {
+    /// Chunk size of the sums.
+    chunk: u64,
+    /// Truncated BLAKE3 per chunk, as sent.
+    sums: Vec<[u8; SUM_LEN]>,
+    /// Chunks below this are read from the partial, the others from the final name's older
+    /// copy.
+    split: usize,
+    /// Device and inode of the partial whose chunks were summed: the data stream writes that
+    /// very file in place, so no kill at any moment loses what it holds (moving it aside
+    /// under a session's temporary name did: the next session deleted it as a leftover).
+    part: Option<(u64, u64)>,
+}
+
+/// The bases of a session's pending files, by entry id.
+#[derive(Default)]
+struct Bases(Mutex<(std::collections::HashMap<u64, Base>, usize)>);
+
+impl Bases {
+    /// Keeps `b` for entry `id`; false (nothing kept) past [`MAX_PENDING_SUMS`].
+    fn put(&self, id: u64, b: Base) -> bool {
+        let mut g = lock(&self.0);
+        if let Some(old) = g.0.remove(&id) {
+            g.1 -= old.sums.len() * SUM_LEN;
+        }
+        let bytes = b.sums.len() * SUM_LEN;
+        if g.1 + bytes > MAX_PENDING_SUMS {
+            return false;
+        }
+        g.1 += bytes;
+        g.0.insert(id, b);
+        true
+    }
+
+    fn take(&self, id: u64) -> Option<Base> {
+        let mut g = lock(&self.0);
+        let b = g.0.remove(&id)?;
+        g.1 -= b.sums.len() * SUM_LEN;
+        Some(b)
+    }
+}
+
+/// Reads `buf.len()` bytes at `off`, zeros past the end of the file (as a file extended to
+/// its final size reads there).
+fn read_padded(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[got..].fill(0);
+    Ok(())
+}
+
+fn sum_of(data: &[u8]) -> [u8; SUM_LEN] {
+    let mut s = [0u8; SUM_LEN];
+    s.copy_from_slice(&blake3::hash(data).as_bytes()[..SUM_LEN]);
+    s
+}
+
+/// Zeroes `from..to` of `f` (a hole where the filesystem can punch one).
+fn zero_range(w: &mut Writer, f: &File, t: &Target, from: u64, to: u64) -> std::io::Result<()> {
+    use nix::fcntl::FallocateFlags as F;
+    if from >= to {
+        return Ok(());
+    }
+    let (Ok(off), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+        return Err(std::io::Error::other("range too large"));
+    };
+    match nix::fcntl::fallocate(
+        f.as_raw_fd(),
+        F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let zeros = vec![0u8; usize::try_from((to - from).min(1 << 20)).unwrap_or(1 << 20)];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from((to - at).min(zeros.len() as u64)).unwrap_or(zeros.len());
+        w.write_at(f, t, at, &zeros[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Opens the partial `name` for writing in place if it is still the inode `ino` whose chunks
+/// were summed, and no other name shares it (a hard link could lead outside the root); its
+/// size with it.
+fn open_in_place(dir: BorrowedFd<'_>, name: &[u8], ino: (u64, u64)) -> Option<(File, u64)> {
+    let fd = sys::openat(
+        dir,
+        name,
+        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+        0,
+    )
+    .ok()?;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?;
+    let ok = kind_of(&st) == S_IFREG && st.st_nlink == 1 && (st.st_dev, st.st_ino) == ino;
+    ok.then(|| (File::from(fd), u64::try_from(st.st_size).unwrap_or(0)))
 }
 
 /// Block size of hole detection when writing: all-zero blocks are left unwritten.
@@ -196,30 +311,50 @@ fn count_files(dir: BorrowedFd<'_>, name: &[u8], st: &FileStat) -> u64 {
         .sum()
 }
 
-/// The chunk sums of an older copy, or `None` when it is too small or too large for them.
-fn sums_of(f: &File, size: u64) -> std::io::Result<Option<(u32, Vec<[u8; SUM_LEN]>)>> {
-    if size < DELTA_MIN {
+/// The base of a delta for a file of `size` bytes: chunk sums over the partial `part` for
+/// the chunks it reaches, over the final name's older copy `old` for the rest; `None` when
+/// neither has a whole chunk's worth or the file is too large for sums.
+fn plan_base(
+    part: Option<(&File, u64, (u64, u64))>,
+    old: Option<(&File, u64)>,
+    size: u64,
+) -> std::io::Result<Option<Base>> {
+    let part_len = part.map_or(0, |p| p.1.min(size));
+    let old_len = old.map_or(0, |o| o.1);
+    let top = part_len.max(old_len);
+    if top < DELTA_MIN {
         return Ok(None);
     }
     let mut cs = SUM_CHUNK;
-    while size.div_ceil(cs) > MAX_SUMS as u64 {
+    while top.div_ceil(cs) > MAX_SUMS as u64 {
         cs *= 2;
     }
     if cs > MAX_CHUNK as u64 {
         return Ok(None);
     }
+    let split = part_len.div_ceil(cs);
+    let count = split.max(old_len.div_ceil(cs));
     let mut buf = vec![0u8; usize::try_from(cs).unwrap_or(MAX_CHUNK)];
     let mut sums = Vec::new();
-    let mut off = 0u64;
-    while off < size {
-        let n = usize::try_from((size - off).min(cs)).unwrap_or(0);
-        f.read_exact_at(&mut buf[..n], off)?;
-        let mut s = [0u8; SUM_LEN];
-        s.copy_from_slice(&blake3::hash(&buf[..n]).as_bytes()[..SUM_LEN]);
-        sums.push(s);
-        off += n as u64;
+    for i in 0..count {
+        let off = i * cs;
+        // A partial's chunk is summed as long as the file's: written sparse, it may end
+        // short of a chunk whose tail is zeros, which it then reads as.
+        let (f, len) = match (part, old) {
+            (Some(p), _) if i < split => (p.0, (size - off).min(cs)),
+            (_, Some(o)) => (o.0, (old_len - off).min(cs)),
+            _ => break,
+        };
+        let n = usize::try_from(len).unwrap_or(0);
+        read_padded(f, &mut buf[..n], off)?;
+        sums.push(sum_of(&buf[..n]));
     }
-    Ok(Some((u32::try_from(cs).unwrap_or(0), sums)))
+    Ok(Some(Base {
+        chunk: cs,
+        sums,
+        split: usize::try_from(split).unwrap_or(usize::MAX),
+        part: part.filter(|_| split > 0).map(|p| p.2),
+    }))
 }
 
 /// Writes `data` at `offset` of the fresh file `f`, leaving holes where it is zero; returns
@@ -313,6 +448,8 @@ struct Ctl {
     since: u32,
     /// Deletes what listings left out, off this thread.
     reaper: Reaper,
+    /// What each `Need` offered to diff against, for the data streams.
+    bases: Arc<Bases>,
 }
 
 impl Ctl {
@@ -489,7 +626,7 @@ impl Ctl {
         hash: Option<[u8; 32]>,
         existing: Option<FileStat>,
     ) -> Result<(), FileError> {
-        let mut sums = None;
+        let mut old = None;
         if let Some(st) = existing {
             if kind_of(&st) == S_IFREG {
                 let same = u64::try_from(st.st_size).ok() == Some(m.size)
@@ -528,42 +665,56 @@ impl Ctl {
                         },
                     }
                     // A partial left by an interrupted pass is of no use any more.
-                    if let Some(pn) = partial_name(name, m.size) {
+                    if let Some(pn) = partial_of(name) {
                         unlink_quietly(pfd, &pn);
                     }
                     return Ok(());
                 }
                 if m.size >= DELTA_MIN {
-                    if let Ok(f) = &open_regular(pfd, name) {
-                        sums = sums_of(f, u64::try_from(st.st_size).unwrap_or(0))
-                            .map_err(|e| FileError::target(path, e))?;
-                    }
+                    old = open_regular(pfd, name)
+                        .ok()
+                        .map(|f| (f, u64::try_from(st.st_size).unwrap_or(0)));
                 }
             } else {
                 self.replace(pfd, path, name, &st)
                     .map_err(|e| FileError::target(path, e))?;
             }
         }
-        if let Some(pn) = partial_name(name, m.size) {
-            if let Ok(Some(pst)) = stat_at(pfd, &pn) {
-                let base = base_name(self.session, id);
-                let renamed = kind_of(&pst) == S_IFREG
-                    && nix::fcntl::renameat(
-                        Some(pfd.as_raw_fd()),
-                        std::ffi::OsStr::from_bytes(&pn),
-                        Some(pfd.as_raw_fd()),
-                        std::ffi::OsStr::from_bytes(&base),
-                    )
-                    .is_ok();
-                if renamed {
-                    if let Ok(f) = open_regular(pfd, &base) {
-                        sums = sums_of(&f, u64::try_from(pst.st_size).unwrap_or(0))
-                            .map_err(|e| FileError::target(path, e))?;
-                    }
+        let base = if m.size >= DELTA_MIN {
+            // The partial is the only copy of what an interrupted pass received: it is
+            // summed where it is and never moved, so a kill at any moment leaves it for the
+            // next session. Its chunks are trusted no more than any older copy's: the source
+            // compares each with its own bytes, and the data stream checks each reused chunk
+            // against the sum again before it lands.
+            let part = partial_name(name, m.size)
+                .and_then(|pn| open_regular(pfd, &pn).ok())
+                .and_then(|f| {
+                    let st = nix::sys::stat::fstat(f.as_raw_fd()).ok()?;
+                    (st.st_nlink == 1).then(|| {
+                        let len = u64::try_from(st.st_size).unwrap_or(0);
+                        (f, len, (st.st_dev, st.st_ino))
+                    })
+                });
+            plan_base(
+                part.as_ref().map(|(f, len, ino)| (f, *len, *ino)),
+                old.as_ref().map(|(f, len)| (f, *len)),
+                m.size,
+            )
+            .map_err(|e| FileError::target(path, e))?
+        } else {
+            None
+        };
+        let (chunk_size, sums) = match base {
+            Some(b) => {
+                let offered = (u32::try_from(b.chunk).unwrap_or(0), b.sums.clone());
+                if self.bases.put(id, b) {
+                    offered
+                } else {
+                    (0, Vec::new())
                 }
             }
-        }
-        let (chunk_size, sums) = sums.unwrap_or((0, Vec::new()));
+            None => (0, Vec::new()),
+        };
         self.send(&FileMsg::Need {
             id,
             chunk_size,
@@ -837,13 +988,14 @@ impl Ctl {
     }
 }
 
-/// Counters a data stream shares with the session.
+/// Counters a data stream shares with the session, and the bases its `Need`s offered.
 #[derive(Default)]
 struct DataStats {
     files: AtomicU64,
     bytes: AtomicU64,
     reused: AtomicU64,
     changed: AtomicU64,
+    bases: Arc<Bases>,
 }
 
 /// The file a data stream is writing.
@@ -852,14 +1004,24 @@ struct Current {
     path: Vec<u8>,
     name: Vec<u8>,
     temp: Vec<u8>,
-    /// A kept partial copy serving as the base of `Copy` (else the final name's old copy).
-    base: Vec<u8>,
     file: File,
     /// How `file` is written (past the page cache or not).
     how: Target,
     meta: Meta,
+    /// What the `Need` offered to diff against; without it no `Copy` is taken.
+    base: Option<Base>,
+    /// The partial, read for the chunks of `base` it holds.
+    part: Option<File>,
+    /// The final name's older copy, read for the other chunks.
     old: Option<File>,
-    /// End of the data written so far: the temp's size (it starts empty).
+    /// Whether `file` is the partial itself, written in place: its own chunks stay where they
+    /// are, and everything else of it is overwritten or zeroed before it takes its name.
+    in_place: bool,
+    /// In place: below this, `file` holds only bytes this session wrote or verified.
+    covered: std::cell::Cell<u64>,
+    /// In place: the partial's size when opened (older bytes can only lie below it).
+    stale_end: u64,
+    /// End of the data written so far: the temp's size (it starts empty unless in place).
     end: std::cell::Cell<u64>,
 }
 
@@ -881,6 +1043,20 @@ impl Current {
         Ok(())
     }
 
+    /// In place, before `offset..to` is written: zeroes what the source skipped since the
+    /// last piece (holes, zero chunks) and the range itself (zero blocks are not written),
+    /// so no older byte of the partial survives unverified.
+    fn clear(&self, w: &mut Writer, offset: u64, to: u64) -> Result<(), FileError> {
+        if !self.in_place {
+            return Ok(());
+        }
+        let from = self.covered.get().min(offset);
+        zero_range(w, &self.file, &self.how, from, to.min(self.stale_end))
+            .map_err(|e| FileError::target(&self.path, e))?;
+        self.covered.set(self.covered.get().max(to));
+        Ok(())
+    }
+
     fn write(
         &self,
         w: &mut Writer,
@@ -889,6 +1065,7 @@ impl Current {
         stats: &DataStats,
     ) -> Result<(), FileError> {
         self.check_range(offset, data.len())?;
+        self.clear(w, offset, offset + data.len() as u64)?;
         let end = write_sparse(w, &self.file, &self.how, offset, data)
             .map_err(|e| FileError::target(&self.path, e))?;
         self.wrote(end);
@@ -908,53 +1085,84 @@ impl Current {
             return Err(FileError::Protocol("copy longer than a chunk".into()));
         }
         self.check_range(offset, len)?;
-        if self.old.is_none() {
-            let old = open_regular(self.pfd.as_fd(), &self.base)
-                .or_else(|_| open_regular(self.pfd.as_fd(), &self.name))
+        let bad = |what: &str| FileError::Protocol(format!("{what} for {}", lossy(&self.path)));
+        let base = self.base.as_ref().ok_or_else(|| bad("Copy without sums"))?;
+        if base.chunk == 0 || !offset.is_multiple_of(base.chunk) {
+            return Err(bad("Copy off a chunk boundary"));
+        }
+        let i = usize::try_from(offset / base.chunk).unwrap_or(usize::MAX);
+        let want = *base.sums.get(i).ok_or_else(|| bad("Copy past the sums"))?;
+        let from_part = i < base.split;
+        let slot = if from_part {
+            &mut self.part
+        } else {
+            &mut self.old
+        };
+        if slot.is_none() {
+            let name = if from_part {
+                partial_of(&self.name).unwrap_or_default()
+            } else {
+                self.name.clone()
+            };
+            let f = open_regular(self.pfd.as_fd(), &name)
                 .map_err(|e| FileError::target(&self.path, e))?;
-            self.old = Some(old);
+            *slot = Some(f);
         }
         let mut buf = vec![0u8; len];
-        if let Some(old) = &self.old {
-            old.read_exact_at(&mut buf, offset)
-                .map_err(|e| FileError::target(&self.path, e))?;
+        if let Some(f) = slot.as_ref() {
+            read_padded(f, &mut buf, offset).map_err(|e| FileError::target(&self.path, e))?;
         }
-        let end = write_sparse(w, &self.file, &self.how, offset, &buf)
-            .map_err(|e| FileError::target(&self.path, e))?;
-        self.wrote(end);
+        // The source matched its bytes to the sum this target sent; these bytes must still
+        // be the ones summed, or the final file would hold something nobody compared.
+        if sum_of(&buf) != want {
+            return Err(FileError::target(
+                &self.path,
+                std::io::Error::other("the older copy changed since its chunk sums were sent"),
+            ));
+        }
+        if from_part && self.in_place {
+            // Already where it belongs.
+            self.covered
+                .set(self.covered.get().max(offset + len as u64));
+        } else {
+            self.clear(w, offset, offset + len as u64)?;
+            let end = write_sparse(w, &self.file, &self.how, offset, &buf)
+                .map_err(|e| FileError::target(&self.path, e))?;
+            self.wrote(end);
+        }
         stats.reused.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    fn finish(self) -> Result<u64, FileError> {
-        let err = |e: std::io::Error| FileError::target(&self.path, e);
-        let r = (|| {
-            // Only a trailing hole needs the size set; a syscall per file saved otherwise.
-            if self.end.get() != self.meta.size {
-                self.file.set_len(self.meta.size)?;
+    fn finish(self, w: &mut Writer) -> Result<u64, FileError> {
+        let r = (|| -> Result<u64, FileError> {
+            if self.in_place {
+                // Past the last piece the source sent, the partial's older bytes go too.
+                self.clear(w, self.covered.get(), self.meta.size)?;
+                self.file
+                    .set_len(self.meta.size)
+                    .map_err(|e| FileError::target(&self.path, e))?;
+            } else if self.end.get() != self.meta.size {
+                // Only a trailing hole needs the size set; a syscall per file saved otherwise.
+                self.file
+                    .set_len(self.meta.size)
+                    .map_err(|e| FileError::target(&self.path, e))?;
             }
-            let failed = meta::apply_fd(self.file.as_fd(), &self.meta, true)?;
+            let failed = meta::apply_fd(self.file.as_fd(), &self.meta, true)
+                .map_err(|e| FileError::target(&self.path, e))?;
             nix::fcntl::renameat(
                 Some(self.pfd.as_raw_fd()),
                 std::ffi::OsStr::from_bytes(&self.temp),
                 Some(self.pfd.as_raw_fd()),
                 std::ffi::OsStr::from_bytes(&self.name),
-            )?;
+            )
+            .map_err(|e| FileError::target(&self.path, io_of(e)))?;
             Ok(failed as u64)
         })();
-        match r {
-            Ok(f) => {
-                // Only a large file can have had a base (a partial moved aside by its Need).
-                if self.meta.size >= DELTA_MIN {
-                    self.unlink(&self.base);
-                }
-                Ok(f)
-            }
-            Err(e) => {
-                self.discard();
-                Err(err(e))
-            }
+        if r.is_err() {
+            self.keep_partial();
         }
+        r
     }
 
     fn unlink(&self, name: &[u8]) {
@@ -963,16 +1171,13 @@ impl Current {
 
     fn discard(&self) {
         self.unlink(&self.temp);
-        self.unlink(&self.base);
     }
 
-    /// After a broken stream: a large file keeps what it received under its partial name
-    /// (where it was written from the start), for the next session to diff against; anything
-    /// else is dropped.
+    /// After a broken stream or a failed finish: a large file keeps what it holds under its
+    /// partial name (where it is written from the start), for the next session to diff
+    /// against; anything else is dropped.
     fn keep_partial(&self) {
-        if partial_name(&self.name, self.meta.size).as_ref() == Some(&self.temp) {
-            self.unlink(&self.base);
-        } else {
+        if partial_name(&self.name, self.meta.size).as_ref() != Some(&self.temp) {
             self.discard();
         }
     }
@@ -982,7 +1187,6 @@ impl Current {
 fn data_stream(
     mut r: BufReader<ConnReader>,
     root: Arc<OwnedFd>,
-    session: u64,
     prefix: Vec<u8>,
     stats: Arc<DataStats>,
     halt: &Halt,
@@ -1023,36 +1227,51 @@ fn data_stream(
                 seq += 1;
                 // A large file is written under its partial name from the start, so that
                 // what arrived survives even a kill -9 of this process and the next session
-                // diffs against it (the Need of this entry moved any older partial aside).
-                let temp = match partial_name(&name, meta.size) {
-                    Some(pn) => {
-                        unlink_quietly(pfd.as_fd(), &pn);
-                        pn
-                    }
-                    None => {
-                        let mut t = prefix.clone();
-                        t.extend_from_slice(seq.to_string().as_bytes());
-                        t
+                // diffs against it; the partial the Need summed is written in place.
+                let base = stats.bases.take(id);
+                let pn = partial_name(&name, meta.size);
+                let in_place = match (&pn, base.as_ref().and_then(|b| b.part)) {
+                    (Some(pn), Some(ino)) => open_in_place(pfd.as_fd(), pn, ino),
+                    _ => None,
+                };
+                let (temp, file, stale_end) = match (pn, in_place) {
+                    (Some(pn), Some((f, len))) => (pn, f, Some(len)),
+                    (pn, _) => {
+                        let temp = match pn {
+                            Some(pn) => {
+                                unlink_quietly(pfd.as_fd(), &pn);
+                                pn
+                            }
+                            None => {
+                                let mut t = prefix.clone();
+                                t.extend_from_slice(seq.to_string().as_bytes());
+                                t
+                            }
+                        };
+                        let fd = sys::openat(
+                            pfd.as_fd(),
+                            &temp,
+                            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+                            0o600,
+                        )
+                        .map_err(|e| FileError::target(&path, e))?;
+                        (temp, File::from(fd), None)
                     }
                 };
-                let fd = sys::openat(
-                    pfd.as_fd(),
-                    &temp,
-                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
-                    0o600,
-                )
-                .map_err(|e| FileError::target(&path, e))?;
-                let file = File::from(fd);
                 let c = Current {
                     pfd,
                     path,
                     name,
                     temp,
-                    base: base_name(session, id),
+                    base,
                     how: Target::new(&file),
                     file,
                     meta,
+                    part: None,
                     old: None,
+                    in_place: stale_end.is_some(),
+                    covered: std::cell::Cell::new(0),
+                    stale_end: stale_end.unwrap_or(0),
                     end: std::cell::Cell::new(0),
                 };
                 let c = cur.insert(c);
@@ -1064,7 +1283,7 @@ fn data_stream(
                 }
                 if complete {
                     if let Some(c) = cur.take() {
-                        warnings += c.finish()?;
+                        warnings += c.finish(&mut writer)?;
                         stats.files.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -1093,15 +1312,17 @@ fn data_stream(
                 let c = cur
                     .take()
                     .ok_or_else(|| FileError::Protocol("End outside a file".into()))?;
-                warnings += c.finish()?;
+                warnings += c.finish(&mut writer)?;
                 stats.files.fetch_add(1, Ordering::Relaxed);
                 if changed {
                     stats.changed.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Any::File(FileMsg::Abandon) => {
+                // A cancelled pass abandons its files too: what a large one holds stays for
+                // the next session (a vanished file's partial goes with the next listing).
                 if let Some(c) = cur.take() {
-                    c.discard();
+                    c.keep_partial();
                 }
             }
             Any::File(FileMsg::StreamEnd) | Any::Common(Message::Bye) => return Ok(()),
@@ -1167,7 +1388,7 @@ fn accept_data(
         let (ctl, failed, halt) = (Arc::clone(&ctl), Arc::clone(&failed), Arc::clone(&halt));
         handles.push(std::thread::spawn(move || {
             let _keep = w;
-            let r = data_stream(r, root, session, prefix, stats, &halt);
+            let r = data_stream(r, root, prefix, stats, &halt);
             // A stream the session itself halted carries no news: the session's own error
             // is the one to report.
             match &r {
@@ -1196,6 +1417,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
         data,
         streams,
         session,
+        task_id,
         ..
     } = inc;
     let (mut r, w) = control.into_halves();
@@ -1217,6 +1439,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
         last_id: 0,
         since: 0,
         reaper: Reaper::default(),
+        bases: Arc::default(),
     };
     let mut res = serve(&mut ctl, &mut r, data, streams);
     if res.is_err() {
@@ -1239,23 +1462,47 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
         }
     }
     let _ = lock(&ctl.w).get_mut().close();
-    save_report(&opts.state_dir, &ctl.report);
+    save_report(
+        &opts.state_dir,
+        &LastSession {
+            task_id: &task_id,
+            session: format!("{session:016x}"),
+            root: opts.root.display().to_string(),
+            complete: ctl.report.complete && res.is_ok(),
+            report: &ctl.report,
+        },
+    );
     res.map(|()| ctl.report)
 }
 
-fn save_report(dir: &std::path::Path, report: &ReceiveReport) {
+/// The record of the last session kept in the state directory, for an operator to read.
+/// Nothing decides anything by it: what a later session skips or reuses it checks on the
+/// target itself (size and mtime or hash of the final name, chunk sums of a partial).
+#[derive(serde::Serialize)]
+struct LastSession<'a> {
+    task_id: &'a str,
+    /// Hex, as in the session's temporary names.
+    session: String,
+    root: String,
+    complete: bool,
+    report: &'a ReceiveReport,
+}
+
+fn save_report(dir: &std::path::Path, last: &LastSession<'_>) {
     if dir.as_os_str().is_empty() || !dir.is_dir() {
         return;
     }
-    let Ok(json) = serde_json::to_vec_pretty(report) else {
+    let Ok(json) = serde_json::to_vec_pretty(last) else {
         return;
     };
     let tmp = dir.join(".file-last-session.json.tmp");
     let r = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, dir.join("file-last-session.json")));
+        .and_then(|()| std::fs::rename(&tmp, dir.join("file-last-session.json")))
+        // The rename is durable only once the directory is.
+        .and_then(|()| File::open(dir).and_then(|d| d.sync_all()));
     if let Err(e) = r {
-        tracing::warn!(error = %e, "cannot save the file session report");
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot save the file session report");
     }
 }
 
@@ -1292,7 +1539,10 @@ fn serve(
         }
         other => return Err(unexpected("waiting for the plan", &other)),
     }
-    let stats = Arc::new(DataStats::default());
+    let stats = Arc::new(DataStats {
+        bases: Arc::clone(&ctl.bases),
+        ..DataStats::default()
+    });
     let halt = Arc::new(Halt::default());
     let mut accepter = (ctl.pass == PassKind::Copy).then(|| {
         let (root, stats, session) = (Arc::clone(&ctl.root), Arc::clone(&stats), ctl.session);
@@ -1484,11 +1734,37 @@ mod tests {
         let p = t.path().join("f");
         std::fs::write(&p, vec![7u8; (3 << 20) + 5]).unwrap();
         let f = File::open(&p).unwrap();
-        let (cs, sums) = sums_of(&f, (3 << 20) + 5).unwrap().unwrap();
-        assert_eq!(cs, 1 << 20);
-        assert_eq!(sums.len(), 4);
-        assert_eq!(sums[0], sums[1]);
-        assert_ne!(sums[2], sums[3]);
-        assert!(sums_of(&f, 100).unwrap().is_none());
+        let b = plan_base(None, Some((&f, (3 << 20) + 5)), 4 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!((b.chunk, b.split, b.part), (1 << 20, 0, None));
+        assert_eq!(b.sums.len(), 4);
+        assert_eq!(b.sums[0], b.sums[1]);
+        assert_ne!(b.sums[2], b.sums[3]);
+        assert!(plan_base(None, Some((&f, 100)), 4 << 20).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_partial_is_summed_as_far_as_it_reaches_and_the_older_copy_beyond() {
+        let t = tempfile::tempdir().unwrap();
+        let (pp, op) = (t.path().join("part"), t.path().join("old"));
+        // The partial ends 4 KiB short of its second chunk, whose tail is zeros.
+        let mut part = vec![1u8; (2 << 20) - 4096];
+        part[(1 << 20)..].fill(2);
+        std::fs::write(&pp, &part).unwrap();
+        std::fs::write(&op, vec![3u8; 4 << 20]).unwrap();
+        let (pf, of) = (File::open(&pp).unwrap(), File::open(&op).unwrap());
+        let b = plan_base(
+            Some((&pf, part.len() as u64, (1, 2))),
+            Some((&of, 4 << 20)),
+            4 << 20,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((b.split, b.part, b.sums.len()), (2, Some((1, 2)), 4));
+        let mut second = vec![2u8; 1 << 20];
+        second[(1 << 20) - 4096..].fill(0);
+        assert_eq!(b.sums[1], sum_of(&second));
+        assert_eq!(b.sums[2], sum_of(&[3u8; 1 << 20]));
     }
 }
