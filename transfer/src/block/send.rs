@@ -136,9 +136,11 @@ impl Ctx<'_> {
             .error
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The receiver's own reason (a full disk, say) beats the broken stream it leaves.
-        let remote = matches!(e, BlockError::Remote { .. });
-        if slot.is_none() || (remote && !matches!(*slot, Some(BlockError::Remote { .. }))) {
+        // The receiver's own specific reason (a full disk, say) beats the broken streams it
+        // leaves; transport failures (SMS.1908), from either side, are all alike.
+        let specific =
+            |e: &BlockError| matches!(e, BlockError::Remote { code, .. } if code != "SMS.1908");
+        if slot.is_none() || (specific(&e) && !slot.as_ref().is_some_and(specific)) {
             *slot = Some(e);
         }
     }
@@ -509,12 +511,20 @@ fn stream_worker(ctx: &Ctx<'_>, s: Stream, timeout: Duration) -> Result<(), Bloc
     let peer = s.peer.clone();
     let (mut rd, wr) = s.into_halves();
     let (tx, rx) = mpsc::channel::<Message>();
+    // Returns the receiver's own error, when it sent one.
     let reader = std::thread::spawn(move || loop {
         match Message::read_from(&mut rd) {
             Ok(m) => {
-                let end = matches!(m, Message::Bye | Message::Error { .. });
+                let told = match &m {
+                    Message::Error { code, message } => Some(BlockError::Remote {
+                        code: code.clone(),
+                        message: message.clone(),
+                    }),
+                    _ => None,
+                };
+                let end = told.is_some() || matches!(m, Message::Bye);
                 if tx.send(m).is_err() || end {
-                    return;
+                    return told;
                 }
             }
             Err(e) => {
@@ -522,7 +532,7 @@ fn stream_worker(ctx: &Ctx<'_>, s: Stream, timeout: Duration) -> Result<(), Bloc
                     code: "SMS.1908".into(),
                     message: format!("data stream: {e}"),
                 });
-                return;
+                return None;
             }
         }
     });
@@ -537,19 +547,12 @@ fn stream_worker(ctx: &Ctx<'_>, s: Stream, timeout: Duration) -> Result<(), Bloc
     } else {
         let _ = out.w.get_mut().close();
     }
-    let _ = reader.join();
-    match r {
-        // A write into a stream the receiver closed: its reason (a full disk, say) may be
-        // waiting unread among the replies.
-        Err(e @ (BlockError::Wire(_) | BlockError::Session(_))) => Err(rx
-            .rx
-            .try_iter()
-            .find_map(|m| match m {
-                Message::Error { code, message } => Some(BlockError::Remote { code, message }),
-                _ => None,
-            })
-            .unwrap_or(e)),
-        r => r,
+    let told = reader.join().ok().flatten();
+    match (r, told) {
+        // A write into a stream the receiver closed: its reason (a full disk, say) came
+        // before, unread.
+        (Err(BlockError::Wire(_) | BlockError::Session(_)), Some(remote)) => Err(remote),
+        (r, _) => r,
     }
 }
 
