@@ -70,6 +70,10 @@ pub struct ReceiveArgs {
     /// Exit after the first session that completes its pass.
     #[arg(long)]
     once: bool,
+    /// Give up a session whose sender stays silent this long on any stream (a dead, stopped
+    /// or cut-off source); what it sent stays resumable and the next session gets in.
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    peer_timeout: u64,
 }
 
 /// Transfer mode of `migrate`.
@@ -145,6 +149,9 @@ pub struct MigrateArgs {
     /// How often the receiver makes data durable and records it (resume granularity).
     #[arg(long, value_name = "SECS", default_value_t = 2.0, hide = true)]
     checkpoint_secs: f64,
+    /// Give up when the receiver stays silent or takes no data this long on any stream.
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    peer_timeout: u64,
 }
 
 fn split_pair(s: &str, what: &str) -> anyhow::Result<(String, String)> {
@@ -183,21 +190,24 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "receiver listening");
     eprintln!("sms-agent receive: listening on {addr}");
+    let peer_timeout = Duration::from_secs(a.peer_timeout);
     let block_opts = transfer::block::ReceiveOptions {
         disks,
         state_dir: a.state_dir.clone(),
+        peer_timeout,
     };
     let file_opts = a.root.clone().map(|root| transfer::file::ReceiveOptions {
         root,
         state_dir: a.state_dir.clone(),
+        peer_timeout,
     });
     let once = a.once;
     // One session at a time writes a given set of disks: two would interleave writes.
     let gate = Arc::new(std::sync::Mutex::new(()));
     listener.serve(move |mut inc, _guard| {
-        let _one = gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(_one) = wait_turn(&gate, &mut inc, peer_timeout) else {
+            return false;
+        };
         let task = inc.task_id.clone();
         let complete = match inc.mode {
             Mode::Block if !block_opts.disks.is_empty() => {
@@ -239,6 +249,47 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         once && complete
     })?;
     Ok(())
+}
+
+/// Waits until no other session holds `gate`. Meanwhile a file-mode sender hears keep-alives,
+/// so its peer timeout does not end a session that is only queued (a block-mode sender waits
+/// for its plan's answer a few peer timeouts, and says why when it gives up). `None` when the
+/// sender gave up meanwhile: the session never touched the target, so nothing is lost.
+fn wait_turn<'a>(
+    gate: &'a std::sync::Mutex<()>,
+    inc: &mut transfer::session::Incoming,
+    peer_timeout: Duration,
+) -> Option<std::sync::MutexGuard<'a, ()>> {
+    let every = transfer::session::keepalive_every(peer_timeout);
+    let started = Instant::now();
+    let mut last = started;
+    let mut told = false;
+    loop {
+        match gate.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        if !told {
+            told = true;
+            tracing::info!(task_id = %inc.task_id, "session queued behind the running one");
+        }
+        if inc.control.peer_gone() {
+            tracing::warn!(task_id = %inc.task_id, waited_secs = started.elapsed().as_secs(), "the sender gave up while its session waited for its turn");
+            return None;
+        }
+        if inc.mode == Mode::File && last.elapsed() >= every {
+            last = Instant::now();
+            let sent = transfer::file::proto::FileMsg::KeepAlive
+                .write_to(&mut inc.control.writer)
+                .and_then(|()| inc.control.flush());
+            if let Err(e) = sent {
+                tracing::warn!(task_id = %inc.task_id, error = %e, "the waiting sender is gone");
+                return None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Prints progress on a terminal until `stop` is set.
@@ -357,6 +408,7 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
             more: i < last,
             streams: a.streams.unwrap_or(transfer::block::STREAMS),
             checkpoint_every: Duration::from_secs_f64(a.checkpoint_secs.clamp(0.05, 600.0)),
+            peer_timeout: Duration::from_secs(a.peer_timeout),
             ..transfer::block::SendOptions::default()
         };
         let freeze = if frozen {
@@ -460,6 +512,7 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
         streams: a.streams.unwrap_or(transfer::file::STREAMS),
         sync: a.sync,
         task_id: a.task_id.clone().unwrap_or_else(|| "standalone".into()),
+        peer_timeout: Duration::from_secs(a.peer_timeout),
         ..transfer::file::SendOptions::default()
     };
     let label = if a.sync { "sync" } else { "copy" };
@@ -507,6 +560,7 @@ fn check_files(
         excludes: a.exclude.clone(),
         hash_mode: a.check_hash,
         task_id: a.task_id.clone().unwrap_or_else(|| "standalone".into()),
+        peer_timeout: Duration::from_secs(a.peer_timeout),
     };
     let checks = with_progress("check", |p| {
         transfer::file::consistency(connector, &opts, p, control)

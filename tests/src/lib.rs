@@ -298,3 +298,36 @@ pub fn statfs(path: &Path, fmt: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// A tmpfs of a given size (a target filesystem that can fill up), unmounted on drop.
+pub struct Tmpfs {
+    /// Mount point.
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB on the fresh directory `dir`.
+    pub fn mount(dir: &Path, mib: u64) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let opt = format!("size={mib}m");
+        run(
+            "mount",
+            &["-t", "tmpfs", "-o", &opt, "tmpfs", dir.to_str().unwrap()],
+        );
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Grows (or shrinks) it to `mib` MiB in place.
+    pub fn resize(&self, mib: u64) {
+        let opt = format!("remount,size={mib}m");
+        run("mount", &["-o", &opt, self.dir.to_str().unwrap()]);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        run_quiet("umount", &["-l", self.dir.to_str().unwrap_or("")]);
+    }
+}

@@ -542,3 +542,40 @@ impl Drop for Receiver {
         let _ = self.child.wait();
     }
 }
+
+/// Sends `sig` to a child process (SIGSTOP/SIGCONT: a peer that goes silent, then wakes).
+pub fn signal(child: &Child, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, sig).unwrap();
+}
+
+/// Waits for a child that must end within `limit` (a hang detector, not a performance bound):
+/// kills it and panics with `what` when it does not. Returns its status and its stderr, when
+/// that was piped.
+pub fn wait_bounded(
+    mut child: Child,
+    limit: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let mut err = child.stderr.take();
+    // Drained on the side, so a chatty child never blocks on a full pipe.
+    let drain = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (st, drain.join().unwrap());
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {limit:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -941,3 +941,106 @@ fn freeze_makes_the_last_pass_consistent_and_always_thaws() {
     drop(rx);
     writer.stop();
 }
+
+/// An image of `mib` MiB of incompressible data (no filesystem: every byte is used).
+fn noise_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, noise(mib << 20, seed)).unwrap();
+    p
+}
+
+#[test]
+fn stopping_either_side_past_the_peer_timeout_ends_cleanly_and_a_rerun_is_identical() {
+    use nix::sys::signal::Signal;
+    use sms_tests::procs::{signal, wait_bounded};
+    let kit = Kit::new();
+    let src = noise_image(kit.dir.path(), "src.img", 48, 5);
+    for stop_receiver in [false, true] {
+        let task = format!("stop-{stop_receiver}");
+        let dst = image(kit.dir.path(), &format!("{task}.img"), 48 << 20);
+        let arg = format!("disk0={}", dst.display());
+        let rx = Receiver::start(
+            &kit,
+            &["--disk".into(), arg, "--peer-timeout".into(), "3".into()],
+        );
+        // 40 Mbit/s: the copy takes about 10 s, so the stop lands mid-pass.
+        let tx = migrate_cmd(&kit, &rx.addr, &[(&src, "disk0")], &["--limit-mbit", "40"])
+            .args(["--peer-timeout", "3", "--task-id", &task])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::fs::metadata(&dst).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        }) < 8 << 20
+        {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stopped = if stop_receiver { &rx.child } else { &tx };
+        signal(stopped, Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(7));
+        signal(stopped, Signal::SIGCONT);
+        let (st, err) = wait_bounded(tx, Duration::from_secs(60), "the interrupted migrate");
+        eprintln!("stop receiver {stop_receiver}: {st}: {err}");
+        assert!(
+            st.success() || err.contains("SMS."),
+            "the interrupted migrate failed without an SMS code: {err}"
+        );
+        if !st.success() && stop_receiver {
+            assert!(
+                err.contains("peer timeout"),
+                "a stopped receiver is reported as silent: {err}"
+            );
+        }
+        // The rerun resumes (into the same receiver, which gave the old session up).
+        let again = migrate_cmd(&kit, &rx.addr, &[(&src, "disk0")], &[])
+            .args(["--peer-timeout", "3", "--task-id", &task])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (st, err) = wait_bounded(again, Duration::from_secs(60), "the rerun");
+        assert!(st.success(), "the rerun failed: {err}");
+        run("cmp", &[src.to_str().unwrap(), dst.to_str().unwrap()]);
+        drop(rx);
+    }
+}
+
+#[test]
+fn a_full_filesystem_under_the_target_image_fails_clearly_and_the_next_pass_resumes() {
+    use sms_tests::procs::wait_bounded;
+    sms_tests::require_root();
+    let kit = Kit::new();
+    let src = noise_image(kit.dir.path(), "src.img", 64, 9);
+    let fs = sms_tests::Tmpfs::mount(&kit.dir.path().join("small"), 40);
+    let dst = fs.dir.join("dst.img");
+    let arg = format!("disk0={}", dst.display());
+    let rx = Receiver::start(&kit, &["--disk".into(), arg]);
+    let first = migrate_cmd(&kit, &rx.addr, &[(&src, "disk0")], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (st, err) = wait_bounded(first, Duration::from_secs(60), "migrate onto a full disk");
+    eprintln!("full disk: {st}: {err}");
+    assert!(!st.success(), "a full target filesystem must fail the pass");
+    assert!(err.contains("SMS.1504"), "no SMS.1504 in: {err}");
+    assert!(err.contains(dst.to_str().unwrap()), "no path in: {err}");
+    assert!(
+        err.contains("no space left") && err.contains("bytes are free") && err.contains("more"),
+        "no space figures in: {err}"
+    );
+    fs.resize(200);
+    let again = migrate_cmd(&kit, &rx.addr, &[(&src, "disk0")], &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (st, err) = wait_bounded(again, Duration::from_secs(60), "migrate after the grow");
+    assert!(st.success(), "the resumed pass failed: {err}");
+    run("cmp", &[src.to_str().unwrap(), dst.to_str().unwrap()]);
+    drop(rx);
+}

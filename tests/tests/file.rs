@@ -84,6 +84,7 @@ fn rig_at(dir: tempfile::TempDir, root: PathBuf) -> Rig {
     let opts = ReceiveOptions {
         root: root.clone(),
         state_dir: dir.path().to_path_buf(),
+        peer_timeout: Duration::ZERO,
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -120,6 +121,7 @@ fn opts(src: &Path, sync: bool) -> SendOptions {
         sync,
         hash_mode: false,
         task_id: "t-file".into(),
+        peer_timeout: Duration::ZERO,
     }
 }
 
@@ -1081,6 +1083,7 @@ fn consistency_counts_per_directory_in_quick_and_hash_mode() {
                 excludes: vec![],
                 hash_mode,
                 task_id: "t-check".into(),
+                peer_timeout: Duration::ZERO,
             },
             &Progress::default(),
             &Control::default(),
@@ -1869,4 +1872,142 @@ fn a_copy_of_bytes_no_sum_covers_is_refused() {
     assert_eq!(last["complete"], false, "{last}");
     assert_eq!(last["root"], r.root.display().to_string(), "{last}");
     assert_eq!(last["session"].as_str().map(str::len), Some(16), "{last}");
+}
+
+/// `sha256sum` of every file with a final name under `dir`, sorted.
+fn final_digest(dir: &Path) -> String {
+    sms_tests::run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "cd '{}' && find . -type f ! -name '.sms~*' -print0 | sort -z | xargs -0 -r sha256sum",
+                dir.display()
+            ),
+        ],
+    )
+}
+
+/// Files of `src` whose final name exists under `dst` must equal their source: nothing
+/// half-written ever carries a final name.
+fn final_names_are_complete(src: &Path, dst: &Path) {
+    let list = sms_tests::run(
+        "sh",
+        &[
+            "-c",
+            &format!("cd '{}' && find . -type f ! -name '.sms~*'", dst.display()),
+        ],
+    );
+    for rel in list.lines() {
+        assert!(
+            std::fs::read(dst.join(rel)).unwrap() == std::fs::read(src.join(rel)).unwrap(),
+            "{rel} has its final name but is not complete"
+        );
+    }
+}
+
+#[test]
+fn a_silent_sender_is_dropped_and_the_next_session_gets_in() {
+    use nix::sys::signal::Signal;
+    use sms_tests::procs::{signal, wait_bounded};
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    let total = resume_tree(&src.join("bulk"));
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let rx = Receiver::start(
+        &kit,
+        &[
+            "--root".into(),
+            dst.display().to_string(),
+            "--peer-timeout".into(),
+            "3".into(),
+        ],
+    );
+    // 40 Mbit/s: the bulk takes about 7 s, so the stop lands mid-pass.
+    let first = migrate_file(&kit, &rx.addr, &src, &["--limit-mbit", "40"])
+        .args(["--peer-timeout", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while landed(&dst.join("bulk")).0 < 10 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&first, Signal::SIGSTOP);
+    // The receiver gives the stopped sender up after 3 s; the next session then gets in and
+    // completes (60 s: a hang detector).
+    let second = migrate_file(&kit, &rx.addr, &src, &["--peer-timeout", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (st, err) = wait_bounded(second, Duration::from_secs(60), "the second migrate");
+    assert!(st.success(), "the second migrate failed: {err}");
+    assert_eq!(final_digest(&src), final_digest(&dst));
+    assert_eq!(landed(&dst.join("bulk")).1, total);
+    // The stopped sender, woken long after its session was given up, ends with a clean error
+    // (or completes), and never hangs; the target stays complete either way.
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&first, Signal::SIGCONT);
+    let (st, err) = wait_bounded(first, Duration::from_secs(60), "the woken migrate");
+    eprintln!("woken migrate: {st}: {err}");
+    assert!(
+        st.success() || err.contains("SMS."),
+        "the woken migrate failed without an SMS code: {err}"
+    );
+    assert_eq!(final_digest(&src), final_digest(&dst));
+}
+
+#[test]
+fn a_full_target_filesystem_fails_the_pass_clearly_and_the_next_resumes() {
+    use sms_tests::procs::wait_bounded;
+    sms_tests::require_root();
+    let kit = Kit::new();
+    let src = kit.dir.path().join("src");
+    // 48 MiB of incompressible data, more than the 24 MiB target holds.
+    for i in 0..12u64 {
+        write(
+            &src.join(format!("d{}/f{i}", i % 3)),
+            &noise(4 << 20, i + 40),
+        );
+    }
+    for i in 0..40u64 {
+        write(&src.join(format!("small/s{i}")), &noise(20_000, i + 400));
+    }
+    let fs = sms_tests::Tmpfs::mount(&kit.dir.path().join("dst"), 24);
+    let dst = fs.dir.clone();
+    let rx = Receiver::root(&kit, &dst);
+    let first = migrate_file(&kit, &rx.addr, &src, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (st, err) = wait_bounded(first, Duration::from_secs(60), "migrate onto a full target");
+    eprintln!("full target: {st}: {err}");
+    assert!(!st.success(), "a full target must fail the pass");
+    assert!(err.contains("SMS.1504"), "no SMS.1504 in: {err}");
+    assert!(err.contains("no space left"), "no cause in: {err}");
+    assert!(
+        err.contains("needs") && err.contains("bytes free"),
+        "no space figures in: {err}"
+    );
+    assert!(
+        (0..12).any(|i| err.contains(&format!("f{i}"))) || err.contains("small/"),
+        "no path in: {err}"
+    );
+    final_names_are_complete(&src, &dst);
+    fs.resize(200);
+    let again = migrate_file(&kit, &rx.addr, &src, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (st, err) = wait_bounded(again, Duration::from_secs(60), "migrate after the grow");
+    assert!(st.success(), "the resumed pass failed: {err}");
+    assert_eq!(final_digest(&src), final_digest(&dst));
+    assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
+    drop(rx);
 }

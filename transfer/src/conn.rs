@@ -19,6 +19,24 @@ const READ_BUF: usize = 64 << 10;
 struct Shared {
     tls: Mutex<rustls::Connection>,
     wsock: Mutex<TcpStream>,
+    peer: String,
+}
+
+/// Whether `e` is a socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` report `EAGAIN`).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A timeout named for the operator: which peer, which way, for how long.
+fn silent(peer: &str, what: &str, t: Option<Duration>) -> io::Error {
+    let secs = t.map_or(0.0, |t| t.as_secs_f64());
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the peer {peer} {what} for {secs:.0} s (peer timeout)"),
+    )
 }
 
 impl Shared {
@@ -52,7 +70,17 @@ impl Shared {
             tls.write_tls(&mut out)?;
         }
         drop(tls);
-        sock.write_all(&out)
+        sock.write_all(&out).map_err(|e| {
+            if is_timeout(&e) {
+                silent(
+                    &self.peer,
+                    "took no data",
+                    sock.write_timeout().ok().flatten(),
+                )
+            } else {
+                e
+            }
+        })
     }
 }
 
@@ -99,6 +127,7 @@ impl Conn {
             shared: Arc::new(Shared {
                 tls: Mutex::new(tls),
                 wsock: Mutex::new(sock),
+                peer: peer.clone(),
             }),
             rsock,
             peer,
@@ -193,6 +222,10 @@ impl Read for ConnReader {
                 let n = match self.sock.read(&mut self.buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_timeout(&e) => {
+                        let t = self.sock.read_timeout().ok().flatten();
+                        return Err(silent(&self.shared.peer, "sent nothing", t));
+                    }
                     Err(e) => return Err(e),
                 };
                 self.start = 0;

@@ -15,6 +15,47 @@ use crate::wire::{Message, Mode, WireError, VERSION};
 /// How long a TLS handshake plus `Hello` may take before the connection is dropped: an
 /// unauthenticated peer must not hold a thread for long.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a peer may stay silent on any stream, or take no data, before the session is
+/// given up, unless configured (`--peer-timeout`). Both sides send keep-alives well within it
+/// whenever they are legitimately quiet, so only a dead, stopped or cut-off peer reaches it.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(120);
+/// TCP keep-alive: first probe after this much idleness, then every `KEEPALIVE_INTERVAL`, and
+/// the connection is dropped after `KEEPALIVE_PROBES` unanswered ones. A host that vanished
+/// (power cut, link cut without FIN or RST) is then noticed by the kernel in about 90 s even
+/// where no read or write is pending.
+const KEEPALIVE_IDLE: u32 = 30;
+const KEEPALIVE_INTERVAL: u32 = 10;
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// The peer timeout to use: `t`, or [`PEER_TIMEOUT`] when `t` is zero (options built with
+/// `Default`).
+pub fn peer_timeout(t: Duration) -> Duration {
+    if t.is_zero() {
+        PEER_TIMEOUT
+    } else {
+        t
+    }
+}
+
+/// How often a quiet side sends a keep-alive under peer timeout `t`: four per timeout, so
+/// one delayed or lost tick never makes the other side give up.
+pub fn keepalive_every(t: Duration) -> Duration {
+    (peer_timeout(t) / 4).max(Duration::from_millis(100))
+}
+
+/// Turns on TCP keep-alive probes (best effort: a socket that refuses still works, only
+/// without the kernel's dead-peer detection).
+fn tcp_keepalive(sock: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let r = setsockopt(sock, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(sock, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE))
+        .and_then(|()| setsockopt(sock, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL))
+        .and_then(|()| setsockopt(sock, sockopt::TcpKeepCount, &KEEPALIVE_PROBES));
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "TCP keep-alive not set");
+    }
+}
+
 /// Most data streams one session may open.
 pub const MAX_STREAMS: u16 = 64;
 /// Most sessions served at once; more are refused (each holds threads and buffers).
@@ -133,6 +174,26 @@ impl Stream {
     /// Write timeout of the underlying socket.
     pub fn set_write_timeout(&self, t: Option<Duration>) {
         let _ = self.conn_ctl.sock.set_write_timeout(t);
+    }
+
+    /// Read and write timeout at once: the peer timeout of a session's stream.
+    pub fn set_timeouts(&self, t: Duration) {
+        self.set_read_timeout(Some(t));
+        self.set_write_timeout(Some(t));
+    }
+
+    /// Whether the peer has closed or reset the connection, even with data of it still
+    /// unread (a sender that gave up while its session waited for its turn).
+    pub fn peer_gone(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(
+            self.conn_ctl.sock.as_fd(),
+            PollFlags::from_bits_retain(nix::libc::POLLRDHUP)
+                | PollFlags::POLLHUP
+                | PollFlags::POLLERR,
+        )];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
     /// A handle that can cut this stream from another thread (`shutdown`), e.g. to end a
@@ -269,6 +330,7 @@ impl Listener {
                 }
             };
             let _ = sock.set_nonblocking(false);
+            tcp_keepalive(&sock);
             let tls = Arc::clone(&self.tls);
             let registry = Arc::clone(&self.registry);
             let engine = Arc::clone(&engine);
@@ -436,6 +498,7 @@ impl Connector {
             }
         }
         let sock = sock.ok_or_else(|| connect_err(last))?;
+        tcp_keepalive(&sock);
         let host = self
             .addr
             .rsplit_once(':')

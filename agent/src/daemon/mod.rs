@@ -619,6 +619,7 @@ impl Daemon {
                 excludes: excludes.clone(),
                 hash_mode: st.consistency_hash,
                 task_id: task.id.clone(),
+                peer_timeout: transfer::session::PEER_TIMEOUT,
             }
         });
         tracing::info!(task_id = %task.id, sources = ?sources, excludes = excludes.len(), used_bytes, check = check.is_some(), "file pass planned");
@@ -635,6 +636,7 @@ impl Daemon {
                 sync,
                 hash_mode: false,
                 task_id: task.id.clone(),
+                peer_timeout: transfer::session::PEER_TIMEOUT,
             },
             check,
             used_bytes,

@@ -49,6 +49,7 @@ fn rig(names: &[&str]) -> Rig {
             })
             .collect(),
         state_dir: dir.path().join("state"),
+        peer_timeout: Duration::ZERO,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

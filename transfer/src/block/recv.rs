@@ -19,9 +19,6 @@ use crate::file::direct::{aligned, Aligned, ALIGN};
 use crate::session::{name_of, Incoming, Stream};
 use crate::wire::{Message, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
 
-/// How long the receiver waits for the sender on any stream before giving up on it: the
-/// sender checkpoints every few seconds and streams data continuously.
-const PEER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the data streams of a session may take to connect.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most sync hash requests one stream may have outstanding (the sender keeps far fewer).
@@ -50,6 +47,10 @@ pub struct ReceiveOptions {
     pub disks: Vec<TargetMap>,
     /// Where checkpoints live.
     pub state_dir: PathBuf,
+    /// How long the sender may stay silent on any stream (zero:
+    /// [`crate::session::PEER_TIMEOUT`]); it checkpoints every few seconds and streams data
+    /// continuously, so only a dead or stopped sender reaches it.
+    pub peer_timeout: Duration,
 }
 
 /// What a session did.
@@ -312,11 +313,37 @@ impl Sess {
 }
 
 fn target_err(t: &Target, code: &'static str, e: std::io::Error) -> BlockError {
+    if crate::file::is_no_space(&e) {
+        return no_space(t);
+    }
     BlockError::Target {
         code,
         name: t.name.clone(),
         path: t.path.clone(),
         message: e.to_string(),
+    }
+}
+
+/// The filesystem holding an image file is full (SMS.1504): how much more the image may
+/// need (its unallocated part) and how much is free.
+fn no_space(t: &Target) -> BlockError {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = t
+        .file
+        .metadata()
+        .map_or(0, |m| m.blocks().saturating_mul(512));
+    let free = nix::sys::statvfs::fstatvfs(&t.file)
+        .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+        .map_or_else(|_| "unknown".to_string(), |f| f.to_string());
+    BlockError::Target {
+        code: "SMS.1504",
+        name: t.name.clone(),
+        path: t.path.clone(),
+        message: format!(
+            "no space left on the filesystem holding it: the image of {} bytes has {allocated} allocated and may need up to {} more, {free} bytes are free; free some and run the pass again, it resumes",
+            t.size,
+            t.size.saturating_sub(allocated)
+        ),
     }
 }
 
@@ -449,7 +476,8 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         data,
         ..
     } = inc;
-    control.set_read_timeout(Some(PEER_TIMEOUT));
+    let timeout = crate::session::peer_timeout(opts.peer_timeout);
+    control.set_timeouts(timeout);
     let plan = control.recv()?;
     let Message::DiskPlan {
         pass,
@@ -517,7 +545,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         };
         let sess = Arc::clone(&sess);
         workers.push(std::thread::spawn(move || {
-            if let Err(e) = serve_stream(s, &sess) {
+            if let Err(e) = serve_stream(s, &sess, timeout) {
                 tracing::warn!(error = %e, "data stream failed");
                 sess.fail(e);
             }
@@ -810,9 +838,8 @@ struct Pending {
 
 /// Serves one data stream; replies go through a writer thread so this reader never waits on
 /// the peer reading (the sender bounds how many replies can pile up).
-fn serve_stream(s: Stream, sess: &Sess) -> Result<(), BlockError> {
-    s.set_read_timeout(Some(PEER_TIMEOUT));
-    s.set_write_timeout(Some(PEER_TIMEOUT));
+fn serve_stream(s: Stream, sess: &Sess, timeout: Duration) -> Result<(), BlockError> {
+    s.set_timeouts(timeout);
     let (mut rd, mut wr) = s.into_halves();
     let (tx, rx) = mpsc::channel::<Message>();
     let writer = std::thread::spawn(move || {

@@ -26,9 +26,10 @@ const SYNC_WINDOW: usize = 16;
 const MIN_ZERO_RUN: usize = 32 << 10;
 /// How often a chunk may fail the receiver's check before the pass fails.
 const MAX_RESENDS: u32 = 3;
-/// How long the control stream may wait for an ack (an fdatasync of a large cache can take
-/// a while on slow disks).
-const ACK_TIMEOUT: Duration = Duration::from_secs(300);
+/// How many peer timeouts the sender waits for the receiver to take up its plan: a
+/// standalone receiver serves one session at a time, and the one before may need a timeout to
+/// notice that its own sender is gone, and a few seconds more to record what it received.
+const PLAN_WAIT_TIMEOUTS: u32 = 2;
 
 /// How a pass runs.
 #[derive(Debug, Clone)]
@@ -47,6 +48,9 @@ pub struct SendOptions {
     pub chunk_size: u32,
     /// How often the receiver is asked to make data durable.
     pub checkpoint_every: Duration,
+    /// How long the receiver may stay silent or take no data on any stream, checkpoint
+    /// acknowledgements included (zero: [`crate::session::PEER_TIMEOUT`]).
+    pub peer_timeout: Duration,
 }
 
 /// Data streams of a block pass unless told otherwise: enough for wire speed on big chunks.
@@ -62,6 +66,7 @@ impl Default for SendOptions {
             streams: STREAMS,
             chunk_size: DEFAULT_CHUNK,
             checkpoint_every: Duration::from_secs(2),
+            peer_timeout: crate::session::PEER_TIMEOUT,
         }
     }
 }
@@ -141,7 +146,11 @@ impl Ctx<'_> {
             .error
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.is_none() {
+        // The receiver's own specific reason (a full disk, say) beats the broken streams it
+        // leaves; transport failures (SMS.1908), from either side, are all alike.
+        let specific =
+            |e: &BlockError| matches!(e, BlockError::Remote { code, .. } if code != "SMS.1908");
+        if slot.is_none() || (specific(&e) && !slot.as_ref().is_some_and(specific)) {
             *slot = Some(e);
         }
     }
@@ -293,8 +302,17 @@ pub fn send(
             .collect(),
     })?;
     ctl.flush()?;
-    ctl.set_read_timeout(Some(ACK_TIMEOUT));
-    let (sync, held) = match ctl.recv()? {
+    let timeout = crate::session::peer_timeout(opts.peer_timeout);
+    let plan_wait = timeout * PLAN_WAIT_TIMEOUTS;
+    ctl.set_timeouts(plan_wait);
+    let first = ctl.recv().map_err(|e| {
+        BlockError::Protocol(format!(
+            "the target {} did not take up the pass within {} s ({e}); it serves one session at a time, so another may still be running: run migrate again later",
+            connector.addr,
+            plan_wait.as_secs()
+        ))
+    })?;
+    let (sync, held) = match first {
         Message::Accepted { sync, held } => (sync, held),
         Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
         other => {
@@ -323,6 +341,7 @@ pub fn send(
     }
     let done = read_maps(&mut ctl, &open, chunk, "DoneMap")?;
     let verify = read_maps(&mut ctl, &open, chunk, "VerifyMap")?;
+    ctl.set_timeouts(timeout);
     match ctl.recv()? {
         Message::Ready => {}
         Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
@@ -398,7 +417,7 @@ pub fn send(
                 let r = connector
                     .open(&ctx.task_id, Mode::Block, i, streams, session)
                     .map_err(BlockError::from)
-                    .and_then(|(s, _)| stream_worker(ctx, s));
+                    .and_then(|(s, _)| stream_worker(ctx, s, timeout));
                 if let Err(e) = r {
                     tracing::warn!(stream = i, error = %e, "data stream failed");
                     ctx.fail(e);
@@ -553,16 +572,27 @@ fn checkpoints(
 
 /// One data stream: sends items until none are left, then waits until the receiver has
 /// processed (and checked) everything it sent.
-fn stream_worker(ctx: &Ctx<'_>, s: Stream) -> Result<(), BlockError> {
-    s.set_write_timeout(Some(ACK_TIMEOUT));
+fn stream_worker(ctx: &Ctx<'_>, s: Stream, timeout: Duration) -> Result<(), BlockError> {
+    // Writes only: the reader thread blocks until the stream ends (the receiver says
+    // nothing during a full pass), and replies are awaited with the timeout instead.
+    s.set_write_timeout(Some(timeout));
+    let peer = s.peer.clone();
     let (mut rd, wr) = s.into_halves();
     let (tx, rx) = mpsc::channel::<Message>();
+    // Returns the receiver's own error, when it sent one.
     let reader = std::thread::spawn(move || loop {
         match Message::read_from(&mut rd) {
             Ok(m) => {
-                let end = matches!(m, Message::Bye | Message::Error { .. });
+                let told = match &m {
+                    Message::Error { code, message } => Some(BlockError::Remote {
+                        code: code.clone(),
+                        message: message.clone(),
+                    }),
+                    _ => None,
+                };
+                let end = told.is_some() || matches!(m, Message::Bye);
                 if tx.send(m).is_err() || end {
-                    return;
+                    return told;
                 }
             }
             Err(e) => {
@@ -570,7 +600,7 @@ fn stream_worker(ctx: &Ctx<'_>, s: Stream) -> Result<(), BlockError> {
                     code: "SMS.1908".into(),
                     message: format!("data stream: {e}"),
                 });
-                return;
+                return None;
             }
         }
     });
@@ -578,14 +608,49 @@ fn stream_worker(ctx: &Ctx<'_>, s: Stream) -> Result<(), BlockError> {
         w: wr,
         comp: Compressor::default(),
     };
+    let rx = Replies { rx, timeout, peer };
     let r = run_stream(ctx, &mut out, &rx);
     if r.is_err() {
         out.w.get_ref().abort();
     } else {
         let _ = out.w.get_mut().close();
     }
-    let _ = reader.join();
-    r
+    let told = reader.join().ok().flatten();
+    match (r, told) {
+        // A write into a stream the receiver closed: its reason (a full disk, say) came
+        // before, unread.
+        (Err(BlockError::Wire(_) | BlockError::Session(_)), Some(remote)) => Err(remote),
+        (r, _) => r,
+    }
+}
+
+/// The receiver's replies on one data stream, as its reader thread passes them on.
+struct Replies {
+    rx: mpsc::Receiver<Message>,
+    timeout: Duration,
+    peer: String,
+}
+
+impl Replies {
+    fn try_recv(&self) -> Result<Message, mpsc::TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    /// The next reply, waited for at most the peer timeout.
+    fn recv(&self) -> Result<Message, BlockError> {
+        self.rx.recv_timeout(self.timeout).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                BlockError::Wire(crate::wire::WireError::Io(format!(
+                    "the peer {} sent nothing on a data stream for {} s (peer timeout)",
+                    self.peer,
+                    self.timeout.as_secs()
+                )))
+            }
+            mpsc::RecvTimeoutError::Disconnected => {
+                BlockError::Protocol("the data stream closed".into())
+            }
+        })
+    }
 }
 
 struct Out {
@@ -669,11 +734,7 @@ fn next_zero_run(data: &[u8], from: usize) -> (usize, usize) {
     (data.len(), data.len())
 }
 
-fn run_stream(
-    ctx: &Ctx<'_>,
-    out: &mut Out,
-    rx: &mpsc::Receiver<Message>,
-) -> Result<(), BlockError> {
+fn run_stream(ctx: &Ctx<'_>, out: &mut Out, rx: &Replies) -> Result<(), BlockError> {
     let mut buf = Vec::new();
     let mut tries: HashMap<(u16, u64), u32> = HashMap::new();
     let mut pending: VecDeque<Item> = VecDeque::new();
@@ -709,9 +770,7 @@ fn run_stream(
             break;
         }
         out.flush()?;
-        let m = rx
-            .recv()
-            .map_err(|_| BlockError::Protocol("the data stream closed".into()))?;
+        let m = rx.recv()?;
         handle_reply(ctx, out, m, &mut pending, &mut tries, &mut buf)?;
     }
     // Barrier: once the receiver acks it, every Done before it has been checked; repeat
@@ -724,9 +783,7 @@ fn run_stream(
         out.flush()?;
         let before = ctx.resent.load(Ordering::Relaxed);
         loop {
-            let m = rx
-                .recv()
-                .map_err(|_| BlockError::Protocol("the data stream closed".into()))?;
+            let m = rx.recv()?;
             if matches!(m, Message::Ack { upto } if upto == seq) {
                 break;
             }
@@ -739,14 +796,13 @@ fn run_stream(
     }
     out.send(&Message::Bye)?;
     out.flush()?;
-    match rx.recv() {
-        Ok(Message::Bye) => Ok(()),
-        Ok(Message::Error { code, message }) => Err(BlockError::Remote { code, message }),
-        Ok(other) => Err(BlockError::Protocol(format!(
+    match rx.recv()? {
+        Message::Bye => Ok(()),
+        Message::Error { code, message } => Err(BlockError::Remote { code, message }),
+        other => Err(BlockError::Protocol(format!(
             "expected Bye, got {}",
             name_of(&other)
         ))),
-        Err(_) => Err(BlockError::Protocol("the data stream closed".into())),
     }
 }
 

@@ -76,6 +76,16 @@ pub enum FileError {
         /// Why.
         source: std::io::Error,
     },
+    /// The target's filesystem is full (SMS.1504): nothing of the file counts as written.
+    #[error("SMS.1504: no space left on the target for {path}: {}", space_text(*.needed, *.free))]
+    NoSpace {
+        /// What could not be written.
+        path: String,
+        /// Bytes it still needed, when known.
+        needed: Option<u64>,
+        /// Bytes free on its filesystem (for unprivileged writers), when known.
+        free: Option<u64>,
+    },
     /// A path from the peer was refused (SMS.1908).
     #[error("SMS.1908: refused path {path:?}: {source}")]
     Path {
@@ -98,6 +108,7 @@ impl FileError {
         match self {
             FileError::Session(e) => e.code(),
             FileError::Source { .. } => "SMS.1901",
+            FileError::NoSpace { .. } => "SMS.1504",
             FileError::Remote { code, .. } => code,
             FileError::Wire(_)
             | FileError::Protocol(_)
@@ -116,10 +127,59 @@ impl FileError {
     }
 
     fn target(path: &[u8], source: impl Into<std::io::Error>) -> Self {
+        let source = source.into();
+        if is_no_space(&source) {
+            return FileError::NoSpace {
+                path: lossy(path),
+                needed: None,
+                free: None,
+            };
+        }
         FileError::Target {
             path: lossy(path),
-            source: source.into(),
+            source,
         }
+    }
+
+    /// A write of `path` failed with `source`: a full filesystem (`fs`: any descriptor on
+    /// it) becomes [`FileError::NoSpace`] with the bytes still `needed`.
+    fn write_failed(
+        path: &[u8],
+        fs: std::os::fd::BorrowedFd<'_>,
+        needed: Option<u64>,
+        source: std::io::Error,
+    ) -> Self {
+        if !is_no_space(&source) {
+            return FileError::target(path, source);
+        }
+        let free = nix::sys::statvfs::fstatvfs(fs)
+            .ok()
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()));
+        FileError::NoSpace {
+            path: lossy(path),
+            needed,
+            free,
+        }
+    }
+}
+
+/// Whether a write failed because the filesystem (or the writer's quota) is full.
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+    )
+}
+
+/// The "how much" of a [`FileError::NoSpace`].
+fn space_text(needed: Option<u64>, free: Option<u64>) -> String {
+    let needed = needed.map_or_else(
+        || "more space is needed".to_string(),
+        |n| format!("it needs {n} more bytes"),
+    );
+    match free {
+        Some(f) => format!("{needed}, its filesystem has {f} bytes free; free some and run the pass again, it resumes"),
+        None => format!("{needed}; free some and run the pass again, it resumes"),
     }
 }
 

@@ -48,6 +48,7 @@ mod kind {
     pub const END: u8 = 99;
     pub const ABANDON: u8 = 100;
     pub const STREAM_END: u8 = 101;
+    pub const KEEP_ALIVE: u8 = 127;
 }
 
 /// A time stamp: seconds and nanoseconds since the epoch.
@@ -275,6 +276,10 @@ pub enum FileMsg {
     Abandon,
     /// Data stream: nothing more on this stream.
     StreamEnd,
+    /// Any stream, either way: nothing to say, but alive (sent when a side is legitimately
+    /// quiet, so the other's peer timeout only catches a dead or stopped peer). [`read_any`]
+    /// skips it.
+    KeepAlive,
 }
 
 /// Appends a length-prefixed (u16) byte string of at most `max` bytes.
@@ -416,6 +421,7 @@ impl FileMsg {
             FileMsg::End { .. } => kind::END,
             FileMsg::Abandon => kind::ABANDON,
             FileMsg::StreamEnd => kind::STREAM_END,
+            FileMsg::KeepAlive => kind::KEEP_ALIVE,
         }
     }
 
@@ -441,6 +447,7 @@ impl FileMsg {
             FileMsg::End { .. } => "End",
             FileMsg::Abandon => "Abandon",
             FileMsg::StreamEnd => "StreamEnd",
+            FileMsg::KeepAlive => "KeepAlive",
         }
     }
 
@@ -512,7 +519,8 @@ impl FileMsg {
             | FileMsg::Finish
             | FileMsg::ListDone
             | FileMsg::Abandon
-            | FileMsg::StreamEnd => {}
+            | FileMsg::StreamEnd
+            | FileMsg::KeepAlive => {}
             FileMsg::Times { path, atime, mtime } => {
                 put_bytes(&mut p, "path", path, MAX_PATH)?;
                 put_time(&mut p, *atime);
@@ -758,6 +766,7 @@ impl FileMsg {
             },
             kind::ABANDON => FileMsg::Abandon,
             kind::STREAM_END => FileMsg::StreamEnd,
+            kind::KEEP_ALIVE => FileMsg::KeepAlive,
             other => return Err(WireError::Type(other)),
         };
         r.finish()?;
@@ -797,13 +806,20 @@ pub enum Any {
     Common(wire::Message),
 }
 
-/// Reads one frame and decodes it with the decoder its type belongs to.
+/// Reads the next frame that is not a [`FileMsg::KeepAlive`] and decodes it with the decoder
+/// its type belongs to. Each keep-alive read restarts the socket's read timeout.
 pub fn read_any(r: &mut impl std::io::Read) -> Result<Any, WireError> {
-    let (kind, payload) = wire::read_frame(r)?;
-    if wire::FILE_TYPES.contains(&kind) {
-        FileMsg::decode(kind, &payload).map(Any::File)
-    } else {
-        wire::Message::decode(kind, &payload).map(Any::Common)
+    loop {
+        let (kind, payload) = wire::read_frame(r)?;
+        if kind == self::kind::KEEP_ALIVE {
+            FileMsg::decode(kind, &payload)?;
+            continue;
+        }
+        return if wire::FILE_TYPES.contains(&kind) {
+            FileMsg::decode(kind, &payload).map(Any::File)
+        } else {
+            wire::Message::decode(kind, &payload).map(Any::Common)
+        };
     }
 }
 
@@ -981,6 +997,28 @@ mod tests {
         for m in samples() {
             assert!(wire::FILE_TYPES.contains(&m.kind()), "{}", m.name());
         }
+    }
+
+    #[test]
+    fn keep_alives_are_skipped_wherever_they_come() {
+        assert!(wire::FILE_TYPES.contains(&FileMsg::KeepAlive.kind()));
+        let mut buf = Vec::new();
+        FileMsg::KeepAlive.write_to(&mut buf).unwrap();
+        FileMsg::ListEnd.write_to(&mut buf).unwrap();
+        FileMsg::KeepAlive.write_to(&mut buf).unwrap();
+        FileMsg::KeepAlive.write_to(&mut buf).unwrap();
+        wire::Message::Bye.write_to(&mut buf).unwrap();
+        FileMsg::KeepAlive.write_to(&mut buf).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_any(&mut r).unwrap(), Any::File(FileMsg::ListEnd));
+        assert_eq!(read_any(&mut r).unwrap(), Any::Common(wire::Message::Bye));
+        // Only keep-alives left: the stream ends like an empty one.
+        assert!(read_any(&mut r).is_err());
+        assert_eq!(
+            FileMsg::decode(FileMsg::KeepAlive.kind(), &[]).unwrap(),
+            FileMsg::KeepAlive
+        );
+        assert!(FileMsg::decode(FileMsg::KeepAlive.kind(), &[0]).is_err());
     }
 
     #[test]

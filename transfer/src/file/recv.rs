@@ -214,6 +214,8 @@ pub struct ReceiveOptions {
     pub root: PathBuf,
     /// The receiver's state directory (the last session's report is kept there).
     pub state_dir: PathBuf,
+    /// How long the source may stay silent on any stream (zero: [`crate::session::PEER_TIMEOUT`]).
+    pub peer_timeout: Duration,
 }
 
 /// What a session did on the target.
@@ -401,6 +403,50 @@ type CtlWriter = Arc<Mutex<BufWriter<ConnWriter>>>;
 /// Where a data stream leaves its error.
 type Failed = Arc<Mutex<Option<FileError>>>;
 
+/// Sends a [`FileMsg::KeepAlive`] on a shared writer every [`crate::session::keepalive_every`]
+/// until dropped.
+pub(super) struct KeepAlive {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeepAlive {
+    pub(super) fn start(w: Arc<Mutex<BufWriter<ConnWriter>>>, timeout: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let every = crate::session::keepalive_every(timeout);
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut last = Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50).min(every));
+                if last.elapsed() < every {
+                    continue;
+                }
+                last = Instant::now();
+                let mut g = lock(&w);
+                // A failed write is the other threads' news: they read or write the same
+                // stream and report it.
+                if FileMsg::KeepAlive.write_to(&mut *g).is_err() || g.flush().is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Ends a failed session's data streams before `receive` returns: their writers must not
 /// go on applying buffered frames to files that the next session (a resume) then uses.
 #[derive(Default)]
@@ -450,6 +496,8 @@ struct Ctl {
     reaper: Reaper,
     /// What each `Need` offered to diff against, for the data streams.
     bases: Arc<Bases>,
+    /// The peer timeout of every stream of the session.
+    timeout: Duration,
 }
 
 impl Ctl {
@@ -566,6 +614,10 @@ impl Ctl {
             _ => Err(std::io::Error::other("unknown file type")),
         };
         if let Err(e) = r {
+            // A full filesystem fails every entry after it: the pass stops and says so.
+            if super::is_no_space(&e) {
+                return Err(FileError::write_failed(path, pfd.as_fd(), None, e));
+            }
             self.warn("entry not applied", path, &e);
         }
         Ok(())
@@ -1030,6 +1082,12 @@ impl Current {
         self.end.set(self.end.get().max(end));
     }
 
+    /// A failed write of this file: a full filesystem says how much is still missing.
+    fn write_err(&self, e: std::io::Error) -> FileError {
+        let needed = (self.end.get() < self.meta.size).then(|| self.meta.size - self.end.get());
+        FileError::write_failed(&self.path, self.pfd.as_fd(), needed, e)
+    }
+
     fn check_range(&self, offset: u64, len: usize) -> Result<(), FileError> {
         if offset
             .checked_add(len as u64)
@@ -1066,8 +1124,8 @@ impl Current {
     ) -> Result<(), FileError> {
         self.check_range(offset, data.len())?;
         self.clear(w, offset, offset + data.len() as u64)?;
-        let end = write_sparse(w, &self.file, &self.how, offset, data)
-            .map_err(|e| FileError::target(&self.path, e))?;
+        let end =
+            write_sparse(w, &self.file, &self.how, offset, data).map_err(|e| self.write_err(e))?;
         self.wrote(end);
         stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -1127,7 +1185,7 @@ impl Current {
         } else {
             self.clear(w, offset, offset + len as u64)?;
             let end = write_sparse(w, &self.file, &self.how, offset, &buf)
-                .map_err(|e| FileError::target(&self.path, e))?;
+                .map_err(|e| self.write_err(e))?;
             self.wrote(end);
         }
         stats.reused.fetch_add(len as u64, Ordering::Relaxed);
@@ -1141,12 +1199,12 @@ impl Current {
                 self.clear(w, self.covered.get(), self.meta.size)?;
                 self.file
                     .set_len(self.meta.size)
-                    .map_err(|e| FileError::target(&self.path, e))?;
+                    .map_err(|e| self.write_err(e))?;
             } else if self.end.get() != self.meta.size {
                 // Only a trailing hole needs the size set; a syscall per file saved otherwise.
                 self.file
                     .set_len(self.meta.size)
-                    .map_err(|e| FileError::target(&self.path, e))?;
+                    .map_err(|e| self.write_err(e))?;
             }
             let failed = meta::apply_fd(self.file.as_fd(), &self.meta, true)
                 .map_err(|e| FileError::target(&self.path, e))?;
@@ -1254,7 +1312,9 @@ fn data_stream(
                             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
                             0o600,
                         )
-                        .map_err(|e| FileError::target(&path, e))?;
+                        .map_err(|e| {
+                            FileError::write_failed(&path, pfd.as_fd(), Some(meta.size), e)
+                        })?;
                         (temp, File::from(fd), None)
                     }
                 };
@@ -1356,6 +1416,7 @@ fn accept_data(
     session: u64,
     stats: Arc<DataStats>,
     (ctl, failed, halt): (CtlWriter, Failed, Arc<Halt>),
+    timeout: Duration,
 ) -> Result<DataHandles, FileError> {
     let mut handles = Vec::new();
     for i in 0..streams {
@@ -1375,6 +1436,7 @@ fn accept_data(
                 Err(_) => return Err(never()),
             }
         };
+        s.set_timeouts(timeout);
         if let Some(c) = s.cutter() {
             lock(&halt.socks).push(c);
         }
@@ -1391,16 +1453,33 @@ fn accept_data(
             let r = data_stream(r, root, prefix, stats, &halt);
             // A stream the session itself halted carries no news: the session's own error
             // is the one to report.
-            match &r {
+            match r {
                 Err(e) if !halt.halted() => {
-                    // Stop the session now rather than at the end of the listing.
-                    tracing::warn!(error = %e, "file data stream failed");
-                    lock(&failed).get_or_insert(FileError::Protocol(e.to_string()));
-                    lock(&ctl).get_ref().abort();
+                    // Stop the session now rather than at the end of the listing, and tell
+                    // the source why first: its operator needs the path and the cause (a
+                    // full disk, say), not a reset connection.
+                    tracing::warn!(error = %e, code = e.code(), "file data stream failed");
+                    let mut slot = lock(&failed);
+                    if slot.is_none() {
+                        let mut w = lock(&ctl);
+                        if !matches!(e, FileError::Remote { .. }) {
+                            let _ = Message::Error {
+                                code: e.code().to_string(),
+                                message: e.to_string().chars().take(1000).collect(),
+                            }
+                            .write_to(&mut *w);
+                            let _ = w.flush();
+                        }
+                        w.get_ref().abort();
+                        drop(w);
+                        let text = e.to_string();
+                        *slot = Some(e);
+                        return Err(FileError::Protocol(text));
+                    }
+                    Err(FileError::Protocol(e.to_string()))
                 }
-                _ => {}
+                r => r,
             }
-            r
         }));
     }
     Ok(handles)
@@ -1420,6 +1499,8 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
         task_id,
         ..
     } = inc;
+    let timeout = crate::session::peer_timeout(opts.peer_timeout);
+    control.set_timeouts(timeout);
     let (mut r, w) = control.into_halves();
     let mut ctl = Ctl {
         root: Arc::clone(&root),
@@ -1440,8 +1521,13 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
         since: 0,
         reaper: Reaper::default(),
         bases: Arc::default(),
+        timeout,
     };
+    // The source waits on this stream through the whole data phase and the final syncfs,
+    // when there is nothing to tell it: keep-alives keep its peer timeout for dead targets.
+    let ticker = KeepAlive::start(Arc::clone(&ctl.w), timeout);
     let mut res = serve(&mut ctl, &mut r, data, streams);
+    drop(ticker);
     if res.is_err() {
         if let Some(e) = lock(&ctl.failed).take() {
             res = Err(e);
@@ -1551,7 +1637,10 @@ fn serve(
             Arc::clone(&ctl.failed),
             Arc::clone(&halt),
         );
-        std::thread::spawn(move || accept_data(data, streams, root, session, stats, shared))
+        let timeout = ctl.timeout;
+        std::thread::spawn(move || {
+            accept_data(data, streams, root, session, stats, shared, timeout)
+        })
     });
     let res = serve_pass(ctl, r, &mut accepter, &stats);
     if res.is_err() {

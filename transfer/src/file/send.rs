@@ -43,8 +43,11 @@ pub const STREAMS: u16 = 8;
 pub const SMALL: u64 = 1 << 20;
 /// Chunk of a large file without sums.
 const CHUNK: u64 = 1 << 20;
-/// How long a write may wait for the target to take data.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How many peer timeouts a write on the control stream may wait for the target to take
+/// data. Its liveness is the control reader's business (the target sends keep-alives, and a
+/// silent one has every stream cut after one timeout); a live target may still take no
+/// listing for long: while it queues the session behind another, or hashes a large file.
+const CTL_WRITE_TIMEOUTS: u32 = 8;
 /// Stack of the walker thread: one frame per directory level of a deep tree.
 const WALK_STACK: usize = 64 << 20;
 /// The listing is flushed at least this often, so the target starts comparing early.
@@ -69,6 +72,9 @@ pub struct SendOptions {
     pub hash_mode: bool,
     /// Task id for the session handshake.
     pub task_id: String,
+    /// How long the target may stay silent or take no data on any stream (zero:
+    /// [`crate::session::PEER_TIMEOUT`]).
+    pub peer_timeout: Duration,
 }
 
 /// What a pass did.
@@ -119,6 +125,8 @@ pub struct CheckOptions {
     pub hash_mode: bool,
     /// Task id for the session handshake.
     pub task_id: String,
+    /// As in [`SendOptions::peer_timeout`].
+    pub peer_timeout: Duration,
 }
 
 /// One directory's result, as `POST …/consistency-result` takes it (at most 30 per request).
@@ -145,6 +153,23 @@ struct Job {
     key: (i64, i64, i64, i64, i64),
     ino: (u64, u64),
     sums: Option<(u64, Vec<[u8; SUM_LEN]>)>,
+}
+
+/// The control reader's channel to the main thread; a failure also cuts the streams.
+struct Failing<'a> {
+    etx: mpsc::Sender<Event>,
+    cut: &'a dyn Fn(),
+}
+
+impl Failing<'_> {
+    fn send(&self, e: Event) -> Result<(), mpsc::SendError<Event>> {
+        let failed = matches!(e, Event::Failed(_));
+        let r = self.etx.send(e);
+        if failed {
+            (self.cut)();
+        }
+        r
+    }
 }
 
 /// What the control reader tells the main thread.
@@ -234,6 +259,7 @@ pub fn send(
         },
         delete: opts.sync,
         streams: opts.streams,
+        timeout: crate::session::peer_timeout(opts.peer_timeout),
     };
     let (report, _) = pass.run(progress, control)?;
     if control.cancelled() {
@@ -291,6 +317,7 @@ pub fn consistency(
         },
         delete: false,
         streams: 1,
+        timeout: crate::session::peer_timeout(opts.peer_timeout),
     };
     let (_, checks) = pass.run(progress, control)?;
     Ok(checks
@@ -312,11 +339,16 @@ struct Pass<'a> {
     compare: Compare,
     delete: bool,
     streams: u16,
+    /// Peer timeout of every stream.
+    timeout: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the walker hands back.
 struct Listed {
-    w: BufWriter<ConnWriter>,
     dirs: Vec<(Vec<u8>, super::proto::Time, super::proto::Time)>,
     links: Vec<(Vec<u8>, Vec<u8>)>,
     notes: Vec<String>,
@@ -326,6 +358,23 @@ struct Listed {
 fn flush(w: &mut BufWriter<ConnWriter>) -> Result<(), FileError> {
     w.flush()
         .map_err(|e| FileError::Wire(crate::wire::WireError::Io(e.to_string())))
+}
+
+/// The error to report for local failure `e`: when it is the transport's (a write into a
+/// stream the other side cut or gave up on), the control reader's reason (the target's own
+/// error, or how long it was silent) if it comes within a moment.
+fn why(e: FileError, erx: &mpsc::Receiver<Event>) -> FileError {
+    let transport = matches!(
+        e,
+        FileError::Wire(_) | FileError::Session(crate::session::SessionError::Wire(_))
+    );
+    if !transport {
+        return e;
+    }
+    match erx.recv_timeout(Duration::from_secs(2)) {
+        Ok(Event::Failed(f)) => f,
+        _ => e,
+    }
 }
 
 /// The root group an id belongs to (check pass): `starts[i]` is the first id of root `i`.
@@ -380,7 +429,8 @@ impl Pass<'_> {
         let (ctl, session) = self
             .connector
             .open(self.task_id, Mode::File, 0, self.streams, 0)?;
-        ctl.set_write_timeout(Some(WRITE_TIMEOUT));
+        ctl.set_read_timeout(Some(self.timeout));
+        ctl.set_write_timeout(Some(self.timeout * CTL_WRITE_TIMEOUTS));
         let mut data = Vec::new();
         if self.kind == PassKind::Copy {
             // All at once: each is a TCP connect and a TLS handshake, a round trip or two.
@@ -406,7 +456,7 @@ impl Pass<'_> {
             });
             for s in opened {
                 let s = s?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT));
+                s.set_timeouts(self.timeout);
                 data.push(s);
             }
         }
@@ -418,6 +468,13 @@ impl Pass<'_> {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
         };
+        // Cuts the control stream: wakes a walker blocked writing to a target gone silent.
+        let ctl_cutter = ctl.cutter();
+        let cut_ctl = || {
+            if let Some(c) = &ctl_cutter {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        };
         let (mut cr, mut cw) = ctl.into_halves();
         FileMsg::Plan {
             pass: self.kind,
@@ -426,6 +483,11 @@ impl Pass<'_> {
             excludes: self.excludes.patterns().to_vec(),
         }
         .write_to(&mut cw)?;
+        let cw = Arc::new(Mutex::new(cw));
+        // The walker may be quiet for long (a huge directory, a slow disk) and the main
+        // thread waits through the data phase and the target's syncfs: keep-alives keep the
+        // target's peer timeout for a source that is really gone.
+        let ticker = super::recv::KeepAlive::start(Arc::clone(&cw), self.timeout);
 
         let pending: Mutex<BTreeMap<u64, Job>> = Mutex::new(BTreeMap::new());
         let (qtx, qrx) = mpsc::channel::<Job>();
@@ -446,8 +508,18 @@ impl Pass<'_> {
                 let (pending, etx, stats, starts, checks, summary) =
                     (&pending, etx.clone(), &stats, &starts, &checks, &summary);
                 let kind = self.kind;
+                let (cut_ctl, cut_data) = (&cut_ctl, &cut_data);
                 s.spawn(move || {
                     let mut qtx = Some(qtx);
+                    // Whatever ends this reader but the final Ack ends the pass: cut the
+                    // streams so that no thread stays blocked on a target that is gone.
+                    let etx = Failing {
+                        etx,
+                        cut: &|| {
+                            cut_ctl();
+                            cut_data();
+                        },
+                    };
                     loop {
                         let m = match read_any(&mut cr) {
                             Ok(m) => m,
@@ -556,6 +628,7 @@ impl Pass<'_> {
                 workers.push(s.spawn(move || {
                     let w = Worker {
                         roots: self.roots,
+                        timeout: self.timeout,
                         stats,
                         progress,
                         control,
@@ -567,14 +640,15 @@ impl Pass<'_> {
 
             // Walker.
             let walker = {
-                let (pending, abort, starts, checks) = (&pending, &abort, &starts, &checks);
+                let (pending, abort, starts, checks, cw) =
+                    (&pending, &abort, &starts, &checks, &cw);
+                let cut_ctl = &cut_ctl;
                 let kind = self.kind;
                 std::thread::Builder::new()
                     .stack_size(WALK_STACK)
                     .spawn_scoped(s, move || -> Result<Listed, FileError> {
                         let cancelled = || control.cancelled() || abort.load(Ordering::Relaxed);
                         let mut out = Listed {
-                            w: cw,
                             dirs: Vec::new(),
                             links: Vec::new(),
                             notes: Vec::new(),
@@ -586,7 +660,6 @@ impl Pass<'_> {
                         let mut last_flush = Instant::now();
                         let mut since = 0u32;
                         let res = {
-                            let out_w = &mut out.w;
                             let dirs = &mut out.dirs;
                             let links = &mut out.links;
                             let sink = |item: Item<'_>| -> Result<(), FileError> {
@@ -667,10 +740,11 @@ impl Pass<'_> {
                                         }
                                     }
                                 };
-                                msg.write_to(out_w)?;
+                                let mut out_w = lock(cw);
+                                msg.write_to(&mut *out_w)?;
                                 since += 1;
                                 if since >= 512 || last_flush.elapsed() >= FLUSH_EVERY {
-                                    flush(out_w)?;
+                                    flush(&mut out_w)?;
                                     since = 0;
                                     last_flush = Instant::now();
                                 }
@@ -706,11 +780,14 @@ impl Pass<'_> {
                         };
                         if let Err(e) = res {
                             // Cut the session so the control reader and the workers end too.
-                            out.w.get_ref().abort();
+                            cut_ctl();
                             return Err(e);
                         }
-                        FileMsg::ListEnd.write_to(&mut out.w)?;
-                        flush(&mut out.w)?;
+                        {
+                            let mut w = lock(cw);
+                            FileMsg::ListEnd.write_to(&mut *w)?;
+                            flush(&mut w)?;
+                        }
                         let t = Progress::get(&progress.total);
                         if walked < t && !cancelled() {
                             progress.total.store(walked, Ordering::Relaxed);
@@ -727,13 +804,7 @@ impl Pass<'_> {
                 Err(e) => {
                     abort.store(true, Ordering::Relaxed);
                     cut_data();
-                    // A write that failed because the target gave up: report the target's why.
-                    if let Ok(Event::Failed(remote @ FileError::Remote { .. })) =
-                        erx.recv_timeout(Duration::from_secs(2))
-                    {
-                        return Err(remote);
-                    }
-                    return Err(e);
+                    return Err(why(e, &erx));
                 }
             };
             // Wait for the target to finish the listing.
@@ -747,7 +818,7 @@ impl Pass<'_> {
             if let Some(e) = failed {
                 abort.store(true, Ordering::Relaxed);
                 cut_data();
-                listed.w.get_ref().abort();
+                cut_ctl();
                 drop(listed);
                 for w in workers {
                     let _ = w.join();
@@ -764,26 +835,29 @@ impl Pass<'_> {
                 .drain(..)
                 .next()
             {
-                listed.w.get_ref().abort();
+                let e = why(e, &erx);
+                cut_ctl();
                 let _ = reader.join();
                 return Err(e);
             }
-            let mut listed = listed;
             if self.kind == PassKind::Check {
-                Message::Bye.write_to(&mut listed.w)?;
-                flush(&mut listed.w)?;
+                drop(ticker);
+                let mut w = lock(&cw);
+                Message::Bye.write_to(&mut *w)?;
+                flush(&mut w)?;
+                drop(w);
                 let _ = reader.join();
                 return Ok(listed);
             }
             // Final phase.
-            let w = &mut listed.w;
-            FileMsg::Finish.write_to(w)?;
+            let mut w = lock(&cw);
+            FileMsg::Finish.write_to(&mut *w)?;
             for (path, target) in &listed.links {
                 FileMsg::Link {
                     path: path.clone(),
                     target: target.clone(),
                 }
-                .write_to(w)?;
+                .write_to(&mut *w)?;
             }
             for (path, atime, mtime) in listed.dirs.iter().rev() {
                 FileMsg::Times {
@@ -791,13 +865,15 @@ impl Pass<'_> {
                     atime: *atime,
                     mtime: *mtime,
                 }
-                .write_to(w)?;
+                .write_to(&mut *w)?;
             }
             Message::Checkpoint {
                 seq: stats.files.load(Ordering::Relaxed),
             }
-            .write_to(w)?;
-            flush(w)?;
+            .write_to(&mut *w)?;
+            flush(&mut w)?;
+            // Unlocked while the target syncs: the ticker keeps the stream alive meanwhile.
+            drop(w);
             let r = match erx.recv() {
                 Ok(Event::Ack) => Ok(()),
                 Ok(Event::Failed(e)) => Err(e),
@@ -808,11 +884,13 @@ impl Pass<'_> {
                     &progress.durable,
                     Progress::get(&progress.done).saturating_sub(Progress::get(&progress.durable)),
                 );
-                let _ = Message::Bye.write_to(w);
+                drop(ticker);
+                let mut w = lock(&cw);
+                let _ = Message::Bye.write_to(&mut *w);
                 let _ = w.flush();
                 let _ = w.get_mut().close();
             } else {
-                w.get_ref().abort();
+                cut_ctl();
             }
             let _ = reader.join();
             r.map(|()| listed)
@@ -854,6 +932,7 @@ impl Pass<'_> {
 /// Sends jobs on one data stream.
 struct Worker<'a> {
     roots: &'a [Root],
+    timeout: Duration,
     stats: &'a Stats,
     progress: &'a Progress,
     control: &'a Control,
@@ -883,14 +962,30 @@ impl Worker<'_> {
             .collect();
         let mut packer = Packer::default();
         let mut reader = Reader::default();
+        let every = crate::session::keepalive_every(self.timeout);
+        let mut last_sent = Instant::now();
         loop {
-            let job = {
-                let q = qrx
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                q.recv()
+            // In short slices, so that the queue's lock passes between the idle workers and
+            // each can keep its stream alive while the walker finds nothing to send.
+            let job = lock(qrx).recv_timeout(Duration::from_millis(200));
+            let job = match job {
+                Ok(j) => j,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if last_sent.elapsed() >= every {
+                        last_sent = Instant::now();
+                        let sent = FileMsg::KeepAlive.write_to(&mut w).map_err(FileError::from);
+                        if let Err(e) = sent.and_then(|()| flush(&mut w)) {
+                            abort.store(true, Ordering::Relaxed);
+                            lock(errors).push(e);
+                            w.get_ref().abort();
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let Ok(job) = job else { break };
+            last_sent = Instant::now();
             if self.control.cancelled() || abort.load(Ordering::Relaxed) {
                 continue;
             }
