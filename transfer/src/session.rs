@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::conn::{Conn, ConnReader, ConnWriter};
 use crate::wire::{Message, Mode, WireError, VERSION};
@@ -19,6 +20,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MAX_STREAMS: u16 = 64;
 /// Most sessions served at once; more are refused (each holds threads and buffers).
 pub const MAX_SESSIONS: usize = 16;
+/// Most connections in their TLS handshake or `Hello` at once: each holds a thread, and a
+/// peer needs no certificate to open one; more are dropped at once.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Least time between two warnings about dropped connections: a flood must not flood the log.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Buffer of each stream's reader and writer: several frames per syscall on the small ones.
 const STREAM_BUF: usize = 256 << 10;
 
@@ -244,6 +250,8 @@ impl Listener {
     {
         let engine = Arc::new(engine);
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let mut drops = Drops::default();
         self.listener.set_nonblocking(true)?;
         loop {
             if stop_rx.try_recv().is_ok() {
@@ -269,24 +277,89 @@ impl Listener {
                 }
             };
             let _ = sock.set_nonblocking(false);
+            // Every accepted connection holds a handshake slot until its Hello is routed: an
+            // unauthenticated flood gets at most MAX_HANDSHAKES threads, never the process.
+            let Some(slot) = Slot::take(&handshakes) else {
+                let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                drops.note("too many connections in their handshake", &peer);
+                continue;
+            };
             let tls = Arc::clone(&self.tls);
             let registry = Arc::clone(&self.registry);
             let engine = Arc::clone(&engine);
             let stop_tx = stop_tx.clone();
-            std::thread::spawn(move || {
-                let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match accept_one(sock, tls, &registry) {
-                    Ok(Some((inc, guard))) => {
-                        tracing::info!(peer = %peer, task_id = %inc.task_id, streams = inc.streams, "session started");
-                        if engine(inc, guard) {
-                            let _ = stop_tx.send(());
+            let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let spawned = std::thread::Builder::new()
+                .name("sms-conn".into())
+                .spawn(move || {
+                    let accepted = accept_one(sock, tls, &registry);
+                    drop(slot);
+                    match accepted {
+                        Ok(Some((inc, guard))) => {
+                            tracing::info!(peer = %peer, task_id = %inc.task_id, streams = inc.streams, "session started");
+                            if engine(inc, guard) {
+                                let _ = stop_tx.send(());
+                            }
                         }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(peer = %peer, error = %e, "connection refused"),
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(peer = %peer, error = %e, "connection refused"),
-                }
-            });
+                });
+            // On failure the closure, and with it the socket and its slot, is dropped.
+            if let Err(e) = spawned {
+                drops.note("cannot start a thread", &e);
+            }
         }
+    }
+}
+
+/// One of the [`MAX_HANDSHAKES`] handshake slots; given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_HANDSHAKES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Warnings about connections the listener dropped unserved: at most one per
+/// [`DROP_LOG_EVERY`], with the number dropped since the last one.
+#[derive(Default)]
+struct Drops {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Drops {
+    /// Counts one connection dropped (the caller drops the socket), and warns when due.
+    fn note(&mut self, reason: &'static str, detail: &dyn std::fmt::Display) {
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < DROP_LOG_EVERY)
+        {
+            return;
+        }
+        self.last = Some(now);
+        tracing::warn!(
+            reason,
+            detail = %detail,
+            dropped = self.unlogged,
+            "connections dropped unserved"
+        );
+        self.unlogged = 0;
     }
 }
 

@@ -1164,23 +1164,48 @@ fn accept_data(
         let mut prefix = TEMP_PREFIX.to_vec();
         prefix.extend_from_slice(format!("{session:016x}.{i}.").as_bytes());
         let (root, stats) = (Arc::clone(&root), Arc::clone(&stats));
-        let (ctl, failed, halt) = (Arc::clone(&ctl), Arc::clone(&failed), Arc::clone(&halt));
-        handles.push(std::thread::spawn(move || {
-            let _keep = w;
-            let r = data_stream(r, root, session, prefix, stats, &halt);
-            // A stream the session itself halted carries no news: the session's own error
-            // is the one to report.
-            match &r {
-                Err(e) if !halt.halted() => {
-                    // Stop the session now rather than at the end of the listing.
-                    tracing::warn!(error = %e, "file data stream failed");
-                    lock(&failed).get_or_insert(FileError::Protocol(e.to_string()));
-                    lock(&ctl).get_ref().abort();
+        let shared = (Arc::clone(&ctl), Arc::clone(&failed), Arc::clone(&halt));
+        let spawned = std::thread::Builder::new()
+            .name("sms-file-data".into())
+            .spawn(move || {
+                let (ctl, failed, halt) = shared;
+                let _keep = w;
+                let r = data_stream(r, root, session, prefix, stats, &halt);
+                // A stream the session itself halted carries no news: the session's own error
+                // is the one to report.
+                match &r {
+                    Err(e) if !halt.halted() => {
+                        // Stop the session now rather than at the end of the listing.
+                        tracing::warn!(error = %e, "file data stream failed");
+                        lock(&failed).get_or_insert(FileError::Protocol(e.to_string()));
+                        lock(&ctl).get_ref().abort();
+                    }
+                    _ => {}
                 }
-                _ => {}
+                r
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(source) => {
+                // The session cannot go on without this stream: stop it now (the control
+                // side reports `failed`), and end the streams already started first.
+                let e = FileError::Spawn {
+                    what: "a data stream",
+                    source,
+                };
+                tracing::warn!(error = %e, "file session stopped");
+                lock(&failed).get_or_insert(e);
+                halt.halt();
+                lock(&ctl).get_ref().abort();
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(FileError::Protocol(format!(
+                    "data stream {} of {streams} could not start",
+                    i + 1
+                )));
             }
-            r
-        }));
+        }
     }
     Ok(handles)
 }
@@ -1294,15 +1319,26 @@ fn serve(
     }
     let stats = Arc::new(DataStats::default());
     let halt = Arc::new(Halt::default());
-    let mut accepter = (ctl.pass == PassKind::Copy).then(|| {
+    let accepter = (ctl.pass == PassKind::Copy).then(|| {
         let (root, stats, session) = (Arc::clone(&ctl.root), Arc::clone(&stats), ctl.session);
         let shared = (
             Arc::clone(&ctl.w),
             Arc::clone(&ctl.failed),
             Arc::clone(&halt),
         );
-        std::thread::spawn(move || accept_data(data, streams, root, session, stats, shared))
+        std::thread::Builder::new()
+            .name("sms-file-accept".into())
+            .spawn(move || accept_data(data, streams, root, session, stats, shared))
     });
+    let mut accepter = match accepter.transpose() {
+        Ok(a) => a,
+        Err(source) => {
+            return Err(FileError::Spawn {
+                what: "the data streams' accepter",
+                source,
+            })
+        }
+    };
     let res = serve_pass(ctl, r, &mut accepter, &stats);
     if res.is_err() {
         // Nothing of this session may touch the tree once it has ended.
