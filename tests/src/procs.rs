@@ -499,7 +499,20 @@ impl Receiver {
 
     /// A receiver on a free port with the kit's target certificate, state in `state/`.
     pub fn start(kit: &Kit, args: &[String]) -> Self {
-        let mut cmd = Command::new(crate::sms_agent());
+        Self::start_wrapped(kit, &[], args)
+    }
+
+    /// As [`Receiver::start`], run through `wrapper` (a command prefix that execs the rest,
+    /// such as `prlimit … setpriv …`), so the receiver's pid is the process's.
+    pub fn start_wrapped(kit: &Kit, wrapper: &[String], args: &[String]) -> Self {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(crate::sms_agent());
+                c
+            }
+            None => Command::new(crate::sms_agent()),
+        };
         cmd.arg("receive");
         if !args.iter().any(|a| a == "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);

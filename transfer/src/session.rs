@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::conn::{Conn, ConnReader, ConnWriter};
 use crate::wire::{Message, Mode, WireError, VERSION};
@@ -60,6 +61,11 @@ fn tcp_keepalive(sock: &TcpStream) {
 pub const MAX_STREAMS: u16 = 64;
 /// Most sessions served at once; more are refused (each holds threads and buffers).
 pub const MAX_SESSIONS: usize = 16;
+/// Most connections in their TLS handshake or `Hello` at once: each holds a thread, and a
+/// peer needs no certificate to open one; more are dropped at once.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Least time between two warnings about dropped connections: a flood must not flood the log.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Buffer of each stream's reader and writer: several frames per syscall on the small ones.
 const STREAM_BUF: usize = 256 << 10;
 
@@ -243,7 +249,14 @@ pub struct Incoming {
     pub data: Receiver<Stream>,
 }
 
-type Registry = Arc<Mutex<HashMap<u64, Sender<Stream>>>>;
+/// A session's way to its data streams, and how many may still join it: a peer opening more
+/// than it announced would have them queue, each with its buffers, until the session ends.
+struct Joining {
+    tx: Sender<Stream>,
+    left: u16,
+}
+
+type Registry = Arc<Mutex<HashMap<u64, Joining>>>;
 
 /// A session id nobody can guess: the data streams prove they belong with it (on top of TLS).
 fn new_session_id() -> u64 {
@@ -305,6 +318,9 @@ impl Listener {
     {
         let engine = Arc::new(engine);
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let watch = Watch::start();
+        let mut drops = Drops::default();
         self.listener.set_nonblocking(true)?;
         loop {
             if stop_rx.try_recv().is_ok() {
@@ -331,24 +347,158 @@ impl Listener {
             };
             let _ = sock.set_nonblocking(false);
             tcp_keepalive(&sock);
+            // Every accepted connection holds a handshake slot until its Hello is routed: an
+            // unauthenticated flood gets at most MAX_HANDSHAKES threads, never the process.
+            let Some(slot) = Slot::take(&handshakes, &watch, &sock) else {
+                let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                drops.note("too many connections in their handshake", &peer);
+                continue;
+            };
             let tls = Arc::clone(&self.tls);
             let registry = Arc::clone(&self.registry);
             let engine = Arc::clone(&engine);
             let stop_tx = stop_tx.clone();
-            std::thread::spawn(move || {
-                let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match accept_one(sock, tls, &registry) {
-                    Ok(Some((inc, guard))) => {
-                        tracing::info!(peer = %peer, task_id = %inc.task_id, streams = inc.streams, "session started");
-                        if engine(inc, guard) {
-                            let _ = stop_tx.send(());
+            let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let spawned = std::thread::Builder::new()
+                .name("sms-conn".into())
+                .spawn(move || {
+                    let accepted = accept_one(sock, tls, &registry);
+                    drop(slot);
+                    match accepted {
+                        Ok(Some((inc, guard))) => {
+                            tracing::info!(peer = %peer, task_id = %inc.task_id, streams = inc.streams, "session started");
+                            if engine(inc, guard) {
+                                let _ = stop_tx.send(());
+                            }
                         }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(peer = %peer, error = %e, "connection refused"),
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(peer = %peer, error = %e, "connection refused"),
+                });
+            // On failure the closure, and with it the socket and its slot, is dropped.
+            if let Err(e) = spawned {
+                drops.note("cannot start a thread", &e);
+            }
+        }
+    }
+}
+
+/// One of the [`MAX_HANDSHAKES`] handshake slots, its socket watched until its deadline;
+/// given back on drop.
+struct Slot {
+    count: Arc<AtomicUsize>,
+    watch: Arc<Watch>,
+    id: u64,
+}
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, watch: &Arc<Watch>, sock: &TcpStream) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_HANDSHAKES).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self {
+            count: Arc::clone(count),
+            watch: Arc::clone(watch),
+            id: watch.add(sock),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.watch.remove(self.id);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Cuts connections still in their handshake or `Hello` at [`HELLO_TIMEOUT`] after their
+/// accept: a socket timeout bounds each read, not a peer that sends a byte now and then.
+#[derive(Default)]
+struct Watch {
+    next: AtomicU64,
+    socks: Mutex<HashMap<u64, (Instant, TcpStream)>>,
+}
+
+impl Watch {
+    /// A watch with its one thread, which ends with the last reference to the watch.
+    fn start() -> Arc<Self> {
+        let watch = Arc::new(Self::default());
+        let weak = Arc::downgrade(&watch);
+        let spawned = std::thread::Builder::new()
+            .name("sms-hello-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                match weak.upgrade() {
+                    Some(w) => w.cut_late(),
+                    None => return,
                 }
             });
+        if let Err(e) = spawned {
+            // Each read of a handshake is still bounded by its socket timeout.
+            tracing::warn!(error = %e, "cannot start the handshake watchdog");
         }
+        watch
+    }
+
+    fn socks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, TcpStream)>> {
+        self.socks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, sock: &TcpStream) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(s) = sock.try_clone() {
+            self.socks().insert(id, (Instant::now() + HELLO_TIMEOUT, s));
+        }
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.socks().remove(&id);
+    }
+
+    fn cut_late(&self) {
+        let now = Instant::now();
+        self.socks().retain(|_, (deadline, s)| {
+            let late = *deadline <= now;
+            if late {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            !late
+        });
+    }
+}
+
+/// Warnings about connections the listener dropped unserved: at most one per
+/// [`DROP_LOG_EVERY`], with the number dropped since the last one.
+#[derive(Default)]
+struct Drops {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Drops {
+    /// Counts one connection dropped (the caller drops the socket), and warns when due.
+    fn note(&mut self, reason: &'static str, detail: &dyn std::fmt::Display) {
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < DROP_LOG_EVERY)
+        {
+            return;
+        }
+        self.last = Some(now);
+        tracing::warn!(
+            reason,
+            detail = %detail,
+            dropped = self.unlogged,
+            "connections dropped unserved"
+        );
+        self.unlogged = 0;
     }
 }
 
@@ -410,7 +560,7 @@ fn accept_one(
         }
         let id = new_session_id();
         let (tx, rx) = mpsc::channel();
-        reg.insert(id, tx);
+        reg.insert(id, Joining { tx, left: streams });
         drop(reg);
         s.send(&Message::HelloAck {
             version: VERSION,
@@ -433,7 +583,7 @@ fn accept_one(
             guard,
         )));
     }
-    let Some(tx) = reg.get(&session).cloned() else {
+    let Some(joining) = reg.get_mut(&session) else {
         drop(reg);
         s.send_error("SMS.1908", "no such session");
         return Err(SessionError::Protocol {
@@ -441,6 +591,16 @@ fn accept_one(
             what: format!("data stream {stream} for an unknown session"),
         });
     };
+    let Some(left) = joining.left.checked_sub(1) else {
+        drop(reg);
+        s.send_error("SMS.1908", "the session has all its data streams");
+        return Err(SessionError::Protocol {
+            peer,
+            what: format!("data stream {stream} past the number the session announced"),
+        });
+    };
+    joining.left = left;
+    let tx = joining.tx.clone();
     drop(reg);
     s.send(&Message::HelloAck {
         version: VERSION,
@@ -575,5 +735,74 @@ pub fn name_of(m: &Message) -> &'static str {
         Message::Mismatch { .. } => "Mismatch",
         Message::Accepted { .. } => "Accepted",
         Message::VerifyMap { .. } => "VerifyMap",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::tls::{client_config, server_config, Identity};
+
+    /// A listener on loopback whose sessions wait for their data streams and then end, and a
+    /// connector to it.
+    fn rig(dir: &std::path::Path) -> Connector {
+        crate::certs::generate(dir, &[]).unwrap();
+        let r = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+        let ca = r("ca.pem");
+        let id = |c: &str, k: &str| Identity::from_pem(&r(c), &r(k), None).unwrap();
+        let l = Listener::bind(
+            "127.0.0.1:0",
+            server_config(id("target.pem", "target-key.pem"), &ca).unwrap(),
+        )
+        .unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            l.serve(|inc, _guard| {
+                for _ in 0..inc.streams {
+                    let _ = inc.data.recv_timeout(Duration::from_secs(30));
+                }
+                false
+            })
+        });
+        Connector {
+            addr,
+            tls: client_config(id("source.pem", "source-key.pem"), &ca).unwrap(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_handshake_that_trickles_is_cut_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = rig(dir.path());
+        let mut s = TcpStream::connect(&c.addr).unwrap();
+        // A TLS record header, a byte every second: each read on its own is quick.
+        let started = std::time::Instant::now();
+        let mut cut = false;
+        for b in [22u8, 3, 1, 0x40, 0].iter().cycle() {
+            if s.write_all(&[*b]).is_err() {
+                cut = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if started.elapsed() > HELLO_TIMEOUT * 3 {
+                break;
+            }
+        }
+        assert!(cut, "the trickling connection was never cut");
+    }
+
+    #[test]
+    fn a_session_takes_no_more_data_streams_than_it_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = rig(dir.path());
+        let (_ctl, session) = c.open("t", Mode::Block, 0, 1, 0).unwrap();
+        let (_data, _) = c.open("t", Mode::Block, 1, 1, session).unwrap();
+        let e = c.open("t", Mode::Block, 1, 1, session).unwrap_err();
+        assert!(
+            matches!(&e, SessionError::Remote { code, .. } if code == "SMS.1908"),
+            "{e}"
+        );
     }
 }

@@ -37,17 +37,23 @@ fn tls(dir: &Path) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
 /// A receiver serving sessions for the disks `names` (files `DIR/tgt-NAME.img`).
 fn rig(names: &[&str]) -> Rig {
     let dir = tempfile::tempdir().unwrap();
+    let disks = names
+        .iter()
+        .map(|n| TargetMap {
+            name: (*n).to_string(),
+            path: dir.path().join(format!("tgt-{n}.img")),
+        })
+        .collect();
+    rig_mapped(dir, disks)
+}
+
+/// A receiver serving sessions for the given mappings, its certificates and state in `dir`.
+fn rig_mapped(dir: tempfile::TempDir, disks: Vec<TargetMap>) -> Rig {
     let (server, client) = tls(dir.path());
     let l = Listener::bind("127.0.0.1:0", server).unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let opts = ReceiveOptions {
-        disks: names
-            .iter()
-            .map(|n| TargetMap {
-                name: (*n).to_string(),
-                path: dir.path().join(format!("tgt-{n}.img")),
-            })
-            .collect(),
+        disks,
         state_dir: dir.path().join("state"),
         peer_timeout: Duration::ZERO,
     };
@@ -423,4 +429,140 @@ fn hostile_frames_are_rejected_without_harm() {
     }];
     run(&rig, &disks, 0, false);
     assert!(read(&tgt) == read(&src));
+}
+
+/// A command that must succeed (mounts and loop devices of the tests).
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A 64 MiB tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new() -> Self {
+        let d = tempfile::tempdir().unwrap();
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=64m",
+                "sms-test",
+                d.path().to_str().unwrap(),
+            ],
+        );
+        Self(d)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a session abandoned by the test may still hold an image open.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A loop device over an image file, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// Sends a one-disk plan by hand and returns the receiver's answer.
+fn hand_plan(rig: &Rig, disk: &str, size: u64) -> crate::wire::Message {
+    use crate::wire::{Message, Mode};
+    let (mut ctl, _) = rig.connector.open("evil", Mode::Block, 0, 1, 0).unwrap();
+    ctl.send(&Message::DiskPlan {
+        pass: 0,
+        sync: false,
+        more: false,
+        chunk_size: DEFAULT_CHUNK,
+        disks: vec![(disk.into(), size)],
+    })
+    .unwrap();
+    ctl.flush().unwrap();
+    ctl.recv().unwrap()
+}
+
+#[test]
+fn plans_larger_than_their_target_are_refused_before_anything_is_created() {
+    use crate::wire::Message;
+    assert!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0,
+        "this test mounts a tmpfs and attaches a loop device: run it as root"
+    );
+    let fs = Tmpfs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("loop.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let dev = Loop(sh("losetup", &["--find", "--show", img.to_str().unwrap()]));
+    let missing = fs.0.path().join("new.img");
+    let rig = rig_mapped(
+        dir,
+        vec![
+            TargetMap {
+                name: "img".into(),
+                path: missing.clone(),
+            },
+            TargetMap {
+                name: "dev".into(),
+                path: dev.0.clone().into(),
+            },
+        ],
+    );
+    let cases = [
+        ("img", i64::MAX as u64),
+        ("img", u64::MAX),
+        ("img", 0),
+        // Under the done-map cap, over the 64 MiB filesystem.
+        ("img", 1 << 30),
+        ("dev", (8 << 20) + 512),
+        ("dev", i64::MAX as u64),
+        ("dev", 0),
+    ];
+    for (disk, size) in cases {
+        match hand_plan(&rig, disk, size) {
+            Message::Error { code, message } => {
+                eprintln!("{disk} {size}: {code}: {message}");
+                assert_eq!(code, "SMS.1504", "{disk} {size}: {message}");
+                assert!(
+                    message.contains(disk) && message.contains(&size.to_string()),
+                    "{disk} {size}: the refusal names neither the disk nor its size: {message}"
+                );
+            }
+            other => panic!("{disk} {size}: plan accepted: {other:?}"),
+        }
+        let r = rig.stop.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(r.is_err(), "{disk} {size}: session reported success");
+        assert!(!missing.exists(), "{disk} {size}: an image was created");
+        assert_eq!(std::fs::read_dir(fs.0.path()).unwrap().count(), 0);
+    }
+    // The same receiver still takes honest plans for both.
+    for (disk, size) in [("img", 4u64 << 20), ("dev", 8 << 20)] {
+        assert!(
+            matches!(hand_plan(&rig, disk, size), Message::Accepted { .. }),
+            "{disk} {size} refused"
+        );
+    }
+    assert_eq!(std::fs::metadata(&missing).unwrap().len(), 4 << 20);
+    drop(dev);
 }

@@ -20,6 +20,16 @@ impl Bitmap {
         }
     }
 
+    /// All clear, `len` bits, or `None` when the memory for them cannot be had: the length
+    /// comes from a peer's plan, and a failed allocation must not abort the receiver.
+    pub fn try_new(len: u64) -> Option<Self> {
+        let bytes = usize::try_from(len.div_ceil(8)).ok()?;
+        let mut bits = Vec::new();
+        bits.try_reserve_exact(bytes).ok()?;
+        bits.resize(bytes, 0);
+        Some(Self { bits, len })
+    }
+
     /// From wire/checkpoint bytes; `None` when the length does not fit `len` bits.
     pub fn from_bytes(bits: Vec<u8>, len: u64) -> Option<Self> {
         (bits.len() as u64 == len.div_ceil(8)).then_some(Self { bits, len })
@@ -248,6 +258,8 @@ mod tests {
         assert_eq!(b.count(), 2);
         assert!(Bitmap::from_bytes(vec![0; 3], 10).is_none());
         assert_eq!(b.ends(), Some((0, 9)));
+        assert_eq!(Bitmap::try_new(10), Some(Bitmap::new(10)));
+        assert!(Bitmap::try_new(u64::MAX).is_none());
         assert_eq!(Bitmap::from_bytes(b.as_bytes().to_vec(), 10), Some(b));
         let mut c = Bitmap::new(100);
         assert_eq!(c.ends(), None);

@@ -81,6 +81,14 @@ pub enum BlockError {
         /// Text.
         message: String,
     },
+    /// The receiver could not start a thread the session needs (a task limit reached).
+    #[error("SMS.1908: the target cannot start a thread for {what}: {source}")]
+    Spawn {
+        /// What the thread was for.
+        what: &'static str,
+        /// Why (EAGAIN at a task limit).
+        source: std::io::Error,
+    },
     /// The receiver's checkpoint could not be written.
     #[error("SMS.1908: {0}")]
     Checkpoint(#[from] ckpt::CkptError),
@@ -98,9 +106,10 @@ impl BlockError {
             BlockError::Target { code, .. } => (*code).into(),
             BlockError::Remote { code, .. } => code.clone(),
             BlockError::Cancelled => "SMS.1802".into(),
-            BlockError::Wire(_) | BlockError::Protocol(_) | BlockError::Checkpoint(_) => {
-                "SMS.1908".into()
-            }
+            BlockError::Wire(_)
+            | BlockError::Protocol(_)
+            | BlockError::Checkpoint(_)
+            | BlockError::Spawn { .. } => "SMS.1908".into(),
         }
     }
 

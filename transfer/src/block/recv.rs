@@ -401,6 +401,116 @@ fn mounted(dev: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The most bytes a plan may announce for one disk at `chunk`-byte chunks: its done map (a
+/// bit per chunk) must fit one `DoneMap` frame, and the receiver holds it in memory.
+fn max_disk_bytes(chunk: u64) -> u64 {
+    (MAX_CHUNK as u64).saturating_mul(8).saturating_mul(chunk)
+}
+
+/// Checks every disk of a plan against its mapping and its target, before anything is opened
+/// for writing, created or allocated: the sizes are the peer's word. Returns each disk's
+/// mapping and size, in plan order.
+fn check_plan<'a>(
+    disks: &[(String, u64)],
+    chunk: u64,
+    opts: &'a ReceiveOptions,
+) -> Result<Vec<(&'a TargetMap, u64)>, BlockError> {
+    let mut checked: Vec<(&TargetMap, u64)> = Vec::new();
+    for (name, size) in disks {
+        let m = opts
+            .disks
+            .iter()
+            .find(|m| &m.name == name)
+            .ok_or_else(|| BlockError::Target {
+                code: "SMS.1311",
+                name: name.clone(),
+                path: PathBuf::new(),
+                message: "not mapped on the target (receive --disk NAME=PATH)".into(),
+            })?;
+        if checked.iter().any(|(t, _)| t.name == *name) {
+            return Err(BlockError::Protocol(format!(
+                "disk {name} twice in the plan"
+            )));
+        }
+        check_size(m, *size, chunk)?;
+        checked.push((m, *size));
+    }
+    Ok(checked)
+}
+
+/// Refuses (SMS.1504) an announced size of zero, one past what a done map covers, past the
+/// size of an existing device or image, or past the filesystem that holds (or would hold) an
+/// image file: a sparse image the size of the peer's choosing would be created otherwise.
+fn check_size(m: &TargetMap, size: u64, chunk: u64) -> Result<(), BlockError> {
+    let err = |code, message: String| BlockError::Target {
+        code,
+        name: m.name.clone(),
+        path: m.path.clone(),
+        message,
+    };
+    let refuse = |limit: String| {
+        err(
+            "SMS.1504",
+            format!("the plan announces {size} bytes for it, but {limit}"),
+        )
+    };
+    if size == 0 {
+        return Err(refuse("a disk has at least one byte".into()));
+    }
+    let cap = max_disk_bytes(chunk);
+    if size > cap {
+        return Err(refuse(format!(
+            "at most {cap} bytes fit a done map at {chunk}-byte chunks"
+        )));
+    }
+    // The filesystem's size bounds an image: a sparse file larger than it is no disk.
+    let fs_limit = |on: &Path| -> Result<(), BlockError> {
+        let st = nix::sys::statvfs::statvfs(on).map_err(|e| {
+            err(
+                "SMS.1908",
+                format!("cannot stat the filesystem of {}: {e}", on.display()),
+            )
+        })?;
+        let total = st.blocks().saturating_mul(st.fragment_size());
+        // Zero: the filesystem reports no size (an unlimited tmpfs); the cap above holds.
+        if total > 0 && size > total {
+            return Err(refuse(format!(
+                "the filesystem holding the image has {total} bytes"
+            )));
+        }
+        Ok(())
+    };
+    match std::fs::metadata(&m.path) {
+        Ok(md) if md.file_type().is_block_device() => {
+            let have = File::open(&m.path)
+                .and_then(|mut f| f.seek(SeekFrom::End(0)))
+                .map_err(|e| err("SMS.1908", format!("cannot read the device's size: {e}")))?;
+            if size > have {
+                return Err(refuse(format!("the device has {have} bytes")));
+            }
+            Ok(())
+        }
+        Ok(md) if md.is_file() => {
+            if size > md.len() {
+                return Err(refuse(format!("the image file has {} bytes", md.len())));
+            }
+            fs_limit(&m.path)
+        }
+        Ok(_) => Err(err(
+            "SMS.1908",
+            "neither a block device nor a regular file".into(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = match m.path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            fs_limit(dir)
+        }
+        Err(e) => Err(err("SMS.1908", format!("cannot stat: {e}"))),
+    }
+}
+
 /// Opens (or creates, for an image file) the target of one plan disk and checks its size.
 fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
     let err = |code, message: String| BlockError::Target {
@@ -438,8 +548,11 @@ fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
         }
     }
     if !existed {
-        file.set_len(size)
-            .map_err(|e| err("SMS.1908", format!("cannot size the image: {e}")))?;
+        if let Err(e) = file.set_len(size) {
+            // Nothing of a refused plan stays behind.
+            let _ = std::fs::remove_file(&m.path);
+            return Err(err("SMS.1908", format!("cannot size the image: {e}")));
+        }
     }
     let mut f = &file;
     let have = f
@@ -539,19 +652,37 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = control.cutter();
     let mut workers = Vec::new();
+    let mut spawn_error = None;
     for _ in 0..streams {
         let Ok(s) = data.recv_timeout(JOIN_TIMEOUT) else {
             break;
         };
-        let sess = Arc::clone(&sess);
-        workers.push(std::thread::spawn(move || {
-            if let Err(e) = serve_stream(s, &sess, timeout) {
-                tracing::warn!(error = %e, "data stream failed");
-                sess.fail(e);
+        let worker = Arc::clone(&sess);
+        let spawned = std::thread::Builder::new()
+            .name("sms-block-data".into())
+            .spawn(move || {
+                if let Err(e) = serve_stream(s, &worker, timeout) {
+                    tracing::warn!(error = %e, "data stream failed");
+                    worker.fail(e);
+                }
+            });
+        match spawned {
+            Ok(w) => workers.push(w),
+            Err(source) => {
+                spawn_error = Some(BlockError::Spawn {
+                    what: "a data stream",
+                    source,
+                });
+                break;
             }
-        }));
+        }
     }
-    let complete = if workers.len() == usize::from(streams) {
+    let complete = if let Some(e) = spawn_error {
+        tracing::warn!(task_id = %task_id, error = %e, "block session refused");
+        control.send_error(&e.code(), &e.to_string());
+        sess.fail(e);
+        false
+    } else if workers.len() == usize::from(streams) {
         control_loop(&mut control, &sess)
     } else {
         let e = BlockError::Protocol(format!(
@@ -666,23 +797,8 @@ fn prepare(
         return Err(BlockError::Protocol("the plan has no disks".into()));
     }
     let mut targets = Vec::new();
-    for (name, size) in disks {
-        let m = opts
-            .disks
-            .iter()
-            .find(|m| &m.name == name)
-            .ok_or_else(|| BlockError::Target {
-                code: "SMS.1311",
-                name: name.clone(),
-                path: PathBuf::new(),
-                message: "not mapped on the target (receive --disk NAME=PATH)".into(),
-            })?;
-        if targets.iter().any(|t: &Target| t.name == *name) {
-            return Err(BlockError::Protocol(format!(
-                "disk {name} twice in the plan"
-            )));
-        }
-        targets.push(open_target(m, *size)?);
+    for (m, size) in check_plan(disks, u64::from(chunk_size), opts)? {
+        targets.push(open_target(m, size)?);
     }
     let chunk = u64::from(chunk_size);
     let counts: Vec<u64> = disks.iter().map(|(_, s)| chunk_count(*s, chunk)).collect();
@@ -706,9 +822,11 @@ fn prepare(
             None
         }
     };
-    let fresh = || -> Vec<Bitmap> { counts.iter().map(|&n| Bitmap::new(n)).collect() };
-    let mut maps = fresh();
-    let mut verify = fresh();
+    let fresh = || -> Result<Vec<Bitmap>, BlockError> {
+        targets.iter().map(|t| done_map(t, chunk)).collect()
+    };
+    let mut maps = fresh()?;
+    let mut verify = fresh()?;
     if let Some((old, old_maps)) = old.filter(|(o, _)| o.same_migration(&meta)) {
         // A pass that completed is never resumed: a later full pass over a complete copy
         // runs as a sync, which compares every chunk instead of trusting it.
@@ -771,6 +889,21 @@ fn prepare(
         }),
         prior,
     ))
+}
+
+/// An empty done map for `t`, refused (SMS.1504) rather than aborting when there is no memory
+/// for it.
+fn done_map(t: &Target, chunk: u64) -> Result<Bitmap, BlockError> {
+    let n = chunk_count(t.size, chunk);
+    Bitmap::try_new(n).ok_or_else(|| BlockError::Target {
+        code: "SMS.1504",
+        name: t.name.clone(),
+        path: t.path.clone(),
+        message: format!(
+            "no memory for the done map of {n} chunks its {} bytes need",
+            t.size
+        ),
+    })
 }
 
 /// Checkpoints on request until the sender says the pass is over; returns whether it
@@ -842,30 +975,36 @@ fn serve_stream(s: Stream, sess: &Sess, timeout: Duration) -> Result<(), BlockEr
     s.set_timeouts(timeout);
     let (mut rd, mut wr) = s.into_halves();
     let (tx, rx) = mpsc::channel::<Message>();
-    let writer = std::thread::spawn(move || {
-        while let Ok(m) = rx.recv() {
-            let last = matches!(m, Message::Bye | Message::Error { .. });
-            if m.write_to(&mut wr).is_err() {
-                return;
-            }
-            // Batch what is queued, then push it out.
-            let mut more = true;
-            while more {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        if m.write_to(&mut wr).is_err() {
-                            return;
+    let spawned = std::thread::Builder::new()
+        .name("sms-block-reply".into())
+        .spawn(move || {
+            while let Ok(m) = rx.recv() {
+                let last = matches!(m, Message::Bye | Message::Error { .. });
+                if m.write_to(&mut wr).is_err() {
+                    return;
+                }
+                // Batch what is queued, then push it out.
+                let mut more = true;
+                while more {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            if m.write_to(&mut wr).is_err() {
+                                return;
+                            }
                         }
+                        Err(_) => more = false,
                     }
-                    Err(_) => more = false,
+                }
+                if wr.flush().is_err() || last {
+                    let _ = wr.get_mut().close();
+                    return;
                 }
             }
-            if wr.flush().is_err() || last {
-                let _ = wr.get_mut().close();
-                return;
-            }
-        }
-    });
+        });
+    let writer = spawned.map_err(|source| BlockError::Spawn {
+        what: "a data stream's replies",
+        source,
+    })?;
     let result = stream_loop(&mut rd, &tx, sess);
     if let Err(e) = &result {
         let _ = tx.send(Message::Error {

@@ -94,6 +94,14 @@ pub enum FileError {
         /// Why.
         source: PathError,
     },
+    /// The target could not start a thread the session needs (a task limit reached).
+    #[error("SMS.1908: the target cannot start a thread for {what}: {source}")]
+    Spawn {
+        /// What the thread was for.
+        what: &'static str,
+        /// Why (EAGAIN at a task limit).
+        source: std::io::Error,
+    },
     /// Bad options (nothing was sent).
     #[error("invalid file-migration options: {0}")]
     Options(String),
@@ -114,6 +122,7 @@ impl FileError {
             | FileError::Protocol(_)
             | FileError::Target { .. }
             | FileError::Path { .. }
+            | FileError::Spawn { .. }
             | FileError::Options(_)
             | FileError::Cancelled => "SMS.1908",
         }

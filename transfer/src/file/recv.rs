@@ -1447,40 +1447,65 @@ fn accept_data(
         let mut prefix = TEMP_PREFIX.to_vec();
         prefix.extend_from_slice(format!("{session:016x}.{i}.").as_bytes());
         let (root, stats) = (Arc::clone(&root), Arc::clone(&stats));
-        let (ctl, failed, halt) = (Arc::clone(&ctl), Arc::clone(&failed), Arc::clone(&halt));
-        handles.push(std::thread::spawn(move || {
-            let _keep = w;
-            let r = data_stream(r, root, prefix, stats, &halt);
-            // A stream the session itself halted carries no news: the session's own error
-            // is the one to report.
-            match r {
-                Err(e) if !halt.halted() => {
-                    // Stop the session now rather than at the end of the listing, and tell
-                    // the source why first: its operator needs the path and the cause (a
-                    // full disk, say), not a reset connection.
-                    tracing::warn!(error = %e, code = e.code(), "file data stream failed");
-                    let mut slot = lock(&failed);
-                    if slot.is_none() {
-                        let mut w = lock(&ctl);
-                        if !matches!(e, FileError::Remote { .. }) {
-                            let _ = Message::Error {
-                                code: e.code().to_string(),
-                                message: e.to_string().chars().take(1000).collect(),
+        let shared = (Arc::clone(&ctl), Arc::clone(&failed), Arc::clone(&halt));
+        let spawned = std::thread::Builder::new()
+            .name("sms-file-data".into())
+            .spawn(move || {
+                let (ctl, failed, halt) = shared;
+                let _keep = w;
+                let r = data_stream(r, root, prefix, stats, &halt);
+                // A stream the session itself halted carries no news: the session's own error
+                // is the one to report.
+                match r {
+                    Err(e) if !halt.halted() => {
+                        // Stop the session now rather than at the end of the listing, and tell
+                        // the source why first: its operator needs the path and the cause (a
+                        // full disk, say), not a reset connection.
+                        tracing::warn!(error = %e, code = e.code(), "file data stream failed");
+                        let mut slot = lock(&failed);
+                        if slot.is_none() {
+                            let mut w = lock(&ctl);
+                            if !matches!(e, FileError::Remote { .. }) {
+                                let _ = Message::Error {
+                                    code: e.code().to_string(),
+                                    message: e.to_string().chars().take(1000).collect(),
+                                }
+                                .write_to(&mut *w);
+                                let _ = w.flush();
                             }
-                            .write_to(&mut *w);
-                            let _ = w.flush();
+                            w.get_ref().abort();
+                            drop(w);
+                            let text = e.to_string();
+                            *slot = Some(e);
+                            return Err(FileError::Protocol(text));
                         }
-                        w.get_ref().abort();
-                        drop(w);
-                        let text = e.to_string();
-                        *slot = Some(e);
-                        return Err(FileError::Protocol(text));
+                        Err(FileError::Protocol(e.to_string()))
                     }
-                    Err(FileError::Protocol(e.to_string()))
+                    r => r,
                 }
-                r => r,
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(source) => {
+                // The session cannot go on without this stream: stop it now (the control
+                // side reports `failed`), and end the streams already started first.
+                let e = FileError::Spawn {
+                    what: "a data stream",
+                    source,
+                };
+                tracing::warn!(error = %e, "file session stopped");
+                lock(&failed).get_or_insert(e);
+                halt.halt();
+                lock(&ctl).get_ref().abort();
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(FileError::Protocol(format!(
+                    "data stream {} of {streams} could not start",
+                    i + 1
+                )));
             }
-        }));
+        }
     }
     Ok(handles)
 }
@@ -1630,7 +1655,7 @@ fn serve(
         ..DataStats::default()
     });
     let halt = Arc::new(Halt::default());
-    let mut accepter = (ctl.pass == PassKind::Copy).then(|| {
+    let accepter = (ctl.pass == PassKind::Copy).then(|| {
         let (root, stats, session) = (Arc::clone(&ctl.root), Arc::clone(&stats), ctl.session);
         let shared = (
             Arc::clone(&ctl.w),
@@ -1638,10 +1663,19 @@ fn serve(
             Arc::clone(&halt),
         );
         let timeout = ctl.timeout;
-        std::thread::spawn(move || {
-            accept_data(data, streams, root, session, stats, shared, timeout)
-        })
+        std::thread::Builder::new()
+            .name("sms-file-accept".into())
+            .spawn(move || accept_data(data, streams, root, session, stats, shared, timeout))
     });
+    let mut accepter = match accepter.transpose() {
+        Ok(a) => a,
+        Err(source) => {
+            return Err(FileError::Spawn {
+                what: "the data streams' accepter",
+                source,
+            })
+        }
+    };
     let res = serve_pass(ctl, r, &mut accepter, &stats);
     if res.is_err() {
         // Nothing of this session may touch the tree once it has ended.
