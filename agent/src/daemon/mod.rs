@@ -164,6 +164,7 @@ impl Daemon {
         }
         loop {
             self.flush_results().await?;
+            self.send_final_report().await;
             self.tick_runner().await;
             if let Some((at, _)) = self.retry {
                 if Instant::now() >= at && self.runner.is_none() && self.task_active() {
@@ -196,7 +197,36 @@ impl Daemon {
         self.state
             .task
             .as_ref()
-            .is_some_and(|t| matches!(t.phase, Phase::Replicating | Phase::Syncing))
+            .is_some_and(|t| matches!(t.phase, Phase::Replicating | Phase::Syncing) && !t.pass_done)
+    }
+
+    /// Sends the final progress report of a completed pass that the service has not taken
+    /// yet (the daemon was killed in between, or the call failed).
+    async fn send_final_report(&mut self) {
+        let Some((id, body)) = self
+            .state
+            .task
+            .as_ref()
+            .and_then(|t| t.final_report.clone().map(|b| (t.id.clone(), b)))
+        else {
+            return;
+        };
+        let path = format!("/v3/tasks/{id}/progress");
+        match self
+            .api
+            .send::<_, serde_json::Value>(Method::PUT, &path, &body)
+            .await
+        {
+            Ok(_) => {
+                if let Some(t) = self.state.task.as_mut() {
+                    t.final_report = None;
+                }
+                let _ = self.save();
+            }
+            Err(e) => {
+                tracing::warn!(error_code = "SMS.0501", error = %e, "final progress report failed; it is sent again later");
+            }
+        }
     }
 
     async fn probe(&self) -> PostSourceServerBody {
@@ -435,17 +465,20 @@ impl Daemon {
                 )
             })?;
         let prev = self.state.task.take().filter(|t| t.id == task_id);
-        let sync = name == "SYNC" || prev.as_ref().is_some_and(|t| t.phase == Phase::Syncing);
-        let pass = match (&prev, sync) {
-            (Some(t), true) => t.pass + u32::from(t.phase == Phase::Syncing),
-            (Some(t), false) => t.pass,
-            (None, _) => 0,
+        // A pass that completed is never run again: the next one is a sync. One that did not
+        // complete is run again under its own number, so the receiver resumes its checkpoint.
+        let pass = match &prev {
+            Some(t) if t.pass_done => t.pass + 1,
+            Some(t) => t.pass,
+            None => 0,
         };
         self.state.task = Some(TaskState {
             id: task_id.to_string(),
             kind: task.kind.clone(),
             phase: Phase::Init,
             pass,
+            pass_done: false,
+            final_report: None,
             error: None,
             ..prev.unwrap_or_default()
         });
@@ -689,7 +722,19 @@ impl Daemon {
         self.status.rate = rate;
         self.status.eta_secs = eta;
         let path = format!("/v3/tasks/{task_id}/progress");
-        if !matches!(result, Some(engine::Ended::Failed { .. })) {
+        if ok {
+            // Recorded before the service hears of it: a kill after the report must not make
+            // the restarted daemon run the completed pass again, and a kill before it must
+            // not lose the report.
+            if let Some(t) = self.state.task.as_mut() {
+                t.pass_done = true;
+                t.phase = Phase::Syncing;
+                t.final_report = Some(body.clone());
+            }
+            self.status.phase = Some(Phase::Syncing);
+            let _ = self.save();
+            self.send_final_report().await;
+        } else if !matches!(result, Some(engine::Ended::Failed { .. })) {
             if let Err(e) = self
                 .api
                 .send::<_, serde_json::Value>(Method::PUT, &path, &body)

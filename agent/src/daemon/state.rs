@@ -57,6 +57,14 @@ pub struct TaskState {
     /// Block pass last started (0 = full copy, then one per sync).
     #[serde(default)]
     pub pass: u32,
+    /// Whether pass `pass` completed (the receiver acknowledged every chunk durable): a
+    /// restarted daemon then waits for SYNC instead of running that pass again.
+    #[serde(default)]
+    pub pass_done: bool,
+    /// The final progress report of a completed pass, kept until the service has taken it, so
+    /// a daemon killed between the two sends it after its restart.
+    #[serde(default)]
+    pub final_report: Option<serde_json::Value>,
 }
 
 /// Phases of a task, as the daemon drives them.
