@@ -8,6 +8,7 @@
 //! update) only try-locks the socket: if a writer is busy, that writer flushes them next, so a
 //! reader can never wait on a writer that waits on the peer's reader.
 
+use crate::lock;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -41,9 +42,7 @@ fn silent(peer: &str, what: &str, t: Option<Duration>) -> io::Error {
 
 impl Shared {
     fn tls(&self) -> MutexGuard<'_, rustls::Connection> {
-        self.tls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.tls)
     }
 
     /// Seals what rustls has pending and sends it, keeping record order; with `try_only`
@@ -60,10 +59,7 @@ impl Shared {
             Ok(s) => s,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) if try_only => return Ok(()),
-            Err(TryLockError::WouldBlock) => self
-                .wsock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Err(TryLockError::WouldBlock) => lock(&self.wsock),
         };
         let mut out = Vec::new();
         while tls.wants_write() {
@@ -187,11 +183,7 @@ impl ConnWriter {
         let mut tls = self.shared.tls();
         tls.send_close_notify();
         self.shared.flush_tls(tls, false)?;
-        let sock = self
-            .shared
-            .wsock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sock = lock(&self.shared.wsock);
         sock.shutdown(Shutdown::Write)
     }
 

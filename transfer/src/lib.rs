@@ -23,6 +23,13 @@ pub mod task;
 pub mod tls;
 pub mod wire;
 
+/// Locks `m`, taking the data of a poisoned lock too: a thread that panicked holding one of
+/// this crate's locks left counters or queues that are still consistent, and the session's
+/// error path must still run.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Test-only helpers shared by the modules' tests.
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -2,6 +2,7 @@
 //! bucket shared by all data streams that keeps the rate under the rule in force. The rules can
 //! be replaced while a transfer runs; the bucket picks the new rate up on its next refill.
 
+use crate::lock;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -95,20 +96,14 @@ impl Bucket {
 
     /// Changes the rate (rules re-read while running).
     pub fn set_rate(&self, rate: Option<u64>) {
-        let mut s = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = lock(&self.inner);
         s.rate = rate;
     }
 
     /// Takes `bytes` from the bucket at `now`; returns how long the caller must wait before
     /// sending them (zero when it may send at once).
     pub fn take_at(&self, bytes: u64, now: Instant) -> Duration {
-        let mut s = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = lock(&self.inner);
         let Some(rate) = s.rate.filter(|r| *r > 0) else {
             s.last = now;
             return Duration::ZERO;

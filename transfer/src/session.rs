@@ -2,6 +2,7 @@
 //! reads its `Hello` and hands control streams to the engine of their mode and data streams
 //! to the session they name; and the source's connector, which opens those streams.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -443,9 +444,7 @@ impl Watch {
     }
 
     fn socks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, TcpStream)>> {
-        self.socks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.socks)
     }
 
     fn add(&self, sock: &TcpStream) -> u64 {
@@ -546,9 +545,7 @@ fn accept_one(
             what: format!("stream {stream} of {streams} (1–{MAX_STREAMS} data streams allowed)"),
         });
     }
-    let mut reg = registry
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut reg = lock(registry);
     if stream == 0 {
         if reg.len() >= MAX_SESSIONS {
             drop(reg);

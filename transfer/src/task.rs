@@ -2,6 +2,7 @@
 //! reporter, `sms-agent status`, the terminal progress bar): counters updated by the engine's
 //! threads, a cancel flag, and the speed-limit bucket all streams draw from.
 
+use crate::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -38,10 +39,7 @@ impl Progress {
 
     /// Records a note (kept to the most recent 50).
     pub fn note(&self, s: impl Into<String>) {
-        let mut n = self
-            .notes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut n = lock(&self.notes);
         if n.len() >= 50 {
             n.remove(0);
         }

@@ -1,6 +1,7 @@
 //! The target side of a block pass: checks the plan against the mapped disks, writes only
 //! verified data inside them, answers sync hash requests, and checkpoints durably.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -142,33 +143,21 @@ struct Sess {
 impl Sess {
     fn fail(&self, e: BlockError) {
         self.failed.store(true, Ordering::SeqCst);
-        if let Some(c) = self
-            .cut
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-        {
+        if let Some(c) = lock(&self.cut).take() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        let mut slot = self
-            .error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = lock(&self.error);
         if slot.is_none() {
             *slot = Some(e);
         }
     }
 
     fn maps(&self) -> std::sync::MutexGuard<'_, Vec<Bitmap>> {
-        self.maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.maps)
     }
 
     fn saved(&self) -> std::sync::MutexGuard<'_, Saved> {
-        self.saved
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.saved)
     }
 
     /// fdatasync of every target, then the bitmap as it was before the sync is recorded,
@@ -647,10 +636,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
     control.send(&Message::Ready)?;
     control.flush()?;
 
-    *sess
-        .cut
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = control.cutter();
+    *lock(&sess.cut) = control.cutter();
     let mut workers = Vec::new();
     let mut spawn_error = None;
     for _ in 0..streams {
@@ -716,11 +702,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         upgraded: sess.sync && !sync,
         chunks_to_verify: p.to_verify,
     };
-    let err = sess
-        .error
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+    let err = lock(&sess.error).take();
     match err {
         Some(e) => Err(e),
         None => Ok(report),

@@ -1,6 +1,7 @@
 //! The source side of a block pass: N streams share the chunks that hold used bytes; a full
 //! pass sends their data, a sync pass only the leaves whose hashes differ from the target's.
 
+use crate::lock;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -142,10 +143,7 @@ struct Work {
 impl Ctx<'_> {
     fn fail(&self, e: BlockError) {
         self.abort.store(true, Ordering::SeqCst);
-        let mut slot = self
-            .error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = lock(&self.error);
         // The receiver's own specific reason (a full disk, say) beats the broken streams it
         // leaves; transport failures (SMS.1908), from either side, are all alike.
         let specific =
@@ -170,10 +168,7 @@ impl Ctx<'_> {
 
     /// The next item of work, or `None` when all are handed out.
     fn next(&self) -> Option<Item> {
-        let mut w = self
-            .work
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut w = lock(&self.work);
         while let Some(disk) = self.disks.get(w.disk) {
             let d = w.disk;
             let (at, next_chunk) = w.pos[d];
@@ -433,11 +428,7 @@ pub fn send(
     report.verified = ctx.verified.load(Ordering::Relaxed);
     report.plain_sent = Progress::get(&progress.plain_sent) - plain0;
     report.wire_sent = Progress::get(&progress.wire_sent) - wire0;
-    let err = ctx
-        .error
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+    let err = lock(&ctx.error).take();
     if let Some(e) = err {
         return Err(e);
     }

@@ -10,6 +10,7 @@
 //! regular files this session listed as linked. Every count and byte string the peer controls
 //! is capped.
 
+use crate::lock;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -467,10 +468,6 @@ impl Halt {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The control side of a session.

@@ -7,6 +7,7 @@
 //! message waits for an answer except the final checkpoint, so the listing, the target's
 //! comparisons and the data all flow at once.
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -343,10 +344,6 @@ struct Pass<'a> {
     timeout: Duration,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// What the walker hands back.
 struct Listed {
     dirs: Vec<(Vec<u8>, super::proto::Time, super::proto::Time)>,
@@ -389,17 +386,8 @@ fn tally(
     id: u64,
     f: impl FnOnce(&mut DirCheck),
 ) {
-    let g = group_of(
-        &starts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-        id,
-    );
-    if let Some(c) = checks
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get_mut(g)
-    {
+    let g = group_of(&lock(starts), id);
+    if let Some(c) = lock(checks).get_mut(g) {
         f(c);
     }
 }
@@ -534,10 +522,7 @@ impl Pass<'_> {
                                 chunk_size,
                                 sums,
                             }) => {
-                                let job = pending
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .remove(&id);
+                                let job = lock(pending).remove(&id);
                                 let Some(mut job) = job else {
                                     let _ = etx.send(Event::Failed(FileError::Protocol(format!(
                                         "the target needs entry {id}, which is no pending file"
@@ -553,9 +538,7 @@ impl Pass<'_> {
                             }
                             Any::File(FileMsg::Processed { upto }) => {
                                 let skipped = {
-                                    let mut p = pending
-                                        .lock()
-                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                    let mut p = lock(pending);
                                     let rest = p.split_off(&upto.saturating_add(1));
                                     std::mem::replace(&mut *p, rest)
                                 };
@@ -590,10 +573,7 @@ impl Pass<'_> {
                                 deleted,
                                 updated,
                             }) => {
-                                *summary
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                                    (written, deleted, updated);
+                                *lock(summary) = (written, deleted, updated);
                             }
                             Any::Common(Message::Ack { .. }) => {
                                 let _ = etx.send(Event::Ack);
@@ -681,11 +661,7 @@ impl Pass<'_> {
                                         if k == S_IFDIR {
                                             dirs.push((rel.to_vec(), meta.atime, meta.mtime));
                                         } else if kind == PassKind::Check {
-                                            if let Some(c) = checks
-                                                .lock()
-                                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                                .get_mut(group.get())
-                                            {
+                                            if let Some(c) = lock(checks).get_mut(group.get()) {
                                                 c.num_total_files += 1;
                                             }
                                         }
@@ -696,23 +672,18 @@ impl Pass<'_> {
                                                 Progress::add(&progress.total, walked - t);
                                             }
                                             if kind == PassKind::Copy {
-                                                pending
-                                                    .lock()
-                                                    .unwrap_or_else(
-                                                        std::sync::PoisonError::into_inner,
-                                                    )
-                                                    .insert(
+                                                lock(pending).insert(
+                                                    id,
+                                                    Job {
                                                         id,
-                                                        Job {
-                                                            id,
-                                                            root,
-                                                            src_rel: src_rel.to_vec(),
-                                                            meta: meta.clone(),
-                                                            key,
-                                                            ino,
-                                                            sums: None,
-                                                        },
-                                                    );
+                                                        root,
+                                                        src_rel: src_rel.to_vec(),
+                                                        meta: meta.clone(),
+                                                        key,
+                                                        ino,
+                                                        sums: None,
+                                                    },
+                                                );
                                             }
                                         }
                                         FileMsg::Entry {
@@ -764,10 +735,7 @@ impl Pass<'_> {
                                 if cancelled() {
                                     break;
                                 }
-                                starts
-                                    .lock()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .push(next_id.get());
+                                lock(starts).push(next_id.get());
                                 group.set(i);
                                 res = walker.walk(i, r);
                                 if res.is_err() {
@@ -829,12 +797,7 @@ impl Pass<'_> {
             for w in workers {
                 let _ = w.join();
             }
-            if let Some(e) = errors
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .drain(..)
-                .next()
-            {
+            if let Some(e) = lock(&errors).drain(..).next() {
                 let e = why(e, &erx);
                 cut_ctl();
                 let _ = reader.join();
@@ -896,9 +859,7 @@ impl Pass<'_> {
             r.map(|()| listed)
         });
         let listed = result?;
-        let (written, deleted, updated) = *summary
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (written, deleted, updated) = *lock(&summary);
         for n in &listed.notes {
             progress.note(n.clone());
         }
@@ -997,20 +958,14 @@ impl Worker<'_> {
                         "changed while read, sent again in the next pass: {}",
                         p.display()
                     ));
-                    changed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(p);
+                    lock(changed).push(p);
                 }
                 Ok(Sent::Vanished) => {
                     self.stats.vanished.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     abort.store(true, Ordering::Relaxed);
-                    errors
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(e);
+                    lock(errors).push(e);
                     w.get_ref().abort();
                     return;
                 }
