@@ -835,6 +835,9 @@ fn prepare(
             }
             maps = old_maps;
             meta.lease = lease;
+            // Still true (just checked): a lease saved before this session's first checkpoint
+            // must not drop them.
+            meta.samples = old.samples.clone();
         } else if same_pass {
             tracing::warn!(task_id = %task_id, pass, "the targets changed since the checkpoint (a sampled chunk differs); starting the pass afresh");
             meta.held = None;
@@ -863,7 +866,7 @@ fn prepare(
             lease: meta.lease.iter().map(|&l| AtomicU64::new(l)).collect(),
             saved: Mutex::new(Saved {
                 durable,
-                samples: Vec::new(),
+                samples: meta.samples.clone(),
                 lease: meta.lease.clone(),
             }),
             meta,
