@@ -179,25 +179,36 @@ impl Drop for Guard {
     }
 }
 
-/// One attempt of a round: starts the sender with `start`, kills a victim at a random moment
-/// when kills remain. Returns whether the round completed.
+/// How the sides of one attempt are started and its result checked.
+struct Round<'a> {
+    start_rx: &'a dyn Fn() -> Receiver,
+    start: &'a dyn Fn() -> Child,
+    /// Asserts that the target holds what the source held when the round began.
+    check: &'a dyn Fn(),
+    /// How long the last uninterrupted attempt of this kind took: kills land within it.
+    took: &'a mut Option<Duration>,
+}
+
+/// One attempt of a round: starts the sender, kills a victim at a random moment of the
+/// attempt's expected length when kills remain. Returns whether the round completed.
 fn attempt(
     f: &mut Figures,
     rng: &mut Rng,
     kills: u32,
     rx: &mut Option<Receiver>,
-    start_rx: &dyn Fn() -> Receiver,
-    start: &dyn Fn() -> Child,
+    round: &mut Round<'_>,
 ) -> bool {
     if rx
         .as_mut()
         .is_none_or(|r| r.child.try_wait().unwrap().is_some())
     {
-        *rx = Some(start_rx());
+        *rx = Some((round.start_rx)());
     }
-    let mut child = start();
+    let began = Instant::now();
+    let mut child = (round.start)();
     if f.kills < kills {
-        let at = Duration::from_millis(30 + rng.below(2500));
+        let span = round.took.map_or(2500, |d| d.as_millis() as u64 + 50);
+        let at = Duration::from_millis(20 + rng.below(span));
         if wait_for(&mut child, at).is_none() {
             f.kills += 1;
             f.resumes += 1;
@@ -208,17 +219,20 @@ fn attempt(
                 kill9(&mut r.child);
                 let st =
                     wait_for(&mut child, HANG).expect("the sender hung after the receiver died");
-                assert!(
-                    !st.success(),
-                    "the sender succeeded although its receiver was killed"
-                );
                 *rx = None;
+                if st.success() {
+                    // The receiver acknowledged the end before it died: a success is a
+                    // promise, so the target must hold the round's data now.
+                    (round.check)();
+                    return true;
+                }
             }
             return false;
         }
     }
     let st = wait_for(&mut child, HANG).expect("an uninterrupted run hung");
     assert!(st.success(), "an uninterrupted run failed");
+    *round.took = Some(began.elapsed());
     true
 }
 
@@ -281,13 +295,30 @@ fn block(kills: u32, rng: &mut Rng) -> Figures {
     let before = lo_bytes();
     let mut rx = None;
     let mut round = 0u32;
+    let (mut copy_took, mut sync_took) = (None, None);
     loop {
         if round > 0 {
             change(&src, round);
         }
         let rs = || receiver(&dst);
         let ss = || sender(&src, round > 0);
-        while !attempt(&mut f, rng, kills, &mut rx, &rs, &ss) {}
+        let check = || {
+            assert!(
+                std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap(),
+                "block round {round}: migrate succeeded but the target differs"
+            );
+        };
+        let mut r = Round {
+            start_rx: &rs,
+            start: &ss,
+            check: &check,
+            took: if round == 0 {
+                &mut copy_took
+            } else {
+                &mut sync_took
+            },
+        };
+        while !attempt(&mut f, rng, kills, &mut rx, &mut r) {}
         if let Some(r) = rx.take() {
             assert!(r.wait(), "the receiver failed");
         }
@@ -363,6 +394,24 @@ fn change_tree(root: &Path, round: u32) -> u64 {
     (3 << 20) + 10 * 3000
 }
 
+/// What `rsync --checksum` would change to make `dst` like `src` (empty: identical).
+fn tree_diff(src: &Path, dst: &Path) -> String {
+    run(
+        "rsync",
+        &[
+            "-aHAXS",
+            "--delete",
+            "--checksum",
+            "--dry-run",
+            "--itemize-changes",
+            &format!("{}/", src.display()),
+            &format!("{}/", dst.display()),
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
 /// File mode: the tree copied, then changed and synced, round after round, with kills.
 fn file(kills: u32, rng: &mut Rng) -> Figures {
     let kit = Kit::new();
@@ -409,13 +458,31 @@ fn file(kills: u32, rng: &mut Rng) -> Figures {
     let before = lo_bytes();
     let mut rx = None;
     let mut round = 0u32;
+    let (mut copy_took, mut sync_took) = (None, None);
     loop {
         if round > 0 {
             f.data += change_tree(&src, round);
         }
         let rs = || receiver(&dst);
         let ss = || sender(&src, round > 0);
-        while !attempt(&mut f, rng, kills, &mut rx, &rs, &ss) {}
+        let check = || {
+            let diff = tree_diff(&src, &dst);
+            assert!(
+                diff.is_empty(),
+                "file round {round}: migrate succeeded but the target differs:\n{diff}"
+            );
+        };
+        let mut r = Round {
+            start_rx: &rs,
+            start: &ss,
+            check: &check,
+            took: if round == 0 {
+                &mut copy_took
+            } else {
+                &mut sync_took
+            },
+        };
+        while !attempt(&mut f, rng, kills, &mut rx, &mut r) {}
         round += 1;
         if f.kills >= kills && round >= 2 {
             break;
@@ -428,19 +495,8 @@ fn file(kills: u32, rng: &mut Rng) -> Figures {
     drop(rx);
     f.bytes = lo_bytes() - before;
     f.rounds = round;
-    let diff = run(
-        "rsync",
-        &[
-            "-aHAXS",
-            "--delete",
-            "--checksum",
-            "--dry-run",
-            "--itemize-changes",
-            &format!("{}/", src.display()),
-            &format!("{}/", dst.display()),
-        ],
-    );
-    assert!(diff.trim().is_empty(), "file: the target differs:\n{diff}");
+    let diff = tree_diff(&src, &dst);
+    assert!(diff.is_empty(), "file: the target differs:\n{diff}");
 
     let (src, dst, _) = make("clean");
     let before = lo_bytes();
