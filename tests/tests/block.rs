@@ -1015,7 +1015,12 @@ fn a_full_filesystem_under_the_target_image_fails_clearly_and_the_next_pass_resu
     sms_tests::require_root();
     let kit = Kit::new();
     let src = noise_image(kit.dir.path(), "src.img", 64, 9);
-    let fs = sms_tests::Tmpfs::mount(&kit.dir.path().join("small"), 40);
+    // The filesystem is large enough for the image (a plan for an image larger than its
+    // filesystem is refused before anything is written), but a filler leaves too little free
+    // for the data: the pass runs into ENOSPC midway.
+    let fs = sms_tests::Tmpfs::mount(&kit.dir.path().join("small"), 80);
+    let filler = fs.dir.join("filler");
+    std::fs::write(&filler, vec![1u8; 40 << 20]).unwrap();
     let dst = fs.dir.join("dst.img");
     let arg = format!("disk0={}", dst.display());
     let rx = Receiver::start(&kit, &["--disk".into(), arg]);
@@ -1033,7 +1038,7 @@ fn a_full_filesystem_under_the_target_image_fails_clearly_and_the_next_pass_resu
         err.contains("no space left") && err.contains("bytes are free") && err.contains("more"),
         "no space figures in: {err}"
     );
-    fs.resize(200);
+    std::fs::remove_file(&filler).unwrap();
     let again = migrate_cmd(&kit, &rx.addr, &[(&src, "disk0")], &[])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
