@@ -10,10 +10,13 @@
 /// The TLS library the session types use, for callers that hold its configs.
 pub use rustls;
 
+pub use code::{Code, TaskFailure};
+
 pub mod alloc;
 pub mod block;
 pub mod certs;
 pub mod chunk;
+pub mod code;
 pub mod conn;
 pub mod file;
 pub mod limit;

@@ -14,6 +14,7 @@ use super::models::ErrorBody;
 use super::sign;
 use super::time::{sdk_date, skew_seconds};
 use crate::config::{AuthMethod, Config, Secret};
+use transfer::Code;
 
 /// Largest response body accepted. The biggest legitimate answer (a task with hundreds of
 /// disks, or certkey PEMs) is a few hundred KiB; a larger one is a broken or hostile server.
@@ -33,7 +34,7 @@ pub enum ApiError {
     #[error("{code}: cannot reach the SMS API at {url}: {detail}")]
     Transport {
         /// The SMS error code that fits.
-        code: &'static str,
+        code: Code,
         /// URL called.
         url: String,
         /// The error and its causes, outermost first.
@@ -56,7 +57,7 @@ pub enum ApiError {
         retry_after: Option<u64>,
     },
     /// Local clock too far from the server's: AK/SK signatures are refused (SMS.0205).
-    #[error("SMS.0205: the local clock is {skew_secs} s off the API server's; AK/SK signatures are refused beyond 900 s. Fix the time (chrony/ntpd) on this host")]
+    #[error("{code}: the local clock is {skew_secs} s off the API server's; AK/SK signatures are refused beyond 900 s. Fix the time (chrony/ntpd) on this host", code = Code::ClockSkew)]
     ClockSkew {
         /// Local minus server time, in seconds.
         skew_secs: i64,
@@ -381,7 +382,7 @@ impl Client {
             {
                 if skew.unsigned_abs() > MAX_SKEW.as_secs() {
                     let e = ApiError::ClockSkew { skew_secs: skew };
-                    tracing::error!(error_code = "SMS.0205", skew_secs = skew, "{e}");
+                    tracing::error!(error_code = %Code::ClockSkew, skew_secs = skew, "{e}");
                     return Err(e);
                 }
             }
@@ -490,11 +491,11 @@ fn transport(url: String, e: &reqwest::Error) -> ApiError {
     let lower = detail.to_ascii_lowercase();
     let code =
         if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-            "SMS.0304"
+            Code::TlsAuthFailed
         } else if e.is_timeout() {
-            "SMS.0203"
+            Code::ApiTimeout
         } else {
-            "SMS.0201"
+            Code::ApiNetworkBusy
         };
     ApiError::Transport { code, url, detail }
 }
