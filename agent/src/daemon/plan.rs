@@ -1,6 +1,7 @@
 //! Which data a pass moves: the source disks (and their used ranges) of a block task, or the
 //! filesystems, excludes and consistency check of a file task.
 
+use std::num::NonZeroU16;
 use std::path::PathBuf;
 
 use transfer::{Code, TaskFailure};
@@ -67,15 +68,7 @@ pub(super) async fn file(
     let st = crate::fileplan::settings(settings)
         .map_err(|e| TaskFailure::new(Code::AdvancedOptionFailed, e.to_string()))?;
     let mut excludes = st.excludes(sync);
-    for e in &cfg.exclude {
-        if !e.starts_with('/') {
-            return Err(TaskFailure::new(
-                Code::AdvancedOptionFailed,
-                format!("config [transfer] exclude {e:?} is not an absolute path"),
-            ));
-        }
-        excludes.push(e.into());
-    }
+    excludes.extend(cfg.exclude.iter().cloned());
     if let Some(s) = sources.iter().find(|s| !s.is_dir()) {
         return Err(TaskFailure::new(
             Code::MountPointNotFound,
@@ -105,7 +98,7 @@ pub(super) async fn file(
             sources,
             map_to_root: false,
             excludes,
-            streams: cfg.streams.unwrap_or(transfer::file::STREAMS).max(1),
+            streams: cfg.streams.map_or(transfer::file::STREAMS, NonZeroU16::get),
             sync,
             hash_mode: false,
             task_id: task.id.clone(),

@@ -1,6 +1,7 @@
 //! A task's passes: start one (START/SYNC, or a resume after a restart or a retryable
 //! failure), tend it while it runs, and record how it ended before SMS hears of it.
 
+use std::num::NonZeroU16;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -180,8 +181,7 @@ impl Daemon {
                     streams: self
                         .transfer
                         .streams
-                        .unwrap_or(transfer::block::STREAMS)
-                        .max(1),
+                        .map_or(transfer::block::STREAMS, NonZeroU16::get),
                     ..transfer::block::SendOptions::default()
                 };
                 Ok(Runner::start_block(connector, disks, opts))
