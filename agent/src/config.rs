@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
+use std::num::NonZeroU16;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -140,6 +141,16 @@ pub enum AuthMethod {
     Token,
 }
 
+impl AuthMethod {
+    /// The method as the config writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::Aksk => "aksk",
+            AuthMethod::Token => "token",
+        }
+    }
+}
+
 /// `[auth]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,31 +217,208 @@ pub struct ProbeSection {
     pub interfaces: Vec<String>,
 }
 
-/// `[transfer]`.
+/// `[transfer]` as written; [`TransferSection`] is what it validates into.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TransferSection {
-    /// Data port on the target.
-    pub port: u16,
-    /// Parallel data connections per task (unset: 4 for block-level, 8 for file-level).
-    pub streams: Option<u16>,
-    /// Paths excluded from file-level migration.
-    pub exclude: Vec<String>,
+struct RawTransferSection {
+    port: u16,
+    streams: Option<u16>,
+    exclude: Vec<String>,
 }
 
-impl Default for TransferSection {
+impl Default for RawTransferSection {
     fn default() -> Self {
         Self {
-            port: 8900,
+            port: DEFAULT_PORT,
             streams: None,
             exclude: Vec::new(),
         }
     }
 }
 
-/// The whole configuration.
+/// Data port on the target unless `[transfer] port` says otherwise.
+pub const DEFAULT_PORT: u16 = 8900;
+
+/// `[transfer]`, validated.
+#[derive(Debug, Clone)]
+pub struct TransferSection {
+    /// Data port on the target.
+    pub port: NonZeroU16,
+    /// Parallel data connections per task, at most [`transfer::session::MAX_STREAMS`]
+    /// (unset: 4 for block-level, 8 for file-level).
+    pub streams: Option<NonZeroU16>,
+    /// Absolute paths excluded from file-level migration.
+    pub exclude: Vec<PathBuf>,
+}
+
+impl Default for TransferSection {
+    fn default() -> Self {
+        Self {
+            port: NonZeroU16::MIN.saturating_add(DEFAULT_PORT - 1),
+            streams: None,
+            exclude: Vec::new(),
+        }
+    }
+}
+
+/// The file as written: what serde reads before [`Config::load`] validates it.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    api: ApiSection,
+    auth: AuthSection,
+    agent: AgentSection,
+    probe: ProbeSection,
+    transfer: RawTransferSection,
+}
+
+/// What the configuration is loaded for: the daemon needs the API settings, `probe` and
+/// `status` do not and do not check them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `sms-agent run`: `[api]` and `[auth]` must allow calls to SMS.
+    Daemon,
+    /// Commands that only read the host or the state directory.
+    Local,
+}
+
+/// How the agent proves who it is to SMS, with everything its method needs.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// AK/SK signing.
+    Aksk {
+        /// Access key id.
+        access_key: String,
+        /// Secret key.
+        secret_key: Secret,
+        /// `X-Security-Token` of a temporary AK/SK.
+        security_token: Option<Secret>,
+    },
+    /// IAM token.
+    Token {
+        /// IAM endpoint, without a trailing `/`.
+        iam_endpoint: String,
+        /// IAM user.
+        username: String,
+        /// IAM password.
+        password: Secret,
+        /// IAM domain (account) name.
+        domain_name: String,
+        /// IAM project name, the token's scope.
+        project_name: String,
+    },
+}
+
+/// `[api]` and `[auth]`, validated: everything the API client needs.
+#[derive(Debug, Clone)]
+pub struct ApiAccess {
+    /// Base URL, http(s), without a trailing `/`.
+    pub endpoint: String,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// Proxy for every request.
+    pub proxy: Option<reqwest::Proxy>,
+    /// Extra CA trusted for the API.
+    pub ca: Option<reqwest::Certificate>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl ApiAccess {
+    /// Checks `[api]` and `[auth]` of `cfg`, naming every bad or missing key.
+    pub fn from_config(cfg: &Config) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let endpoint = cfg.api.endpoint.trim_end_matches('/').to_string();
+        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+            problems.push(format!(
+                "[api] endpoint {:?} must be an http(s) URL, e.g. https://sms.cn-north-4.myhuaweicloud.com",
+                cfg.api.endpoint
+            ));
+        }
+        if cfg.api.timeout.0.is_zero() {
+            problems.push("[api] timeout must be more than 0".into());
+        }
+        let proxy = (!cfg.api.proxy.is_empty())
+            .then(|| reqwest::Proxy::all(&cfg.api.proxy))
+            .transpose()
+            .unwrap_or_else(|e| {
+                problems.push(format!("[api] proxy {:?}: {e}", cfg.api.proxy));
+                None
+            });
+        let ca = cfg
+            .api
+            .ca_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+            .and_then(|ca| {
+                let cert = fs::read(ca).map_err(|e| e.to_string()).and_then(|pem| {
+                    reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())
+                });
+                cert.map_err(|e| problems.push(format!("[api] ca_file {}: {e}", ca.display())))
+                    .ok()
+            });
+        let credentials = credentials(&cfg.auth, &mut problems);
+        match credentials {
+            Some(credentials) if problems.is_empty() => Ok(Self {
+                endpoint,
+                credentials,
+                proxy,
+                ca,
+                timeout: cfg.api.timeout.0,
+            }),
+            _ => Err(problems),
+        }
+    }
+}
+
+/// The credentials of `[auth]`, or `None` with a problem per missing key.
+fn credentials(a: &AuthSection, problems: &mut Vec<String>) -> Option<Credentials> {
+    let mut required = |v: &str, key: &str| {
+        if v.trim().is_empty() {
+            problems.push(format!(
+                "[auth] {key} is required for {} auth",
+                a.method.name()
+            ));
+            None
+        } else {
+            Some(v.to_string())
+        }
+    };
+    match a.method {
+        AuthMethod::Aksk => {
+            let access_key = required(&a.access_key, "access_key");
+            let secret_key = a.secret_key.clone();
+            if secret_key.is_none() {
+                problems.push("[auth] secret_key or secret_key_file is required for aksk".into());
+            }
+            Some(Credentials::Aksk {
+                access_key: access_key?,
+                secret_key: secret_key?,
+                security_token: a.security_token.clone(),
+            })
+        }
+        AuthMethod::Token => {
+            let iam_endpoint = required(&a.iam_endpoint, "iam_endpoint");
+            let username = required(&a.username, "username");
+            let domain_name = required(&a.domain_name, "domain_name");
+            let project_name = required(&a.project_name, "project_name");
+            let password = a.password.clone();
+            if password.is_none() {
+                problems.push("[auth] password or password_file is required for token".into());
+            }
+            Some(Credentials::Token {
+                iam_endpoint: iam_endpoint?.trim_end_matches('/').to_string(),
+                username: username?,
+                password: password?,
+                domain_name: domain_name?,
+                project_name: project_name?,
+            })
+        }
+    }
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// `[api]`.
     pub api: ApiSection,
@@ -242,6 +430,8 @@ pub struct Config {
     pub probe: ProbeSection,
     /// `[transfer]`.
     pub transfer: TransferSection,
+    /// `[api]` and `[auth]` as the client uses them; set when loaded for [`Purpose::Daemon`].
+    pub access: Option<ApiAccess>,
 }
 
 /// What is wrong with the configuration; the message names the file, key or variable.
@@ -263,6 +453,14 @@ pub enum ConfigError {
         /// The parser's message, with line and key.
         message: String,
     },
+    /// Settings that parse but cannot be used; every one found is listed.
+    #[error("{path}: {}", list(problems), path = path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// One line per bad setting, each naming its `[section] key`.
+        problems: Vec<String>,
+    },
     /// An `SMS_AGENT_*` variable that names no key.
     #[error("environment variable {var} names no config key (known: {known})")]
     UnknownEnv {
@@ -283,17 +481,27 @@ pub enum ConfigError {
     },
 }
 
+/// One problem inline; several one a line, so that each can be read and fixed.
+fn list(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => format!("{} invalid settings:\n  {}", many.len(), many.join("\n  ")),
+    }
+}
+
 /// Sections and keys, for mapping `SMS_AGENT_<SECTION>_<KEY>` (keys may contain `_`).
 const SECTIONS: &[&str] = &["api", "auth", "agent", "probe", "transfer"];
 
 impl Config {
     /// Reads `path` (a missing file is an empty config only when `optional`), applies the
-    /// `SMS_AGENT_*` variables of `env`, and reads secrets from files and from
-    /// `$CREDENTIALS_DIRECTORY`.
+    /// `SMS_AGENT_*` variables of `env`, reads secrets from files and from
+    /// `$CREDENTIALS_DIRECTORY`, and validates every setting `purpose` needs, reporting all
+    /// bad ones at once.
     pub fn load(
         path: &Path,
         optional: bool,
         env: &BTreeMap<String, String>,
+        purpose: Purpose,
     ) -> Result<Self, ConfigError> {
         let text = match fs::read_to_string(path) {
             Ok(t) => t,
@@ -310,38 +518,118 @@ impl Config {
             message,
         };
         // Parsed straight from the text first, so that errors carry the line of the bad key.
-        toml::from_str::<Config>(&text)
+        toml::from_str::<RawConfig>(&text)
             .map_err(|e| syntax(e.to_string().trim_end().to_string()))?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| syntax(e.to_string()))?;
         apply_env(&mut table, env)?;
-        let mut cfg: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut raw = RawConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
             syntax(format!(
                 "with the {ENV_PREFIX}* environment overrides applied: {}",
                 e.to_string().trim_end()
             ))
         })?;
+        let mut problems = Vec::new();
+        load_secrets(path, &mut raw.auth, env, &mut problems);
+        let transfer = transfer_section(&raw.transfer, &mut problems);
+        agent_section(&raw.agent, &mut problems);
+        let mut cfg = Config {
+            api: raw.api,
+            auth: raw.auth,
+            agent: raw.agent,
+            probe: raw.probe,
+            transfer,
+            access: None,
+        };
+        if purpose == Purpose::Daemon {
+            match ApiAccess::from_config(&cfg) {
+                Ok(a) => cfg.access = Some(a),
+                Err(p) => problems.extend(p),
+            }
+        }
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+}
 
-        if cfg.auth.secret_key.is_some() || cfg.auth.password.is_some() {
-            check_private(path, "a secret (secret_key or password)")?;
+/// Fills the secret key and password from their files or systemd credentials; a problem
+/// per secret that is exposed or unreadable.
+fn load_secrets(
+    path: &Path,
+    auth: &mut AuthSection,
+    env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    if auth.secret_key.is_some() || auth.password.is_some() {
+        if let Err(e) = check_private(path, "a secret (secret_key or password)") {
+            problems.push(e.to_string());
         }
-        let creds = env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        if cfg.auth.secret_key.is_none() {
-            cfg.auth.secret_key = read_secret(
-                cfg.auth.secret_key_file.as_deref(),
-                creds.as_deref(),
-                SK_CREDENTIAL,
-                "the secret key",
-            )?;
+    }
+    let creds = env.get("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    if auth.secret_key.is_none() {
+        auth.secret_key = read_secret(
+            auth.secret_key_file.as_deref(),
+            creds.as_deref(),
+            SK_CREDENTIAL,
+            "the secret key",
+        )
+        .unwrap_or_else(|e| {
+            problems.push(format!("[auth] secret_key_file: {e}"));
+            None
+        });
+    }
+    if auth.password.is_none() {
+        auth.password = read_secret(
+            auth.password_file.as_deref(),
+            creds.as_deref(),
+            PASSWORD_CREDENTIAL,
+            "the IAM password",
+        )
+        .unwrap_or_else(|e| {
+            problems.push(format!("[auth] password_file: {e}"));
+            None
+        });
+    }
+}
+
+/// `[transfer]` validated; a problem per bad key.
+fn transfer_section(raw: &RawTransferSection, problems: &mut Vec<String>) -> TransferSection {
+    let mut t = TransferSection::default();
+    match NonZeroU16::new(raw.port) {
+        Some(p) => t.port = p,
+        None => problems.push("[transfer] port must be 1..=65535, not 0".into()),
+    }
+    let max = transfer::session::MAX_STREAMS;
+    match raw.streams {
+        None => {}
+        Some(n) if (1..=max).contains(&n) => t.streams = NonZeroU16::new(n),
+        Some(n) => problems.push(format!("[transfer] streams must be 1..={max}, not {n}")),
+    }
+    for e in &raw.exclude {
+        if e.starts_with('/') {
+            t.exclude.push(PathBuf::from(e));
+        } else {
+            problems.push(format!("[transfer] exclude {e:?} is not an absolute path"));
         }
-        if cfg.auth.password.is_none() {
-            cfg.auth.password = read_secret(
-                cfg.auth.password_file.as_deref(),
-                creds.as_deref(),
-                PASSWORD_CREDENTIAL,
-                "the IAM password",
-            )?;
-        }
-        Ok(cfg)
+    }
+    t
+}
+
+/// `[agent]` checked; a problem per bad key.
+fn agent_section(a: &AgentSection, problems: &mut Vec<String>) {
+    if a.state_dir.as_os_str().is_empty() {
+        problems.push("[agent] state_dir must not be empty".into());
+    }
+    if a.poll_interval.0.is_zero() {
+        problems.push("[agent] poll_interval must be more than 0".into());
+    }
+    if a.reprobe_interval.0.is_zero() {
+        problems.push("[agent] reprobe_interval must be more than 0".into());
     }
 }
 
@@ -469,7 +757,7 @@ exclude = []
 "#,
             0o600,
         );
-        let c = Config::load(&p, false, &BTreeMap::new()).unwrap();
+        let c = Config::load(&p, false, &BTreeMap::new(), Purpose::Local).unwrap();
         assert_eq!(c.api.endpoint, "https://sms.cn-north-4.myhuaweicloud.com");
         assert_eq!(c.auth.secret_key.as_ref().unwrap().expose(), "SK");
         assert_eq!(c.agent.poll_interval.0, Duration::from_secs(10));
@@ -489,12 +777,12 @@ exclude = []
             "[agent]\nname = \"x\"\npoll_intervall = \"5s\"\n",
             0o644,
         );
-        let e = Config::load(&p, false, &BTreeMap::new())
+        let e = Config::load(&p, false, &BTreeMap::new(), Purpose::Local)
             .unwrap_err()
             .to_string();
         assert!(e.contains("poll_intervall") && e.contains("line 3"), "{e}");
         let p = write(t.path(), "b.toml", "[agent\nname = 1\n", 0o644);
-        let e = Config::load(&p, false, &BTreeMap::new())
+        let e = Config::load(&p, false, &BTreeMap::new(), Purpose::Local)
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 1") && e.contains("b.toml"), "{e}");
@@ -504,7 +792,7 @@ exclude = []
     fn secrets_in_readable_files_are_refused() {
         let t = tempfile::tempdir().unwrap();
         let p = write(t.path(), "a.toml", "[auth]\nsecret_key = \"SK\"\n", 0o644);
-        let e = Config::load(&p, false, &BTreeMap::new())
+        let e = Config::load(&p, false, &BTreeMap::new(), Purpose::Local)
             .unwrap_err()
             .to_string();
         assert!(e.contains("chmod 600") && e.contains("a.toml"), "{e}");
@@ -515,12 +803,12 @@ exclude = []
             &format!("[auth]\nsecret_key_file = {:?}\n", sk),
             0o644,
         );
-        let e = Config::load(&p, false, &BTreeMap::new())
+        let e = Config::load(&p, false, &BTreeMap::new(), Purpose::Local)
             .unwrap_err()
             .to_string();
         assert!(e.contains("sk") && e.contains("640"), "{e}");
         fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
-        let c = Config::load(&p, false, &BTreeMap::new()).unwrap();
+        let c = Config::load(&p, false, &BTreeMap::new(), Purpose::Local).unwrap();
         assert_eq!(c.auth.secret_key.unwrap().expose(), "SECRET");
     }
 
@@ -541,28 +829,33 @@ exclude = []
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let c = Config::load(&t.path().join("missing.toml"), true, &env).unwrap();
+        let c = Config::load(&t.path().join("missing.toml"), true, &env, Purpose::Local).unwrap();
         assert_eq!(c.auth.secret_key.unwrap().expose(), "FROM-SYSTEMD");
         assert_eq!(c.api.endpoint, "http://127.0.0.1:8080");
-        assert_eq!(c.transfer.port, 9000);
+        assert_eq!(c.transfer.port.get(), 9000);
         assert_eq!(c.agent.poll_interval.0, Duration::from_secs(2));
         assert_eq!(c.probe.devices, vec![PathBuf::from("/dev/loop1")]);
 
         let bad: BTreeMap<String, String> =
             [("SMS_AGENT_NOPE_X".to_string(), "1".to_string())].into();
-        let e = Config::load(&t.path().join("missing.toml"), true, &bad)
+        let e = Config::load(&t.path().join("missing.toml"), true, &bad, Purpose::Local)
             .unwrap_err()
             .to_string();
         assert!(e.contains("SMS_AGENT_NOPE_X"), "{e}");
         let bad: BTreeMap<String, String> =
             [("SMS_AGENT_API_ENDPOINTS".to_string(), "x".to_string())].into();
-        let e = Config::load(&t.path().join("missing.toml"), true, &bad)
+        let e = Config::load(&t.path().join("missing.toml"), true, &bad, Purpose::Local)
             .unwrap_err()
             .to_string();
         assert!(e.contains("endpoints"), "{e}");
-        let e = Config::load(&t.path().join("missing.toml"), false, &BTreeMap::new())
-            .unwrap_err()
-            .to_string();
+        let e = Config::load(
+            &t.path().join("missing.toml"),
+            false,
+            &BTreeMap::new(),
+            Purpose::Local,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("missing.toml"), "{e}");
     }
 
@@ -584,8 +877,125 @@ exclude = []
             creds.to_str().unwrap().to_string(),
         )]
         .into();
-        let c = Config::load(&p, false, &env).unwrap();
+        let c = Config::load(&p, false, &env, Purpose::Local).unwrap();
         assert_eq!(c.auth.secret_key.unwrap().expose(), "FROM-FILE");
+    }
+
+    /// Loads `text` (mode 0600) for `purpose` and returns the problems it has.
+    fn problems(text: &str, purpose: Purpose) -> Vec<String> {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(t.path(), "c.toml", text, 0o600);
+        match Config::load(&p, false, &BTreeMap::new(), purpose) {
+            Err(ConfigError::Invalid { path, problems }) => {
+                assert_eq!(path, p);
+                problems
+            }
+            other => panic!("expected invalid settings, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_bad_setting_is_named_at_once() {
+        let got = problems(
+            r#"
+[api]
+endpoint = "ftp://x"
+proxy = "::no proxy::"
+timeout = "0s"
+ca_file = "/nonexistent/ca.pem"
+[auth]
+method = "aksk"
+[agent]
+state_dir = ""
+poll_interval = 0
+reprobe_interval = "0s"
+[transfer]
+port = 0
+streams = 0
+exclude = ["/tmp", "var/cache", "relative"]
+"#,
+            Purpose::Daemon,
+        );
+        for key in [
+            "[api] endpoint",
+            "[api] proxy",
+            "[api] timeout",
+            "[api] ca_file /nonexistent/ca.pem",
+            "[auth] access_key",
+            "[auth] secret_key",
+            "[agent] state_dir",
+            "[agent] poll_interval",
+            "[agent] reprobe_interval",
+            "[transfer] port",
+            "[transfer] streams must be 1..=64, not 0",
+            "[transfer] exclude \"var/cache\"",
+            "[transfer] exclude \"relative\"",
+        ] {
+            assert!(
+                got.iter().any(|p| p.starts_with(key)),
+                "{key} not named in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), 13, "{got:#?}");
+    }
+
+    #[test]
+    fn token_auth_names_each_missing_key() {
+        let got = problems(
+            "[api]\nendpoint = \"https://sms\"\n[auth]\nmethod = \"token\"\nusername = \"u\"\n",
+            Purpose::Daemon,
+        );
+        for key in ["iam_endpoint", "domain_name", "project_name", "password"] {
+            assert!(
+                got.iter().any(|p| p.starts_with(&format!("[auth] {key}"))),
+                "{key} not named in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), 4, "{got:#?}");
+    }
+
+    #[test]
+    fn streams_above_the_session_limit_are_refused() {
+        let got = problems("[transfer]\nstreams = 65\n", Purpose::Local);
+        assert_eq!(got, ["[transfer] streams must be 1..=64, not 65"]);
+    }
+
+    #[test]
+    fn local_use_ignores_the_api_and_valid_settings_become_types() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(
+            t.path(),
+            "c.toml",
+            "[transfer]\nport = 9000\nstreams = 3\nexclude = [\"/srv/cache\"]\n",
+            0o600,
+        );
+        let c = Config::load(&p, false, &BTreeMap::new(), Purpose::Local).unwrap();
+        assert!(c.access.is_none());
+        assert_eq!(c.transfer.port.get(), 9000);
+        assert_eq!(c.transfer.streams.map(NonZeroU16::get), Some(3));
+        assert_eq!(c.transfer.exclude, [PathBuf::from("/srv/cache")]);
+        assert_eq!(TransferSection::default().port.get(), DEFAULT_PORT);
+        let e = Config::load(&p, false, &BTreeMap::new(), Purpose::Daemon)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml") && e.contains("[api] endpoint"), "{e}");
+    }
+
+    #[test]
+    fn a_daemon_config_carries_its_api_access() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write(
+            t.path(),
+            "c.toml",
+            "[api]\nendpoint = \"https://sms.example/\"\n[auth]\naccess_key = \"AK\"\nsecret_key = \"SK\"\n",
+            0o600,
+        );
+        let c = Config::load(&p, false, &BTreeMap::new(), Purpose::Daemon).unwrap();
+        let a = c.access.unwrap();
+        assert_eq!(a.endpoint, "https://sms.example");
+        assert!(
+            matches!(a.credentials, Credentials::Aksk { ref access_key, .. } if access_key == "AK")
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use clap::Args;
-use sms_agent::config::{self, Config};
+use sms_agent::config::{self, Config, Purpose};
 
 /// Options of `sms-agent probe`.
 #[derive(Debug, Args)]
@@ -40,7 +40,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let cfg = Config::load(&path, args.config.is_none(), &env)?;
+    let cfg = Config::load(&path, args.config.is_none(), &env, Purpose::Local)?;
     let mut devices = cfg.probe.devices;
     devices.extend(args.devices.iter().cloned());
     let mut interfaces = cfg.probe.interfaces;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use sms_agent::api::Client;
-use sms_agent::config::{self, Config};
+use sms_agent::config::{self, Config, Purpose};
 use sms_agent::daemon::state::{self, Status};
 use sms_agent::daemon::Daemon;
 
@@ -29,14 +29,14 @@ pub struct StatusArgs {
     json: bool,
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+fn load(path: &std::path::Path, purpose: Purpose) -> anyhow::Result<Config> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    Config::load(path, false, &env).map_err(anyhow::Error::from)
+    Config::load(path, false, &env, purpose).map_err(anyhow::Error::from)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let cfg = load(&args.config)?;
+    let cfg = load(&args.config, Purpose::Daemon)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,7 +79,7 @@ fn daemon_alive(pid: u32) -> bool {
 
 /// Prints what the daemon is doing.
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
-    let cfg = load(&args.config)?;
+    let cfg = load(&args.config, Purpose::Local)?;
     let dir = &cfg.agent.state_dir;
     let st: Option<Status> = state::read_json(&dir.join(state::STATUS_FILE))?;
     // Probing the lock would race a daemon that is just starting, so look at the pid instead.

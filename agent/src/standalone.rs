@@ -16,7 +16,7 @@ const HEAD_BYTES: usize = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// A source disk could not be read to identify it.
-    #[error("SMS.1905: cannot identify source disk {path}: {source}")]
+    #[error("{code}: cannot identify source disk {path}: {source}", code = transfer::Code::VolumeUnreadable)]
     Disk {
         /// The device.
         path: PathBuf,

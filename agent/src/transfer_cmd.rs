@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 use transfer::session::{Connector, Listener};
 use transfer::task::{Control, Progress};
 use transfer::wire::Mode;
+use transfer::Code;
 
 /// TLS material shared by both commands.
 #[derive(Debug, Args)]
@@ -44,7 +45,7 @@ impl TlsArgs {
             &read(&self.key)?,
             pass.as_deref(),
         )
-        .context("SMS.3301: SSL certificate not loaded")?;
+        .with_context(|| format!("{}: SSL certificate not loaded", Code::SslCertNotLoaded))?;
         Ok((id, read(&self.ca)?))
     }
 }
@@ -175,7 +176,8 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         });
     }
     let (id, ca) = a.tls.load()?;
-    let cfg = transfer::tls::server_config(id, &ca).context("SMS.3301: TLS setup")?;
+    let cfg = transfer::tls::server_config(id, &ca)
+        .with_context(|| format!("{}: TLS setup", Code::SslCertNotLoaded))?;
     std::fs::create_dir_all(&a.state_dir)
         .with_context(|| format!("cannot create {}", a.state_dir.display()))?;
     if let Some(root) = &a.root {
@@ -240,7 +242,7 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
             mode => {
                 tracing::warn!(task_id = %task, ?mode, "refused: this receiver serves the other mode");
                 inc.control.send_error(
-                    "SMS.1908",
+                    &Code::TransmissionFailed,
                     "this receiver was not started for that mode (--disk for block, --root for file)",
                 );
                 false
@@ -340,7 +342,8 @@ fn with_progress<T>(label: &str, pass: impl FnOnce(&Progress) -> T) -> T {
 /// Runs the standalone source side; Ok only when the copy (and sync) is complete.
 pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
     let (id, ca) = a.tls.load()?;
-    let cfg = transfer::tls::client_config(id, &ca).context("SMS.3301: TLS setup")?;
+    let cfg = transfer::tls::client_config(id, &ca)
+        .with_context(|| format!("{}: TLS setup", Code::SslCertNotLoaded))?;
     let connector = Connector {
         addr: a.target.clone(),
         tls: cfg,
@@ -370,8 +373,9 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
     let plan = || -> anyhow::Result<Vec<transfer::block::SourceDisk>> {
         let mut disks = Vec::new();
         for (path, name) in &sources {
-            let (used, notes) = sms_agent::blockplan::used_ranges(path)
-                .with_context(|| format!("SMS.1905: cannot read {}", path.display()))?;
+            let (used, notes) = sms_agent::blockplan::used_ranges(path).with_context(|| {
+                format!("{}: cannot read {}", Code::VolumeUnreadable, path.display())
+            })?;
             for n in &notes {
                 tracing::info!(disk = %path.display(), "{n}");
             }

@@ -3,17 +3,20 @@
 //! This crate is the third stage of the one-way data flow probe → agent → transfer. So far it
 //! holds the mutual-TLS setup from the PEMs SMS hands out (`tls`), the certificates of
 //! standalone mode (`certs`), the framed wire protocol (`wire`), chunk hashing and compression
-//! (`chunk`), speed limits (`limit`) and progress metering (`meter`); the block and file engines
-//! that use them come next.
+//! (`chunk`), speed limits (`limit`), progress metering (`meter`) and the SMS error codes
+//! every failure carries (`code`); the block and file engines that use them come next.
 #![deny(unsafe_code)]
 
 /// The TLS library the session types use, for callers that hold its configs.
 pub use rustls;
 
+pub use code::{Code, TaskFailure};
+
 pub mod alloc;
 pub mod block;
 pub mod certs;
 pub mod chunk;
+pub mod code;
 pub mod conn;
 pub mod file;
 pub mod limit;

@@ -11,6 +11,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::code::Code;
 use crate::conn::{Conn, ConnReader, ConnWriter};
 use crate::wire::{Message, Mode, WireError, VERSION};
 
@@ -74,7 +75,7 @@ const STREAM_BUF: usize = 256 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The target cannot be reached (SMS.1807).
-    #[error("SMS.1807: cannot connect to the target {addr}: {source}")]
+    #[error("{code}: cannot connect to the target {addr}: {source}", code = Code::TargetUnreachable)]
     Connect {
         /// `host:port`.
         addr: String,
@@ -82,7 +83,7 @@ pub enum SessionError {
         source: std::io::Error,
     },
     /// TLS failed: a certificate the peer refused, or the peer's we refused (SMS.0304).
-    #[error("SMS.0304: TLS with {peer} failed: {source}")]
+    #[error("{code}: TLS with {peer} failed: {source}", code = Code::TlsAuthFailed)]
     Tls {
         /// Peer address.
         peer: String,
@@ -90,7 +91,7 @@ pub enum SessionError {
         source: std::io::Error,
     },
     /// A message that does not fit the protocol state, or a malformed one.
-    #[error("SMS.1908: protocol error with {peer}: {what}")]
+    #[error("{code}: protocol error with {peer}: {what}", code = Code::TransmissionFailed)]
     Protocol {
         /// Peer address.
         peer: String,
@@ -106,18 +107,18 @@ pub enum SessionError {
         message: String,
     },
     /// The wire failed (SMS.1908 data transmission failed).
-    #[error("SMS.1908: data transmission failed: {0}")]
+    #[error("{code}: data transmission failed: {0}", code = Code::TransmissionFailed)]
     Wire(#[from] WireError),
 }
 
 impl SessionError {
     /// The SMS error code to report.
-    pub fn code(&self) -> &str {
+    pub fn code(&self) -> Code {
         match self {
-            SessionError::Connect { .. } => "SMS.1807",
-            SessionError::Tls { .. } => "SMS.0304",
-            SessionError::Protocol { .. } | SessionError::Wire(_) => "SMS.1908",
-            SessionError::Remote { code, .. } => code,
+            SessionError::Connect { .. } => Code::TargetUnreachable,
+            SessionError::Tls { .. } => Code::TlsAuthFailed,
+            SessionError::Protocol { .. } | SessionError::Wire(_) => Code::TransmissionFailed,
+            SessionError::Remote { code, .. } => Code::parse(code),
         }
     }
 }
@@ -210,7 +211,7 @@ impl Stream {
     }
 
     /// Sends an error to the peer, best effort.
-    pub fn send_error(&mut self, code: &str, message: &str) {
+    pub fn send_error(&mut self, code: &Code, message: &str) {
         let mut msg: String = message.chars().take(1000).collect();
         if msg.len() > crate::wire::MAX_STRING {
             msg.truncate(0);
@@ -532,14 +533,14 @@ fn accept_one(
         session,
     } = hello
     else {
-        s.send_error("SMS.1908", "expected Hello");
+        s.send_error(&Code::TransmissionFailed, "expected Hello");
         return Err(SessionError::Protocol {
             peer,
             what: "the first message was not Hello".into(),
         });
     };
     if streams == 0 || streams > MAX_STREAMS || stream > streams {
-        s.send_error("SMS.1908", "bad stream numbers");
+        s.send_error(&Code::TransmissionFailed, "bad stream numbers");
         return Err(SessionError::Protocol {
             peer,
             what: format!("stream {stream} of {streams} (1–{MAX_STREAMS} data streams allowed)"),
@@ -549,7 +550,10 @@ fn accept_one(
     if stream == 0 {
         if reg.len() >= MAX_SESSIONS {
             drop(reg);
-            s.send_error("SMS.1908", "the target serves too many sessions");
+            s.send_error(
+                &Code::TransmissionFailed,
+                "the target serves too many sessions",
+            );
             return Err(SessionError::Protocol {
                 peer,
                 what: "too many sessions".into(),
@@ -582,7 +586,7 @@ fn accept_one(
     }
     let Some(joining) = reg.get_mut(&session) else {
         drop(reg);
-        s.send_error("SMS.1908", "no such session");
+        s.send_error(&Code::TransmissionFailed, "no such session");
         return Err(SessionError::Protocol {
             peer,
             what: format!("data stream {stream} for an unknown session"),
@@ -590,7 +594,10 @@ fn accept_one(
     };
     let Some(left) = joining.left.checked_sub(1) else {
         drop(reg);
-        s.send_error("SMS.1908", "the session has all its data streams");
+        s.send_error(
+            &Code::TransmissionFailed,
+            "the session has all its data streams",
+        );
         return Err(SessionError::Protocol {
             peer,
             what: format!("data stream {stream} past the number the session announced"),
@@ -798,7 +805,7 @@ mod tests {
         let (_data, _) = c.open("t", Mode::Block, 1, 1, session).unwrap();
         let e = c.open("t", Mode::Block, 1, 1, session).unwrap_err();
         assert!(
-            matches!(&e, SessionError::Remote { code, .. } if code == "SMS.1908"),
+            matches!(&e, SessionError::Remote { code, .. } if code == Code::TransmissionFailed.as_str()),
             "{e}"
         );
     }

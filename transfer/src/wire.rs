@@ -787,7 +787,7 @@ mod tests {
             Message::Ack { upto: u64::MAX },
             Message::Checkpoint { seq: 17 },
             Message::Error {
-                code: "SMS.1908".into(),
+                code: crate::Code::TransmissionFailed.to_string(),
                 message: "disk full".into(),
             },
             Message::Bye,

@@ -13,7 +13,8 @@ use super::backoff::{retryable_status, Backoff};
 use super::models::ErrorBody;
 use super::sign;
 use super::time::{sdk_date, skew_seconds};
-use crate::config::{AuthMethod, Config, Secret};
+use crate::config::{ApiAccess, Config, ConfigError, Credentials, Secret};
+use transfer::Code;
 
 /// Largest response body accepted. The biggest legitimate answer (a task with hundreds of
 /// disks, or certkey PEMs) is a few hundred KiB; a larger one is a broken or hostile server.
@@ -33,7 +34,7 @@ pub enum ApiError {
     #[error("{code}: cannot reach the SMS API at {url}: {detail}")]
     Transport {
         /// The SMS error code that fits.
-        code: &'static str,
+        code: Code,
         /// URL called.
         url: String,
         /// The error and its causes, outermost first.
@@ -56,7 +57,7 @@ pub enum ApiError {
         retry_after: Option<u64>,
     },
     /// Local clock too far from the server's: AK/SK signatures are refused (SMS.0205).
-    #[error("SMS.0205: the local clock is {skew_secs} s off the API server's; AK/SK signatures are refused beyond 900 s. Fix the time (chrony/ntpd) on this host")]
+    #[error("{code}: the local clock is {skew_secs} s off the API server's; AK/SK signatures are refused beyond 900 s. Fix the time (chrony/ntpd) on this host", code = Code::ClockSkew)]
     ClockSkew {
         /// Local minus server time, in seconds.
         skew_secs: i64,
@@ -76,8 +77,12 @@ pub enum ApiError {
         detail: String,
     },
     /// The configuration does not allow a call (no endpoint, no credentials).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A call this client cannot make (a header value that cannot be sent, a token without
+    /// token auth, no HTTP stack).
     #[error("{0}")]
-    Config(String),
+    Local(String),
 }
 
 impl ApiError {
@@ -88,7 +93,7 @@ impl ApiError {
                 true
             }
             ApiError::Status { status, .. } => retryable_status(*status),
-            ApiError::ClockSkew { .. } | ApiError::Config(_) => false,
+            ApiError::ClockSkew { .. } | ApiError::Config(_) | ApiError::Local(_) => false,
         }
     }
 
@@ -141,69 +146,60 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Builds the client from the configuration; fails naming the missing setting.
+    /// Builds the client from the configuration's validated API settings (checked here
+    /// only for a config built in code rather than loaded).
     pub fn new(cfg: &Config) -> Result<Self, ApiError> {
-        let endpoint = cfg.api.endpoint.trim_end_matches('/').to_string();
-        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-            return Err(ApiError::Config(format!(
-                "[api] endpoint {:?} must be an http(s) URL, e.g. https://sms.cn-north-4.myhuaweicloud.com",
-                cfg.api.endpoint
-            )));
-        }
-        let a = &cfg.auth;
-        let auth = match a.method {
-            AuthMethod::Aksk => Auth::Aksk {
-                ak: nonempty(&a.access_key, "[auth] access_key")?,
-                sk: a.secret_key.clone().ok_or_else(|| {
-                    ApiError::Config(
-                        "[auth] secret_key or secret_key_file is required for aksk".into(),
-                    )
-                })?,
-                security_token: a.security_token.clone(),
+        let access = match &cfg.access {
+            Some(a) => a.clone(),
+            None => ApiAccess::from_config(cfg).map_err(|problems| {
+                ApiError::Config(ConfigError::Invalid {
+                    path: "(built in code)".into(),
+                    problems,
+                })
+            })?,
+        };
+        let auth = match access.credentials {
+            Credentials::Aksk {
+                access_key,
+                secret_key,
+                security_token,
+            } => Auth::Aksk {
+                ak: access_key,
+                sk: secret_key,
+                security_token,
             },
-            AuthMethod::Token => Auth::Token {
-                iam_endpoint: nonempty(&a.iam_endpoint, "[auth] iam_endpoint")?
-                    .trim_end_matches('/')
-                    .to_string(),
-                username: nonempty(&a.username, "[auth] username")?,
-                password: a.password.clone().ok_or_else(|| {
-                    ApiError::Config(
-                        "[auth] password or password_file is required for token".into(),
-                    )
-                })?,
-                domain_name: nonempty(&a.domain_name, "[auth] domain_name")?,
-                project_name: nonempty(&a.project_name, "[auth] project_name")?,
+            Credentials::Token {
+                iam_endpoint,
+                username,
+                password,
+                domain_name,
+                project_name,
+            } => Auth::Token {
+                iam_endpoint,
+                username,
+                password,
+                domain_name,
+                project_name,
                 cached: Mutex::new(None),
             },
         };
         let mut b = reqwest::Client::builder()
-            .timeout(cfg.api.timeout.0)
+            .timeout(access.timeout)
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("sms-agent/", env!("CARGO_PKG_VERSION")));
-        if !cfg.api.proxy.is_empty() {
-            let p = reqwest::Proxy::all(&cfg.api.proxy)
-                .map_err(|e| ApiError::Config(format!("[api] proxy {:?}: {e}", cfg.api.proxy)))?;
+        if let Some(p) = access.proxy {
             b = b.proxy(p);
         }
-        if let Some(ca) = cfg
-            .api
-            .ca_file
-            .as_ref()
-            .filter(|p| !p.as_os_str().is_empty())
-        {
-            let pem = std::fs::read(ca)
-                .map_err(|e| ApiError::Config(format!("[api] ca_file {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| ApiError::Config(format!("[api] ca_file {}: {e}", ca.display())))?;
-            b = b.add_root_certificate(cert);
+        if let Some(ca) = access.ca {
+            b = b.add_root_certificate(ca);
         }
         let http = b
             .build()
-            .map_err(|e| ApiError::Config(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| ApiError::Local(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             http,
-            endpoint,
+            endpoint: access.endpoint,
             auth,
             project_id: cfg.api.project_id.clone(),
             domain_id: cfg.api.domain_id.clone(),
@@ -344,7 +340,7 @@ impl Client {
                 HeaderName::try_from(k.as_str()),
                 HeaderValue::try_from(v.as_str()),
             ) else {
-                return Err(ApiError::Config(format!(
+                return Err(ApiError::Local(format!(
                     "header {k} has a value that cannot be sent"
                 )));
             };
@@ -381,7 +377,7 @@ impl Client {
             {
                 if skew.unsigned_abs() > MAX_SKEW.as_secs() {
                     let e = ApiError::ClockSkew { skew_secs: skew };
-                    tracing::error!(error_code = "SMS.0205", skew_secs = skew, "{e}");
+                    tracing::error!(error_code = %Code::ClockSkew, skew_secs = skew, "{e}");
                     return Err(e);
                 }
             }
@@ -413,9 +409,7 @@ impl Client {
             cached,
         } = &self.auth
         else {
-            return Err(ApiError::Config(
-                "token requested without token auth".into(),
-            ));
+            return Err(ApiError::Local("token requested without token auth".into()));
         };
         if let Ok(c) = cached.lock() {
             if let Some((t, renew_at)) = c.as_ref() {
@@ -490,21 +484,13 @@ fn transport(url: String, e: &reqwest::Error) -> ApiError {
     let lower = detail.to_ascii_lowercase();
     let code =
         if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-            "SMS.0304"
+            Code::TlsAuthFailed
         } else if e.is_timeout() {
-            "SMS.0203"
+            Code::ApiTimeout
         } else {
-            "SMS.0201"
+            Code::ApiNetworkBusy
         };
     ApiError::Transport { code, url, detail }
-}
-
-fn nonempty(v: &str, what: &str) -> Result<String, ApiError> {
-    if v.trim().is_empty() {
-        Err(ApiError::Config(format!("{what} is required")))
-    } else {
-        Ok(v.to_string())
-    }
 }
 
 fn host_of(endpoint: &str) -> String {

@@ -121,7 +121,7 @@ pub struct CommandResult {
     pub command_name: String,
     /// `success` or `fail`.
     pub result: String,
-    /// Details; on failure `{"error_code": "SMS.xxxx", "error_msg": …}`.
+    /// Details; on failure `{"error_code": <SMS code>, "error_msg": …}`.
     pub result_detail: serde_json::Value,
 }
 

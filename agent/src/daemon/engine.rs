@@ -12,6 +12,7 @@ use transfer::file::{CheckOptions, DirCheck, FileError};
 use transfer::meter::Meter;
 use transfer::session::Connector;
 use transfer::task::{Control, Progress};
+use transfer::{Code, TaskFailure};
 
 /// What a completed pass did.
 #[derive(Debug, Default)]
@@ -34,22 +35,14 @@ pub enum Ended {
     /// Stopped at a checkpoint (STOP, DELETE, shutdown).
     Cancelled,
     /// Failed with an SMS code.
-    Failed {
-        /// SMS code.
-        code: String,
-        /// Operator-facing text.
-        message: String,
-    },
+    Failed(TaskFailure),
 }
 
 impl From<BlockError> for Ended {
     fn from(e: BlockError) -> Self {
         match e {
             BlockError::Cancelled => Ended::Cancelled,
-            e => Ended::Failed {
-                code: e.code(),
-                message: e.to_string(),
-            },
+            e => Ended::Failed(TaskFailure::new(e.code(), e.to_string())),
         }
     }
 }
@@ -58,10 +51,7 @@ impl From<FileError> for Ended {
     fn from(e: FileError) -> Self {
         match e {
             FileError::Cancelled => Ended::Cancelled,
-            e => Ended::Failed {
-                code: e.code().to_string(),
-                message: e.to_string(),
-            },
+            e => Ended::Failed(TaskFailure::new(e.code(), e.to_string())),
         }
     }
 }
@@ -170,7 +160,10 @@ impl Runner {
                         sum.check_note = Some("consistency check skipped".into());
                     }
                     Err(e) => {
-                        sum.check_note = Some(format!("SMS.1511: consistency check failed: {e}"));
+                        sum.check_note = Some(format!(
+                            "{}: consistency check failed: {e}",
+                            Code::ConsistencyCheckFailed
+                        ));
                     }
                 }
             } else if k.cancelled() {
@@ -192,10 +185,10 @@ impl Runner {
     pub fn join(&mut self) -> Ended {
         match self.handle.take().map(std::thread::JoinHandle::join) {
             Some(Ok(r)) => r,
-            _ => Ended::Failed {
-                code: "SMS.1908".into(),
-                message: "the transfer thread failed".into(),
-            },
+            _ => Ended::Failed(TaskFailure::new(
+                Code::TransmissionFailed,
+                "the transfer thread failed",
+            )),
         }
     }
 

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 pub use recv::{receive, ReceiveOptions, ReceiveReport, TargetMap};
 pub use send::{send, PassReport, SendOptions, STREAMS};
 
+use crate::code::Code;
 use crate::session::SessionError;
 use crate::wire::WireError;
 
@@ -48,10 +49,10 @@ pub enum BlockError {
     #[error(transparent)]
     Session(#[from] SessionError),
     /// The wire failed.
-    #[error("SMS.1908: data transmission failed: {0}")]
+    #[error("{code}: data transmission failed: {0}", code = Code::TransmissionFailed)]
     Wire(#[from] WireError),
     /// A source disk could not be read.
-    #[error("SMS.1905: cannot read {path}: {source}")]
+    #[error("{code}: cannot read {path}: {source}", code = Code::VolumeUnreadable)]
     ReadDisk {
         /// The device.
         path: PathBuf,
@@ -61,8 +62,8 @@ pub enum BlockError {
     /// A target disk could not be used or written.
     #[error("{code}: target disk {name} ({path}): {message}")]
     Target {
-        /// SMS code (SMS.1504 too small, SMS.1311 not mapped, SMS.1908 write failed).
-        code: &'static str,
+        /// SMS code (too small, not mapped, write failed).
+        code: Code,
         /// Disk name.
         name: String,
         /// Its path on the target.
@@ -71,7 +72,7 @@ pub enum BlockError {
         message: String,
     },
     /// The peer broke the protocol.
-    #[error("SMS.1908: protocol error: {0}")]
+    #[error("{code}: protocol error: {0}", code = Code::TransmissionFailed)]
     Protocol(String),
     /// The peer reported an error.
     #[error("{code}: the target reported: {message}")]
@@ -82,7 +83,7 @@ pub enum BlockError {
         message: String,
     },
     /// The receiver could not start a thread the session needs (a task limit reached).
-    #[error("SMS.1908: the target cannot start a thread for {what}: {source}")]
+    #[error("{code}: the target cannot start a thread for {what}: {source}", code = Code::TransmissionFailed)]
     Spawn {
         /// What the thread was for.
         what: &'static str,
@@ -90,38 +91,26 @@ pub enum BlockError {
         source: std::io::Error,
     },
     /// The receiver's checkpoint could not be written.
-    #[error("SMS.1908: {0}")]
+    #[error("{code}: {0}", code = Code::TransmissionFailed)]
     Checkpoint(#[from] ckpt::CkptError),
     /// The pass was stopped (STOP, DELETE, a signal); the checkpoint holds what is done.
-    #[error("SMS.1802: the pass was stopped; it resumes from the last checkpoint")]
+    #[error("{code}: the pass was stopped; it resumes from the last checkpoint", code = Code::TaskPaused)]
     Cancelled,
 }
 
 impl BlockError {
     /// The SMS error code for progress reports and command results.
-    pub fn code(&self) -> String {
+    pub fn code(&self) -> Code {
         match self {
-            BlockError::Session(e) => e.code().to_string(),
-            BlockError::ReadDisk { .. } => "SMS.1905".into(),
-            BlockError::Target { code, .. } => (*code).into(),
-            BlockError::Remote { code, .. } => code.clone(),
-            BlockError::Cancelled => "SMS.1802".into(),
+            BlockError::Session(e) => e.code(),
+            BlockError::ReadDisk { .. } => Code::VolumeUnreadable,
+            BlockError::Target { code, .. } => code.clone(),
+            BlockError::Remote { code, .. } => Code::parse(code),
+            BlockError::Cancelled => Code::TaskPaused,
             BlockError::Wire(_)
             | BlockError::Protocol(_)
             | BlockError::Checkpoint(_)
-            | BlockError::Spawn { .. } => "SMS.1908".into(),
-        }
-    }
-
-    /// Whether trying the pass again (with resume) may succeed: transport trouble, yes; a
-    /// refused plan, an unreadable disk or a stop, no.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            BlockError::Session(SessionError::Connect { .. })
-            | BlockError::Session(SessionError::Wire(_))
-            | BlockError::Wire(_) => true,
-            BlockError::Remote { code, .. } => code == "SMS.1908",
-            _ => false,
+            | BlockError::Spawn { .. } => Code::TransmissionFailed,
         }
     }
 }

@@ -16,6 +16,7 @@ use super::ckpt::{self, Meta, Sample};
 use super::map::{chunk_count, chunk_range, Bitmap};
 use super::{leaf_hash, BlockError};
 use crate::chunk::{verify_with, Zstd};
+use crate::code::Code;
 use crate::file::direct::{aligned, Aligned, ALIGN};
 use crate::session::{name_of, Incoming, Stream};
 use crate::wire::{Message, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
@@ -167,7 +168,7 @@ impl Sess {
         for t in &self.targets {
             t.file
                 .sync_data()
-                .map_err(|e| target_err(t, "SMS.1908", e))?;
+                .map_err(|e| target_err(t, Code::TransmissionFailed, e))?;
         }
         let samples = self.sample(&snapshot)?;
         let mut saved = self.saved();
@@ -301,7 +302,7 @@ impl Sess {
     }
 }
 
-fn target_err(t: &Target, code: &'static str, e: std::io::Error) -> BlockError {
+fn target_err(t: &Target, code: Code, e: std::io::Error) -> BlockError {
     if crate::file::is_no_space(&e) {
         return no_space(t);
     }
@@ -325,7 +326,7 @@ fn no_space(t: &Target) -> BlockError {
         .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
         .map_or_else(|_| "unknown".to_string(), |f| f.to_string());
     BlockError::Target {
-        code: "SMS.1504",
+        code: Code::DiskSizeMismatch,
         name: t.name.clone(),
         path: t.path.clone(),
         message: format!(
@@ -411,7 +412,7 @@ fn check_plan<'a>(
             .iter()
             .find(|m| &m.name == name)
             .ok_or_else(|| BlockError::Target {
-                code: "SMS.1311",
+                code: Code::TooFewTargetDisks,
                 name: name.clone(),
                 path: PathBuf::new(),
                 message: "not mapped on the target (receive --disk NAME=PATH)".into(),
@@ -439,7 +440,7 @@ fn check_size(m: &TargetMap, size: u64, chunk: u64) -> Result<(), BlockError> {
     };
     let refuse = |limit: String| {
         err(
-            "SMS.1504",
+            Code::DiskSizeMismatch,
             format!("the plan announces {size} bytes for it, but {limit}"),
         )
     };
@@ -456,7 +457,7 @@ fn check_size(m: &TargetMap, size: u64, chunk: u64) -> Result<(), BlockError> {
     let fs_limit = |on: &Path| -> Result<(), BlockError> {
         let st = nix::sys::statvfs::statvfs(on).map_err(|e| {
             err(
-                "SMS.1908",
+                Code::TransmissionFailed,
                 format!("cannot stat the filesystem of {}: {e}", on.display()),
             )
         })?;
@@ -473,7 +474,12 @@ fn check_size(m: &TargetMap, size: u64, chunk: u64) -> Result<(), BlockError> {
         Ok(md) if md.file_type().is_block_device() => {
             let have = File::open(&m.path)
                 .and_then(|mut f| f.seek(SeekFrom::End(0)))
-                .map_err(|e| err("SMS.1908", format!("cannot read the device's size: {e}")))?;
+                .map_err(|e| {
+                    err(
+                        Code::TransmissionFailed,
+                        format!("cannot read the device's size: {e}"),
+                    )
+                })?;
             if size > have {
                 return Err(refuse(format!("the device has {have} bytes")));
             }
@@ -486,7 +492,7 @@ fn check_size(m: &TargetMap, size: u64, chunk: u64) -> Result<(), BlockError> {
             fs_limit(&m.path)
         }
         Ok(_) => Err(err(
-            "SMS.1908",
+            Code::TransmissionFailed,
             "neither a block device nor a regular file".into(),
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -496,7 +502,7 @@ fn check_size(m: &TargetMap, size: u64, chunk: u64) -> Result<(), BlockError> {
             };
             fs_limit(dir)
         }
-        Err(e) => Err(err("SMS.1908", format!("cannot stat: {e}"))),
+        Err(e) => Err(err(Code::TransmissionFailed, format!("cannot stat: {e}"))),
     }
 }
 
@@ -516,22 +522,22 @@ fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
         .mode(0o600)
         .custom_flags(nix::libc::O_CLOEXEC)
         .open(&m.path)
-        .map_err(|e| err("SMS.1908", format!("cannot open: {e}")))?;
+        .map_err(|e| err(Code::TransmissionFailed, format!("cannot open: {e}")))?;
     let ft = file
         .metadata()
-        .map_err(|e| err("SMS.1908", e.to_string()))?
+        .map_err(|e| err(Code::TransmissionFailed, e.to_string()))?
         .file_type();
     let is_dev = ft.is_block_device();
     if !is_dev && !ft.is_file() {
         return Err(err(
-            "SMS.1908",
+            Code::TransmissionFailed,
             "neither a block device nor a regular file".into(),
         ));
     }
     if is_dev {
         if let Some(src) = mounted(&m.path) {
             return Err(err(
-                "SMS.1404",
+                Code::DiskAbnormal,
                 format!("{src} is mounted; refusing to write under a mounted filesystem"),
             ));
         }
@@ -540,16 +546,19 @@ fn open_target(m: &TargetMap, size: u64) -> Result<Target, BlockError> {
         if let Err(e) = file.set_len(size) {
             // Nothing of a refused plan stays behind.
             let _ = std::fs::remove_file(&m.path);
-            return Err(err("SMS.1908", format!("cannot size the image: {e}")));
+            return Err(err(
+                Code::TransmissionFailed,
+                format!("cannot size the image: {e}"),
+            ));
         }
     }
     let mut f = &file;
     let have = f
         .seek(SeekFrom::End(0))
-        .map_err(|e| err("SMS.1908", e.to_string()))?;
+        .map_err(|e| err(Code::TransmissionFailed, e.to_string()))?;
     if have < size {
         return Err(err(
-            "SMS.1504",
+            Code::DiskSizeMismatch,
             format!("it has {have} bytes, less than the source disk's {size}"),
         ));
     }
@@ -589,7 +598,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
         disks,
     } = plan
     else {
-        control.send_error("SMS.1908", "expected DiskPlan");
+        control.send_error(&Code::TransmissionFailed, "expected DiskPlan");
         return Err(BlockError::Protocol(format!(
             "expected DiskPlan, got {}",
             name_of(&plan)
@@ -675,7 +684,7 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Bl
             "only {} of {streams} data streams connected",
             workers.len()
         ));
-        control.send_error("SMS.1908", &e.to_string());
+        control.send_error(&Code::TransmissionFailed, &e.to_string());
         sess.fail(e);
         false
     };
@@ -881,7 +890,7 @@ fn prepare(
 fn done_map(t: &Target, chunk: u64) -> Result<Bitmap, BlockError> {
     let n = chunk_count(t.size, chunk);
     Bitmap::try_new(n).ok_or_else(|| BlockError::Target {
-        code: "SMS.1504",
+        code: Code::DiskSizeMismatch,
         name: t.name.clone(),
         path: t.path.clone(),
         message: format!(
@@ -940,7 +949,7 @@ fn control_loop(control: &mut Stream, sess: &Sess) -> bool {
                     "unexpected {} on the control stream",
                     name_of(&other)
                 ));
-                control.send_error("SMS.1908", &e.to_string());
+                control.send_error(&Code::TransmissionFailed, &e.to_string());
                 sess.fail(e);
                 return false;
             }
@@ -993,7 +1002,7 @@ fn serve_stream(s: Stream, sess: &Sess, timeout: Duration) -> Result<(), BlockEr
     let result = stream_loop(&mut rd, &tx, sess);
     if let Err(e) = &result {
         let _ = tx.send(Message::Error {
-            code: e.code(),
+            code: e.code().to_string(),
             message: e.to_string().chars().take(1000).collect(),
         });
     }
@@ -1025,7 +1034,7 @@ fn stream_loop(
                 let plain =
                     verify_with(&mut zstd, &m).map_err(|e| BlockError::Protocol(e.to_string()))?;
                 t.write_at(&mut aligned, &plain, offset)
-                    .map_err(|e| target_err(t, "SMS.1908", e))?;
+                    .map_err(|e| target_err(t, Code::TransmissionFailed, e))?;
                 sess.written.fetch_add(u64::from(len), Ordering::Relaxed);
                 if let Some(p) = pending.get_mut(&(disk, c)) {
                     p.written = true;
@@ -1034,7 +1043,8 @@ fn stream_loop(
             Message::Zero { disk, offset, len } => {
                 let (t, c) = sess.range(disk, offset, u64::from(len))?;
                 sess.cover(disk, c)?;
-                zero_range(t, offset, u64::from(len)).map_err(|e| target_err(t, "SMS.1908", e))?;
+                zero_range(t, offset, u64::from(len))
+                    .map_err(|e| target_err(t, Code::TransmissionFailed, e))?;
                 sess.written.fetch_add(u64::from(len), Ordering::Relaxed);
                 if let Some(p) = pending.get_mut(&(disk, c)) {
                     p.written = true;
@@ -1122,7 +1132,7 @@ fn read_chunk(t: &Target, chunk: u64, size: u64, buf: &mut Vec<u8>) -> Result<()
     buf.resize(usize::try_from(r.end - r.start).unwrap_or(0), 0);
     t.file
         .read_exact_at(buf, r.start)
-        .map_err(|e| target_err(t, "SMS.1908", e))?;
+        .map_err(|e| target_err(t, Code::TransmissionFailed, e))?;
     Ok(())
 }
 

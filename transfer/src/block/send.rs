@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::map::{chunk_count, chunk_range, done_bytes, normalize, Bitmap, DiskItems, Item};
 use super::{is_zero, leaf_hash, BlockError, SourceDisk, DEFAULT_CHUNK};
 use crate::chunk::Compressor;
+use crate::code::Code;
 use crate::session::{name_of, Connector, Stream};
 use crate::task::{Control, Progress};
 use crate::wire::{Message, Mode, LEAF};
@@ -146,8 +147,7 @@ impl Ctx<'_> {
         let mut slot = lock(&self.error);
         // The receiver's own specific reason (a full disk, say) beats the broken streams it
         // leaves; transport failures (SMS.1908), from either side, are all alike.
-        let specific =
-            |e: &BlockError| matches!(e, BlockError::Remote { code, .. } if code != "SMS.1908");
+        let specific = |e: &BlockError| matches!(e, BlockError::Remote { code, .. } if Code::parse(code) != Code::TransmissionFailed);
         if slot.is_none() || (specific(&e) && !slot.as_ref().is_some_and(specific)) {
             *slot = Some(e);
         }
@@ -435,7 +435,7 @@ pub fn send(
     ctl_result?;
     if control.cancelled() {
         // What arrived is durable (the last checkpoint ran after the streams stopped).
-        ctl.send_error("SMS.1802", "the pass was stopped");
+        ctl.send_error(&Code::TaskPaused, "the pass was stopped");
         return Err(BlockError::Cancelled);
     }
     // Every item must now be durable on the target.
@@ -588,7 +588,7 @@ fn stream_worker(ctx: &Ctx<'_>, s: Stream, timeout: Duration) -> Result<(), Bloc
             }
             Err(e) => {
                 let _ = tx.send(Message::Error {
-                    code: "SMS.1908".into(),
+                    code: Code::TransmissionFailed.to_string(),
                     message: format!("data stream: {e}"),
                 });
                 return None;

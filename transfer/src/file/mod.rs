@@ -37,6 +37,7 @@ pub use path::{Excludes, PathError, DEFAULT_EXCLUDES};
 pub use recv::{receive, ReceiveOptions, ReceiveReport};
 pub use send::{consistency, send, CheckOptions, DirCheck, SendOptions, SendReport, STREAMS};
 
+use crate::code::Code;
 use crate::session::SessionError;
 use crate::wire::WireError;
 
@@ -47,10 +48,10 @@ pub enum FileError {
     #[error(transparent)]
     Session(#[from] SessionError),
     /// The stream failed or carried a malformed frame (SMS.1908).
-    #[error("SMS.1908: data transmission failed: {0}")]
+    #[error("{code}: data transmission failed: {0}", code = Code::TransmissionFailed)]
     Wire(#[from] WireError),
     /// A message the protocol state does not allow (SMS.1908).
-    #[error("SMS.1908: file protocol error: {0}")]
+    #[error("{code}: file protocol error: {0}", code = Code::TransmissionFailed)]
     Protocol(String),
     /// The peer reported an error.
     #[error("{code}: the peer reported: {message}")]
@@ -61,7 +62,7 @@ pub enum FileError {
         message: String,
     },
     /// The source cannot be read (SMS.1901).
-    #[error("SMS.1901: cannot read {path}: {source}")]
+    #[error("{code}: cannot read {path}: {source}", code = Code::DiskUnreadable)]
     Source {
         /// What.
         path: String,
@@ -69,7 +70,7 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// The target cannot write (SMS.1908).
-    #[error("SMS.1908: the target cannot write {path}: {source}")]
+    #[error("{code}: the target cannot write {path}: {source}", code = Code::TransmissionFailed)]
     Target {
         /// What.
         path: String,
@@ -77,7 +78,7 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// The target's filesystem is full (SMS.1504): nothing of the file counts as written.
-    #[error("SMS.1504: no space left on the target for {path}: {}", space_text(*.needed, *.free))]
+    #[error("{code}: no space left on the target for {path}: {}", space_text(*.needed, *.free), code = Code::DiskSizeMismatch)]
     NoSpace {
         /// What could not be written.
         path: String,
@@ -87,7 +88,7 @@ pub enum FileError {
         free: Option<u64>,
     },
     /// A path from the peer was refused (SMS.1908).
-    #[error("SMS.1908: refused path {path:?}: {source}")]
+    #[error("{code}: refused path {path:?}: {source}", code = Code::TransmissionFailed)]
     Path {
         /// The path, lossily.
         path: String,
@@ -95,7 +96,7 @@ pub enum FileError {
         source: PathError,
     },
     /// The target could not start a thread the session needs (a task limit reached).
-    #[error("SMS.1908: the target cannot start a thread for {what}: {source}")]
+    #[error("{code}: the target cannot start a thread for {what}: {source}", code = Code::TransmissionFailed)]
     Spawn {
         /// What the thread was for.
         what: &'static str,
@@ -112,19 +113,19 @@ pub enum FileError {
 
 impl FileError {
     /// The SMS error code to report.
-    pub fn code(&self) -> &str {
+    pub fn code(&self) -> Code {
         match self {
             FileError::Session(e) => e.code(),
-            FileError::Source { .. } => "SMS.1901",
-            FileError::NoSpace { .. } => "SMS.1504",
-            FileError::Remote { code, .. } => code,
+            FileError::Source { .. } => Code::DiskUnreadable,
+            FileError::NoSpace { .. } => Code::DiskSizeMismatch,
+            FileError::Remote { code, .. } => Code::parse(code),
             FileError::Wire(_)
             | FileError::Protocol(_)
             | FileError::Target { .. }
             | FileError::Path { .. }
             | FileError::Spawn { .. }
             | FileError::Options(_)
-            | FileError::Cancelled => "SMS.1908",
+            | FileError::Cancelled => Code::TransmissionFailed,
         }
     }
 

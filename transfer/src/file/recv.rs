@@ -1458,7 +1458,7 @@ fn accept_data(
                         // Stop the session now rather than at the end of the listing, and tell
                         // the source why first: its operator needs the path and the cause (a
                         // full disk, say), not a reset connection.
-                        tracing::warn!(error = %e, code = e.code(), "file data stream failed");
+                        tracing::warn!(error = %e, code = %e.code(), "file data stream failed");
                         let mut slot = lock(&failed);
                         if slot.is_none() {
                             let mut w = lock(&ctl);

@@ -1,0 +1,110 @@
+//! Which data a pass moves: the source disks (and their used ranges) of a block task, or the
+//! filesystems, excludes and consistency check of a file task.
+
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+
+use transfer::{Code, TaskFailure};
+
+use super::engine::FileJob;
+use crate::api::models::{Task, TaskSettings};
+use crate::config::TransferSection;
+
+/// The source disks of a `MIGRATE_BLOCK` task and their used ranges.
+pub(super) async fn block(task: &Task) -> Result<Vec<transfer::block::SourceDisk>, TaskFailure> {
+    let pairs: Vec<(String, String)> = task
+        .target_server
+        .as_ref()
+        .map(|ts| {
+            ts.disks
+                .iter()
+                .filter_map(|d| {
+                    let rel = d.relation_name.clone().filter(|r| !r.is_empty())?;
+                    Some((rel, d.name.clone()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if pairs.is_empty() {
+        return Err(TaskFailure::new(
+            Code::TooFewTargetDisks,
+            "the task maps no target disk to a source disk (relation_name)",
+        ));
+    }
+    tokio::task::spawn_blocking(move || {
+        let mut disks = Vec::new();
+        for (src, name) in pairs {
+            let path = if src.starts_with('/') {
+                PathBuf::from(&src)
+            } else {
+                PathBuf::from("/dev").join(&src)
+            };
+            let (used, notes) = crate::blockplan::used_ranges(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            for n in notes {
+                tracing::info!(disk = %path.display(), "{n}");
+            }
+            disks.push(transfer::block::SourceDisk { path, name, used });
+        }
+        Ok::<_, String>(disks)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+    .map_err(|msg| TaskFailure::new(Code::VolumeUnreadable, msg))
+}
+
+/// The file pass of a `MIGRATE_FILE` task: its filesystems, the excludes of the task
+/// settings and the config, and the consistency check unless SKIP said otherwise.
+pub(super) async fn file(
+    task: &Task,
+    sync: bool,
+    skip_check: bool,
+    settings: &TaskSettings,
+    cfg: &TransferSection,
+) -> Result<FileJob, TaskFailure> {
+    let ts = task.target_server.clone().unwrap_or_default();
+    let sources = crate::fileplan::sources(&ts)
+        .map_err(|e| TaskFailure::new(Code::NoSystemPartition, e.to_string()))?;
+    let st = crate::fileplan::settings(settings)
+        .map_err(|e| TaskFailure::new(Code::AdvancedOptionFailed, e.to_string()))?;
+    let mut excludes = st.excludes(sync);
+    excludes.extend(cfg.exclude.iter().cloned());
+    if let Some(s) = sources.iter().find(|s| !s.is_dir()) {
+        return Err(TaskFailure::new(
+            Code::MountPointNotFound,
+            format!(
+                "mount point {} of the task is not a directory here",
+                s.display()
+            ),
+        ));
+    }
+    let for_used = sources.clone();
+    let used_bytes = tokio::task::spawn_blocking(move || crate::fileplan::used_bytes(&for_used))
+        .await
+        .unwrap_or(0);
+    let check =
+        (!st.consistency_dirs.is_empty() && !skip_check).then(|| transfer::file::CheckOptions {
+            sources: sources.clone(),
+            map_to_root: false,
+            dirs: st.consistency_dirs.clone(),
+            excludes: excludes.clone(),
+            hash_mode: st.consistency_hash,
+            task_id: task.id.clone(),
+            peer_timeout: transfer::session::PEER_TIMEOUT,
+        });
+    tracing::info!(task_id = %task.id, sources = ?sources, excludes = excludes.len(), used_bytes, check = check.is_some(), "file pass planned");
+    Ok(FileJob {
+        send: transfer::file::SendOptions {
+            sources,
+            map_to_root: false,
+            excludes,
+            streams: cfg.streams.map_or(transfer::file::STREAMS, NonZeroU16::get),
+            sync,
+            hash_mode: false,
+            task_id: task.id.clone(),
+            peer_timeout: transfer::session::PEER_TIMEOUT,
+        },
+        check,
+        used_bytes,
+    })
+}

@@ -1,0 +1,327 @@
+//! A task's passes: start one (START/SYNC, or a resume after a restart or a retryable
+//! failure), tend it while it runs, and record how it ended before SMS hears of it.
+
+use std::num::NonZeroU16;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use transfer::{Code, TaskFailure};
+
+use super::activity::{Activity, PASS_RETRIES};
+use super::engine::{self, Ended, Runner};
+use super::material::{self, Material};
+use super::state::{Phase, TaskState};
+use super::{plan, Daemon};
+use crate::api::models::{CopyState, MigrationCycle, Task};
+
+/// How often the speed limits are read again while a pass runs.
+const RULES_EVERY: Duration = Duration::from_secs(60);
+
+impl Daemon {
+    /// START or SYNC of `task_id`: the next pass after a completed one, else the unfinished
+    /// one again under its own number, so the receiver resumes its checkpoint.
+    pub(super) async fn start(&mut self, name: &str, task_id: &str) -> Result<Value, TaskFailure> {
+        if task_id.is_empty() {
+            return Err(TaskFailure::new(
+                Code::PolicyDenied,
+                format!("{name} without a task_id"),
+            ));
+        }
+        match &mut self.activity {
+            Activity::Running { attempt, .. } => {
+                if self.state.task.as_ref().is_some_and(|t| t.id == task_id) {
+                    // A repeated START of a running task is not a second run.
+                    return Ok(json!({"task_id": task_id, "state": "already running"}));
+                }
+                *attempt = 0;
+            }
+            Activity::Failed { failure } => {
+                tracing::info!(task_id, previous = %failure, "starting again after a failure");
+                self.activity = Activity::Idle;
+            }
+            other => *other = Activity::Idle,
+        }
+        let task: Task = self
+            .api
+            .get(&format!("/v3/tasks/{task_id}"), &[])
+            .await
+            .map_err(|e| {
+                TaskFailure::new(
+                    Code::ApiNetworkBusy,
+                    format!("cannot read task {task_id}: {e}"),
+                )
+            })?;
+        let prev = self.state.task.take().filter(|t| t.id == task_id);
+        let pass = match &prev {
+            Some(t) if t.pass_done => t.pass + 1,
+            Some(t) => t.pass,
+            None => 0,
+        };
+        self.state.task = Some(TaskState {
+            id: task_id.to_string(),
+            kind: task.kind.clone(),
+            phase: Phase::Init,
+            pass,
+            pass_done: false,
+            final_report: None,
+            error: None,
+            ..prev.unwrap_or_default()
+        });
+        self.status.task_id = Some(task_id.to_string());
+        self.status.phase = Some(Phase::Init);
+        let _ = self.save();
+        if pass == 0 {
+            self.change_state(CopyState::Init, MigrationCycle::Replicating)
+                .await;
+        }
+        let material = match material::fetch(&self.api, task_id).await {
+            Ok(m) => m,
+            Err(f) => return Err(self.fail_task(f).await),
+        };
+        self.launch(&task, pass, material, 0).await
+    }
+
+    /// Fetches the task and its material again and restarts its pass (after a restart, or
+    /// for retry `attempt`).
+    pub(super) async fn resume_task(&mut self, attempt: u32) {
+        let Some(t) = self.state.task.clone() else {
+            return;
+        };
+        tracing::info!(task_id = %t.id, pass = t.pass, attempt, "resuming the task from its checkpoint");
+        let task: Task = match self.api.get(&format!("/v3/tasks/{}", t.id), &[]).await {
+            Ok(task) => task,
+            Err(e) => {
+                // A due retry stays due: the next loop tries again.
+                tracing::warn!(error = %e, "cannot read the task to resume it");
+                return;
+            }
+        };
+        let material = match material::fetch(&self.api, &t.id).await {
+            Ok(m) => m,
+            Err(f) => {
+                self.fail_task(f).await;
+                return;
+            }
+        };
+        if let Err(f) = self.launch(&task, t.pass, material, attempt).await {
+            tracing::error!(code = %f.code, "{}", f.message);
+        }
+    }
+
+    /// Plans pass `pass` (disks or filesystems) and starts it on its own thread; a pass after
+    /// the first is a sync.
+    async fn launch(
+        &mut self,
+        task: &Task,
+        pass: u32,
+        material: Material,
+        attempt: u32,
+    ) -> Result<Value, TaskFailure> {
+        let sync = pass > 0;
+        let runner = match self.plan(task, pass, sync, &material).await {
+            Ok(r) => r,
+            Err(f) => return Err(self.fail_task(f).await),
+        };
+        self.rules = material.rules;
+        engine::apply_limit(&runner.control, &self.rules, self.utc_offset);
+        self.last_rules = Instant::now();
+        self.activity = Activity::Running { runner, attempt };
+        self.last_report = Instant::now();
+        let (phase, cs, cycle) = if sync {
+            (Phase::Syncing, CopyState::Syncing, MigrationCycle::Syncing)
+        } else {
+            (
+                Phase::Replicating,
+                CopyState::Replicate,
+                MigrationCycle::Replicating,
+            )
+        };
+        if let Some(t) = self.state.task.as_mut() {
+            t.pass = pass;
+        }
+        self.set_phase(phase);
+        let _ = self.save();
+        self.change_state(cs, cycle).await;
+        self.set_activity(if sync { "syncing" } else { "replicating" });
+        Ok(json!({"task_id": task.id, "state": "running", "pass": pass}))
+    }
+
+    /// The runner of pass `pass` of `task`, started, or why it cannot start.
+    async fn plan(
+        &self,
+        task: &Task,
+        pass: u32,
+        sync: bool,
+        material: &Material,
+    ) -> Result<Runner, TaskFailure> {
+        if task.migration_ip.is_empty() {
+            return Err(TaskFailure::new(
+                Code::TargetUnreachable,
+                "the task has no migration_ip",
+            ));
+        }
+        let ip = &task.migration_ip;
+        let addr = if ip.contains(':') && !ip.starts_with('[') {
+            format!("[{ip}]:{}", self.transfer.port)
+        } else {
+            format!("{ip}:{}", self.transfer.port)
+        };
+        let connector = transfer::session::Connector {
+            addr,
+            tls: material.tls.clone(),
+            timeout: Duration::from_secs(10),
+        };
+        match task.kind.as_str() {
+            "MIGRATE_BLOCK" => {
+                let disks = plan::block(task).await?;
+                let opts = transfer::block::SendOptions {
+                    task_id: task.id.clone(),
+                    pass,
+                    sync,
+                    streams: self
+                        .transfer
+                        .streams
+                        .map_or(transfer::block::STREAMS, NonZeroU16::get),
+                    ..transfer::block::SendOptions::default()
+                };
+                Ok(Runner::start_block(connector, disks, opts))
+            }
+            "MIGRATE_FILE" => {
+                let skip = self.state.task.as_ref().is_some_and(|t| t.skip_consistency);
+                let job = plan::file(task, sync, skip, &material.settings, &self.transfer).await?;
+                Ok(Runner::start_file(connector, pass, job))
+            }
+            other => {
+                let kind = if other.is_empty() { "(none)" } else { other };
+                Err(TaskFailure::new(
+                    Code::TransmissionFailed,
+                    format!("unknown task type {kind}: expected MIGRATE_BLOCK or MIGRATE_FILE"),
+                ))
+            }
+        }
+    }
+
+    /// Reports progress every 5 s, re-reads the speed limits every minute, and finishes the
+    /// pass when its thread ends.
+    pub(super) async fn tick_runner(&mut self) {
+        if self.activity.runner().is_none() {
+            return;
+        }
+        let task_id = self
+            .state
+            .task
+            .as_ref()
+            .map(|t| t.id.clone())
+            .unwrap_or_default();
+        self.refresh_rules(&task_id).await;
+        let Activity::Running { runner, attempt } = &mut self.activity else {
+            return;
+        };
+        engine::apply_limit(&runner.control, &self.rules, self.utc_offset);
+        let finished = runner.finished();
+        if !finished && self.last_report.elapsed() < engine::REPORT_EVERY {
+            return;
+        }
+        let ended = finished.then(|| runner.join());
+        let attempt = *attempt;
+        let ok = matches!(ended, Some(Ended::Done(_)));
+        let (body, (done, total, rate, eta)) = runner.report(self.utc_offset, ok);
+        let sync = runner.subtask.starts_with("SYNC");
+        if ended.is_some() {
+            self.activity = Activity::Idle;
+        }
+        self.last_report = Instant::now();
+        self.status.bytes_done = done;
+        self.status.bytes_total = total;
+        self.status.rate = rate;
+        self.status.eta_secs = eta;
+        match ended {
+            None | Some(Ended::Cancelled) => {
+                self.send_progress(&task_id, &body).await;
+                let _ = self.publish();
+            }
+            Some(Ended::Done(sum)) => {
+                self.record_pass_done(body).await;
+                let _ = self.publish();
+                tracing::info!(task_id = %task_id, sync, bytes_read = sum.bytes_read, wire = sum.wire_sent, "pass complete");
+                self.upload_checks(&task_id, &sum).await;
+                self.set_phase(Phase::Syncing);
+                let _ = self.save();
+                self.change_state(CopyState::Syncing, MigrationCycle::Syncing)
+                    .await;
+                self.set_activity("pass complete; waiting for SYNC");
+            }
+            Some(Ended::Failed(failure)) => {
+                let _ = self.publish();
+                self.pass_failed(&task_id, failure, attempt).await;
+            }
+        }
+    }
+
+    /// Reads the speed limits again when a minute has passed; keeps the old ones when SMS
+    /// cannot be asked.
+    async fn refresh_rules(&mut self, task_id: &str) {
+        if self.last_rules.elapsed() < RULES_EVERY {
+            return;
+        }
+        self.last_rules = Instant::now();
+        if let Some(rules) = material::current_rules(&self.api, task_id).await {
+            self.rules = rules;
+        }
+    }
+
+    /// Records a completed pass with its final report, then sends the report. Recorded
+    /// first: a kill after the report must not make the restarted daemon run the completed
+    /// pass again, and a kill before it must not lose the report.
+    async fn record_pass_done(&mut self, report: Value) {
+        if let Some(t) = self.state.task.as_mut() {
+            t.pass_done = true;
+            t.final_report = Some(report);
+        }
+        self.set_phase(Phase::Syncing);
+        let _ = self.save();
+        self.send_final_report().await;
+    }
+
+    /// A failed pass starts again from its checkpoint after a wait when the failure is
+    /// retryable and retries are left; otherwise the task fails.
+    async fn pass_failed(&mut self, task_id: &str, failure: TaskFailure, attempt: u32) {
+        let now = Instant::now();
+        match Activity::after_failure(failure.clone(), attempt, now) {
+            Activity::RetryAt { at, attempt: next } => {
+                let wait = at.saturating_duration_since(now);
+                tracing::warn!(task_id = %task_id, error_code = %failure.code, attempt = next, wait_secs = wait.as_secs(), "pass failed, starting it again from its checkpoint: {}", failure.message);
+                self.status.last_error = Some(failure.to_string());
+                self.activity = Activity::RetryAt { at, attempt: next };
+                self.set_activity(&format!(
+                    "retry {next} of {PASS_RETRIES} in {} s after {}",
+                    wait.as_secs(),
+                    failure.code
+                ));
+            }
+            _ => {
+                tracing::error!(task_id = %task_id, error_code = %failure.code, "pass failed: {}", failure.message);
+                self.fail_task(failure).await;
+            }
+        }
+    }
+
+    /// Marks the task failed, reports ERROR, and gives the failure back for the result.
+    pub(super) async fn fail_task(&mut self, failure: TaskFailure) -> TaskFailure {
+        if let Some(t) = self.state.task.as_mut() {
+            t.error = Some(failure.to_string());
+        }
+        self.set_phase(Phase::Failed);
+        self.status.last_error = Some(failure.to_string());
+        let _ = self.save();
+        self.change_state(CopyState::Error, MigrationCycle::Replicating)
+            .await;
+        // A pass of another task may still run (START of a new task while one runs).
+        if self.activity.runner().is_none() {
+            self.activity = Activity::Failed {
+                failure: failure.clone(),
+            };
+        }
+        failure
+    }
+}

@@ -1,0 +1,207 @@
+//! The SMS error codes the agent reports or receives, and the failure of a task pass that
+//! carries one; codes travel as strings (`SMS.1908`) on the wire and in the API.
+//!
+//! Each variant's doc comment is the meaning the SMS API reference gives the code (its English
+//! text, `%s` being the cause the message fills in).
+
+use std::convert::Infallible;
+use std::fmt;
+use std::str::FromStr;
+
+/// Declares [`Code`] from one table, so the variant, its string and its parse cannot drift.
+macro_rules! codes {
+    ($( $(#[doc = $doc:literal])* $name:ident = $text:literal, )*) => {
+        /// An SMS error code.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $( $(#[doc = $doc])* $name, )*
+            /// A code this build does not know, as a peer or the service sent it.
+            Other(String),
+        }
+
+        impl Code {
+            /// Every code this build knows, in numeric order.
+            pub const KNOWN: &'static [Code] = &[$(Code::$name),*];
+
+            /// The code as SMS writes it (`SMS.1908`).
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $( Code::$name => $text, )*
+                    Code::Other(s) => s,
+                }
+            }
+
+            /// Reads a code sent by a peer or the service; an unknown one is kept as
+            /// [`Code::Other`], since a newer peer may send codes this build has never seen.
+            pub fn parse(s: &str) -> Code {
+                match s {
+                    $( $text => Code::$name, )*
+                    other => Code::Other(other.to_string()),
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// Network busy. Source server failed to connect to API Gateway.
+    ApiNetworkBusy = "SMS.0201",
+    /// Connection from source server to API Gateway timed out.
+    ApiTimeout = "SMS.0203",
+    /// AK/SK authentication failed. The time or time zone of the source server is incorrect.
+    ClockSkew = "SMS.0205",
+    /// Network request TLS/SSL authentication failed. Cause: %s
+    TlsAuthFailed = "SMS.0304",
+    /// Failed to copy logs from the customer's OBS bucket to the destination bucket. Cause: %s
+    LogCopyFailed = "SMS.0414",
+    /// Failed to report the task progress to SMS.
+    ProgressReportFailed = "SMS.0501",
+    /// Source server registration failed. Cause: %s
+    RegistrationFailed = "SMS.0502",
+    /// Failed to obtain the private key. Cause: %s
+    PrivateKeyNotObtained = "SMS.0511",
+    /// Migration failed. Source disk information has changed. Delete target server
+    /// configuration and restart the Agent.
+    SourceDisksChanged = "SMS.0515",
+    /// Failed to obtain the certificate password. Cause: %s
+    PassphraseNotObtained = "SMS.0521",
+    /// Insufficient disks on the target server.
+    TooFewTargetDisks = "SMS.1311",
+    /// Disk %s is abnormal. Expected status: %s
+    DiskAbnormal = "SMS.1404",
+    /// The sizes of disks on the target server do not match those on the source server.
+    DiskSizeMismatch = "SMS.1504",
+    /// No system partition found.
+    NoSystemPartition = "SMS.1507",
+    /// Mount point, partition, or disk configured in disk.cfg not found.
+    MountPointNotFound = "SMS.1508",
+    /// Configure advanced option %s failed. Cause: %s.
+    AdvancedOptionFailed = "SMS.1510",
+    /// failed to check the consistency, Cause: %s
+    ConsistencyCheckFailed = "SMS.1511",
+    /// Migration or synchronization task paused.
+    TaskPaused = "SMS.1802",
+    /// Failed to connect to the target server. Check whether its IP address %s is reachable
+    /// and confirm that port 8900 is enabled.
+    TargetUnreachable = "SMS.1807",
+    /// Agent could not read disk information.
+    DiskUnreadable = "SMS.1901",
+    /// Failed to read the disk information.
+    VolumeUnreadable = "SMS.1905",
+    /// Data transmission failed.
+    TransmissionFailed = "SMS.1908",
+    /// Failed to load the SSL certificate.
+    SslCertNotLoaded = "SMS.3301",
+    /// Invalid source server ID.
+    InvalidSourceId = "SMS.6030",
+    /// Change server replication state or migration cycle failed. Values of copystate and
+    /// migrationcycle do not match.
+    CopyStateMismatch = "SMS.7728",
+    /// The current account does not have the permission to execute policy {0}. (The agent
+    /// also reports it for a command or speed-limit rule it must refuse.)
+    PolicyDenied = "SMS.9004",
+    /// Not in the reference: the agent's answer to a command it does not know.
+    UnknownCommand = "SMS.9999",
+}
+
+impl Code {
+    /// Whether a pass that failed with this code may succeed when started again from its
+    /// checkpoint: an unreachable target or a broken transfer are often passing trouble, and
+    /// a resumed pass costs little; anything else (a refused plan, an unreadable disk, a full
+    /// target) needs the operator. This is the one place that decides it.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Code::TargetUnreachable | Code::TransmissionFailed)
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Code {
+    type Err = Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Code::parse(s))
+    }
+}
+
+impl PartialEq<str> for Code {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Code {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Why a task pass (or a step of the task around it) failed: the code to report and the
+/// operator-facing text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TaskFailure {
+    /// The SMS code reported as `error_code`.
+    pub code: Code,
+    /// The text reported as `error_msg`.
+    pub message: String,
+}
+
+impl TaskFailure {
+    /// A failure with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Whether starting the pass again from its checkpoint may succeed (see
+    /// [`Code::is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        self.code.is_retryable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_code_round_trips_and_is_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for c in Code::KNOWN {
+            assert!(seen.insert(c.as_str()), "{c} twice");
+            assert!(
+                c.as_str().starts_with("SMS.") && c.as_str().len() == 8,
+                "{c}"
+            );
+            assert_eq!(&Code::parse(c.as_str()), c);
+            assert_eq!(c.to_string().parse::<Code>(), Ok(c.clone()));
+        }
+    }
+
+    #[test]
+    fn unknown_codes_are_kept_and_not_retried() {
+        let c = Code::parse("SMS.4242");
+        assert_eq!(c, Code::Other("SMS.4242".into()));
+        assert_eq!(c, "SMS.4242");
+        assert!(!c.is_retryable());
+    }
+
+    #[test]
+    fn only_transport_trouble_is_retried() {
+        let retried: Vec<_> = Code::KNOWN.iter().filter(|c| c.is_retryable()).collect();
+        assert_eq!(
+            retried,
+            [&Code::TargetUnreachable, &Code::TransmissionFailed]
+        );
+        let f = TaskFailure::new(Code::TransmissionFailed, "lost");
+        assert!(f.is_retryable());
+        assert_eq!(f.to_string(), "SMS.1908: lost");
+    }
+}
