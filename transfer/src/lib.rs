@@ -15,6 +15,7 @@ pub mod block;
 pub mod certs;
 pub mod chunk;
 pub mod conn;
+pub mod durable;
 pub mod file;
 pub mod limit;
 pub mod meter;

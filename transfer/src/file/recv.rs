@@ -1603,12 +1603,8 @@ fn save_report(dir: &std::path::Path, last: &LastSession<'_>) {
     let Ok(json) = serde_json::to_vec_pretty(last) else {
         return;
     };
-    let tmp = dir.join(".file-last-session.json.tmp");
-    let r = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, dir.join("file-last-session.json")))
-        // The rename is durable only once the directory is.
-        .and_then(|()| File::open(dir).and_then(|d| d.sync_all()));
+    // 0o666 less the umask, as the report was always created: it is for an operator to read.
+    let r = crate::durable::write_atomic(&dir.join("file-last-session.json"), &json, 0o666);
     if let Err(e) = r {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot save the file session report");
     }
