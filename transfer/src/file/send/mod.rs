@@ -6,6 +6,10 @@
 //! `Need`s into jobs and counts what was skipped; one worker per data stream sends jobs. No
 //! message waits for an answer except the final checkpoint, so the listing, the target's
 //! comparisons and the data all flow at once.
+//!
+//! Modules: `lister` the walker's listing, `control` the control reader, `worker` the data
+//! streams, `finish` the final phase; this file holds the options, the shared state and the
+//! pass that starts them.
 
 mod control;
 mod finish;
