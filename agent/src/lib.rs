@@ -1,4 +1,5 @@
 //! The library half of `sms-agent`: everything the binary does, usable from tests.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod blockplan;

@@ -1,5 +1,6 @@
 //! `sms-agent`: the source-side migration agent. This file only parses the command line, sets
 //! up logging and picks the exit code; each subcommand lives in its own module.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

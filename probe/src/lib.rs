@@ -3,6 +3,7 @@
 //! The probe only reads: sysfs, procfs, `/etc`, the first and last sectors of block devices, and
 //! (read-only) `lvm` and `btrfs` reports. It never writes a disk, mounts, or changes a setting, and
 //! needs no network. Anything it cannot read becomes a [`Warning`] and the rest still comes out.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

@@ -2,6 +2,7 @@
 //! LVM volume groups, each cleaned up on drop even when a test panics, and helpers to run the
 //! real `sms-agent` binary.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,7 @@
 //! Block-level migration end to end: real `sms-agent receive` and `sms-agent migrate`
 //! processes, real mutual TLS, real loop-device disks with real filesystems, processes killed
 //! with SIGKILL midway.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -1,5 +1,6 @@
 //! `sms-agent run` against the SMS emulator, both as real processes: registration, restarts,
 //! `kill -9`, commands, faults and bad input from the server.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -1,5 +1,6 @@
 //! The emulator against independent clients: the official Python SDK (its own signer and models)
 //! and hand-made requests.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

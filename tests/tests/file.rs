@@ -2,7 +2,7 @@
 //! `Connector`), real trees in temporary directories, the result compared with rsync. Needs
 //! root (owners, device nodes, trusted xattrs) and rsync, setfacl and setfattr
 //! (`apt-get install -y rsync acl attr`).
-
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -1,5 +1,6 @@
 //! No peer can stop a receiver: a flood of plain TCP connections against a real
 //! `sms-agent receive` held to a low task limit, and hostile plans, leave it serving.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

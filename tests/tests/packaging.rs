@@ -1,5 +1,6 @@
 //! `packaging/install.sh` into scratch roots: flags, checks that refuse and change nothing, and
 //! an uninstall that leaves nothing behind.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -1,5 +1,6 @@
 //! `sms-agent probe` against real loop-device disks: every field checked against what the tools
 //! that made the disks report.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -7,6 +7,7 @@
 //! `SMS_TORTURE_KILLS` sets the kills in all (`bench/torture.sh` runs 50); the suite runs a
 //! few. `SMS_TORTURE_SEED` replays a run. The test runs again inside a network namespace of
 //! its own, so that the loopback byte counters there count this traffic and nothing else.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

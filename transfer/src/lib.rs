@@ -18,6 +18,7 @@ pub mod certs;
 pub mod chunk;
 pub mod code;
 pub mod conn;
+pub mod durable;
 pub mod file;
 pub mod limit;
 pub mod meter;

@@ -1,6 +1,7 @@
 //! `emu-load URL AGENTS SECONDS`: simulates many agents against an SMS emulator, each with its
 //! own client and keep-alive connection, registering and then polling for commands as fast as
 //! the emulator answers; prints requests per second and latency percentiles.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;

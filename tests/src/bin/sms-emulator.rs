@@ -1,4 +1,5 @@
 //! `sms-emulator`: the SMS API emulator as a process, for tests and for trying the agent out.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

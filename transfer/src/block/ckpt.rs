@@ -3,9 +3,8 @@
 //! rename, fsync of the directory), and sealed with a BLAKE3 trailer so a torn or tampered
 //! file is refused (the pass then restarts for that task rather than trusting it).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -109,20 +108,7 @@ pub fn save(file: &Path, meta: &Meta, maps: &[Bitmap]) -> Result<(), CkptError> 
     body.extend_from_slice(seal.as_bytes());
     let dir = file.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
-    let tmp = file.with_extension("ckpt.tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(&body).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    fs::rename(&tmp, file).map_err(io)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    Ok(())
+    crate::durable::write_atomic(file, &body, crate::durable::PRIVATE).map_err(io)
 }
 
 /// Reads a checkpoint; `Ok(None)` when there is none.

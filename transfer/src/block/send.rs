@@ -263,65 +263,10 @@ pub fn send(
     let started = Instant::now();
     let chunk = u64::from(opts.chunk_size);
     let streams = opts.streams.max(1);
-    let mut open = Vec::new();
-    for d in disks {
-        let mut file = File::open(&d.path).map_err(|e| BlockError::ReadDisk {
-            path: d.path.clone(),
-            source: e,
-        })?;
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| BlockError::ReadDisk {
-                path: d.path.clone(),
-                source: e,
-            })?;
-        let drop_before_read = !super::dev::flush_cache(&file);
-        open.push(Disk {
-            drop_before_read,
-            file,
-            path: d.path.clone(),
-            size,
-            used: normalize(d.used.clone(), size),
-        });
-    }
+    let open = open_disks(disks)?;
     let (mut ctl, session) = connector.open(&opts.task_id, Mode::Block, 0, streams, 0)?;
-    ctl.send(&Message::DiskPlan {
-        pass: opts.pass,
-        sync: opts.sync,
-        more: opts.more,
-        chunk_size: opts.chunk_size,
-        disks: disks
-            .iter()
-            .zip(&open)
-            .map(|(d, o)| (d.name.clone(), o.size))
-            .collect(),
-    })?;
-    ctl.flush()?;
     let timeout = crate::session::peer_timeout(opts.peer_timeout);
-    let plan_wait = timeout * PLAN_WAIT_TIMEOUTS;
-    ctl.set_timeouts(plan_wait);
-    let first = ctl.recv().map_err(|e| {
-        BlockError::Protocol(format!(
-            "the target {} did not take up the pass within {} s ({e}); it serves one session at a time, so another may still be running: run migrate again later",
-            connector.addr,
-            plan_wait.as_secs()
-        ))
-    })?;
-    let (sync, held) = match first {
-        Message::Accepted { sync, held } => (sync, held),
-        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
-        other => {
-            return Err(BlockError::Protocol(format!(
-                "expected Accepted, got {}",
-                name_of(&other)
-            )))
-        }
-    };
-    if opts.sync && !sync {
-        return Err(BlockError::Protocol(
-            "the target would not run the sync pass as a sync".into(),
-        ));
-    }
+    let (sync, held) = propose(&mut ctl, connector, disks, &open, opts, timeout)?;
     let upgraded = sync && !opts.sync;
     if upgraded {
         tracing::info!(
@@ -337,31 +282,13 @@ pub fn send(
     let done = read_maps(&mut ctl, &open, chunk, "DoneMap")?;
     let verify = read_maps(&mut ctl, &open, chunk, "VerifyMap")?;
     ctl.set_timeouts(timeout);
-    match ctl.recv()? {
-        Message::Ready => {}
-        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
-        other => {
-            return Err(BlockError::Protocol(format!(
-                "expected Ready, got {}",
-                name_of(&other)
-            )))
-        }
-    }
+    expect(&mut ctl, &Message::Ready)?;
     let mut report = PassReport {
         upgraded,
         held,
         ..PassReport::default()
     };
-    for (i, d) in open.iter().enumerate() {
-        let items = DiskItems::new(0, chunk, d.size, &d.used);
-        for it in items {
-            report.chunks += 1;
-            report.used_bytes += it.bytes();
-            if done[i].get(it.chunk) {
-                report.chunks_resumed += 1;
-            }
-        }
-    }
+    count_chunks(&mut report, &open, &done, chunk);
     let resumed_bytes: u64 = open
         .iter()
         .zip(&done)
@@ -401,27 +328,16 @@ pub fn send(
         zero_bytes: AtomicU64::new(0),
         resent: AtomicU64::new(0),
     };
-    let running = AtomicUsize::new(usize::from(streams));
     let plain0 = Progress::get(&progress.plain_sent);
     let wire0 = Progress::get(&progress.wire_sent);
-    let ctl_result = std::thread::scope(|scope| {
-        for i in 1..=streams {
-            let ctx = &ctx;
-            let running = &running;
-            scope.spawn(move || {
-                let r = connector
-                    .open(&ctx.task_id, Mode::Block, i, streams, session)
-                    .map_err(BlockError::from)
-                    .and_then(|(s, _)| stream_worker(ctx, s, timeout));
-                if let Err(e) = r {
-                    tracing::warn!(stream = i, error = %e, "data stream failed");
-                    ctx.fail(e);
-                }
-                running.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-        checkpoints(&mut ctl, &ctx, &running, opts.checkpoint_every)
-    });
+    let data = DataPhase {
+        connector,
+        ctx: &ctx,
+        streams,
+        session,
+        timeout,
+    };
+    let ctl_result = data.run(&mut ctl, opts.checkpoint_every);
     report.bytes_read = ctx.bytes_read.load(Ordering::Relaxed);
     report.zero_bytes = ctx.zero_bytes.load(Ordering::Relaxed);
     report.resent = ctx.resent.load(Ordering::Relaxed);
@@ -438,7 +354,165 @@ pub fn send(
         ctl.send_error(&Code::TaskPaused, "the pass was stopped");
         return Err(BlockError::Cancelled);
     }
-    // Every item must now be durable on the target.
+    finish(ctl, &report, progress)?;
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        task_id = %opts.task_id,
+        pass = opts.pass,
+        bytes_read = report.bytes_read,
+        wire_sent = report.wire_sent,
+        resent = report.resent,
+        secs = report.elapsed.as_secs_f64(),
+        "block pass complete"
+    );
+    Ok(report)
+}
+
+/// Opens every source disk for reading, with its size and used ranges.
+fn open_disks(disks: &[SourceDisk]) -> Result<Vec<Disk>, BlockError> {
+    let mut open = Vec::new();
+    for d in disks {
+        let mut file = File::open(&d.path).map_err(|e| BlockError::ReadDisk {
+            path: d.path.clone(),
+            source: e,
+        })?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| BlockError::ReadDisk {
+                path: d.path.clone(),
+                source: e,
+            })?;
+        let drop_before_read = !super::dev::flush_cache(&file);
+        open.push(Disk {
+            drop_before_read,
+            file,
+            path: d.path.clone(),
+            size,
+            used: normalize(d.used.clone(), size),
+        });
+    }
+    Ok(open)
+}
+
+/// Sends the disk plan and waits for the target to take up the pass; returns whether it runs
+/// as a sync and the last pass the target holds.
+fn propose(
+    ctl: &mut Stream,
+    connector: &Connector,
+    disks: &[SourceDisk],
+    open: &[Disk],
+    opts: &SendOptions,
+    timeout: Duration,
+) -> Result<(bool, Option<u32>), BlockError> {
+    ctl.send(&Message::DiskPlan {
+        pass: opts.pass,
+        sync: opts.sync,
+        more: opts.more,
+        chunk_size: opts.chunk_size,
+        disks: disks
+            .iter()
+            .zip(open)
+            .map(|(d, o)| (d.name.clone(), o.size))
+            .collect(),
+    })?;
+    ctl.flush()?;
+    let plan_wait = timeout * PLAN_WAIT_TIMEOUTS;
+    ctl.set_timeouts(plan_wait);
+    let first = ctl.recv().map_err(|e| {
+        BlockError::Protocol(format!(
+            "the target {} did not take up the pass within {} s ({e}); it serves one session at a time, so another may still be running: run migrate again later",
+            connector.addr,
+            plan_wait.as_secs()
+        ))
+    })?;
+    let (sync, held) = match first {
+        Message::Accepted { sync, held } => (sync, held),
+        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
+        other => {
+            return Err(BlockError::Protocol(format!(
+                "expected Accepted, got {}",
+                name_of(&other)
+            )))
+        }
+    };
+    if opts.sync && !sync {
+        return Err(BlockError::Protocol(
+            "the target would not run the sync pass as a sync".into(),
+        ));
+    }
+    Ok((sync, held))
+}
+
+/// Reads the next message, which must be of `want`'s kind (`Ready`, `Bye`).
+fn expect(ctl: &mut Stream, want: &Message) -> Result<(), BlockError> {
+    match ctl.recv()? {
+        m if std::mem::discriminant(&m) == std::mem::discriminant(want) => Ok(()),
+        Message::Error { code, message } => Err(BlockError::Remote { code, message }),
+        other => Err(BlockError::Protocol(format!(
+            "expected {}, got {}",
+            name_of(want),
+            name_of(&other)
+        ))),
+    }
+}
+
+/// Counts the pass's chunks, their used bytes and those already done (a resume).
+fn count_chunks(report: &mut PassReport, open: &[Disk], done: &[Bitmap], chunk: u64) {
+    for (i, d) in open.iter().enumerate() {
+        let items = DiskItems::new(0, chunk, d.size, &d.used);
+        for it in items {
+            report.chunks += 1;
+            report.used_bytes += it.bytes();
+            if done[i].get(it.chunk) {
+                report.chunks_resumed += 1;
+            }
+        }
+    }
+}
+
+/// The data streams of a pass, with the control stream taking checkpoints meanwhile.
+struct DataPhase<'a> {
+    connector: &'a Connector,
+    ctx: &'a Ctx<'a>,
+    streams: u16,
+    session: u64,
+    timeout: Duration,
+}
+
+impl DataPhase<'_> {
+    /// Runs a worker per data stream until every item is sent; returns the control side's
+    /// result (a failed stream leaves its error in the context).
+    fn run(&self, ctl: &mut Stream, checkpoint_every: Duration) -> Result<(), BlockError> {
+        let running = AtomicUsize::new(usize::from(self.streams));
+        std::thread::scope(|scope| {
+            for i in 1..=self.streams {
+                let running = &running;
+                scope.spawn(move || {
+                    if let Err(e) = self.stream(i) {
+                        tracing::warn!(stream = i, error = %e, "data stream failed");
+                        self.ctx.fail(e);
+                    }
+                    running.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            checkpoints(ctl, self.ctx, &running, checkpoint_every)
+        })
+    }
+
+    fn stream(&self, i: u16) -> Result<(), BlockError> {
+        let (s, _) = self.connector.open(
+            &self.ctx.task_id,
+            Mode::Block,
+            i,
+            self.streams,
+            self.session,
+        )?;
+        stream_worker(self.ctx, s, self.timeout)
+    }
+}
+
+/// Ends the pass: every item must be durable on the target, then both sides say goodbye.
+fn finish(mut ctl: Stream, report: &PassReport, progress: &Progress) -> Result<(), BlockError> {
     ctl.send(&Message::Checkpoint { seq: report.chunks })?;
     ctl.flush()?;
     let upto = expect_ack(&mut ctl)?;
@@ -451,28 +525,9 @@ pub fn send(
     progress.durable.store(report.used_bytes, Ordering::Relaxed);
     ctl.send(&Message::Bye)?;
     ctl.flush()?;
-    match ctl.recv()? {
-        Message::Bye => {}
-        Message::Error { code, message } => return Err(BlockError::Remote { code, message }),
-        other => {
-            return Err(BlockError::Protocol(format!(
-                "expected Bye, got {}",
-                name_of(&other)
-            )))
-        }
-    }
+    expect(&mut ctl, &Message::Bye)?;
     ctl.close();
-    report.elapsed = started.elapsed();
-    tracing::info!(
-        task_id = %opts.task_id,
-        pass = opts.pass,
-        bytes_read = report.bytes_read,
-        wire_sent = report.wire_sent,
-        resent = report.resent,
-        secs = report.elapsed.as_secs_f64(),
-        "block pass complete"
-    );
-    Ok(report)
+    Ok(())
 }
 
 /// Reads one map per disk (`DoneMap` or `VerifyMap`, as `what` says) in plan order.

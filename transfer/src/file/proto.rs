@@ -466,26 +466,7 @@ impl FileMsg {
                 compare,
                 delete,
                 excludes,
-            } => {
-                p.push(match pass {
-                    PassKind::Copy => 0,
-                    PassKind::Check => 1,
-                });
-                p.push(match compare {
-                    Compare::Quick => 0,
-                    Compare::Hash => 1,
-                });
-                p.push(u8::from(*delete));
-                if excludes.len() > MAX_EXCLUDES {
-                    return Err(too_long("excludes", excludes.len(), MAX_EXCLUDES));
-                }
-                let n =
-                    u16::try_from(excludes.len()).map_err(|_| WireError::Invalid("excludes"))?;
-                p.extend_from_slice(&n.to_be_bytes());
-                for e in excludes {
-                    put_bytes(&mut p, "exclude", e, MAX_PATH)?;
-                }
-            }
+            } => put_plan(&mut p, *pass, *compare, *delete, excludes)?,
             FileMsg::Entry {
                 id,
                 path,
@@ -530,18 +511,7 @@ impl FileMsg {
                 id,
                 chunk_size,
                 sums,
-            } => {
-                if sums.len() > MAX_SUMS {
-                    return Err(too_long("sums", sums.len(), MAX_SUMS));
-                }
-                p.extend_from_slice(&id.to_be_bytes());
-                p.extend_from_slice(&chunk_size.to_be_bytes());
-                let n = u32::try_from(sums.len()).map_err(|_| WireError::Invalid("sums"))?;
-                p.extend_from_slice(&n.to_be_bytes());
-                for s in sums {
-                    p.extend_from_slice(s);
-                }
-            }
+            } => put_need(&mut p, *id, *chunk_size, sums)?,
             FileMsg::Processed { upto } => p.extend_from_slice(&upto.to_be_bytes()),
             FileMsg::Verdict { id, missing } => {
                 p.extend_from_slice(&id.to_be_bytes());
@@ -616,53 +586,8 @@ impl FileMsg {
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(payload);
         let m = match kind {
-            kind::PLAN => {
-                let pass = match r.u8("pass")? {
-                    0 => PassKind::Copy,
-                    1 => PassKind::Check,
-                    _ => return Err(WireError::Invalid("pass")),
-                };
-                let compare = match r.u8("compare")? {
-                    0 => Compare::Quick,
-                    1 => Compare::Hash,
-                    _ => return Err(WireError::Invalid("compare")),
-                };
-                let delete = r.bool("delete")?;
-                let n = usize::from(r.u16("excludes")?);
-                if n > MAX_EXCLUDES {
-                    return Err(too_long("excludes", n, MAX_EXCLUDES));
-                }
-                let mut excludes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    excludes.push(get_bytes(&mut r, "exclude", MAX_PATH)?);
-                }
-                FileMsg::Plan {
-                    pass,
-                    compare,
-                    delete,
-                    excludes,
-                }
-            }
-            kind::ENTRY => {
-                let id = r.u64("id")?;
-                let path = get_bytes(&mut r, "path", MAX_PATH)?;
-                let meta = get_meta(&mut r)?;
-                let target = get_bytes(&mut r, "symlink target", MAX_PATH)?;
-                let linked = r.bool("linked")?;
-                let hash = if r.bool("hash flag")? {
-                    Some(r.hash32("hash")?)
-                } else {
-                    None
-                };
-                FileMsg::Entry {
-                    id,
-                    path,
-                    meta,
-                    target,
-                    linked,
-                    hash,
-                }
-            }
+            kind::PLAN => decode_plan(&mut r)?,
+            kind::ENTRY => decode_entry(&mut r)?,
             kind::LINK => FileMsg::Link {
                 path: get_bytes(&mut r, "path", MAX_PATH)?,
                 target: get_bytes(&mut r, "link target", MAX_PATH)?,
@@ -678,32 +603,7 @@ impl FileMsg {
                 atime: get_time(&mut r, "atime")?,
                 mtime: get_time(&mut r, "mtime")?,
             },
-            kind::NEED => {
-                let id = r.u64("id")?;
-                let chunk_size = r.u32("chunk size")?;
-                let n = usize::try_from(r.u32("sums")?).unwrap_or(usize::MAX);
-                if n > MAX_SUMS {
-                    return Err(too_long("sums", n, MAX_SUMS));
-                }
-                if n > 0 && (chunk_size == 0 || chunk_size as usize > MAX_CHUNK) {
-                    return Err(WireError::Invalid("chunk size"));
-                }
-                // Checked before allocating: the count must match the bytes present.
-                if n.saturating_mul(SUM_LEN) > r.remaining() {
-                    return Err(WireError::Truncated("sums"));
-                }
-                let mut sums = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let mut s = [0u8; SUM_LEN];
-                    s.copy_from_slice(r.take(SUM_LEN, "sum")?);
-                    sums.push(s);
-                }
-                FileMsg::Need {
-                    id,
-                    chunk_size,
-                    sums,
-                }
-            }
+            kind::NEED => decode_need(&mut r)?,
             kind::PROCESSED => FileMsg::Processed {
                 upto: r.u64("upto")?,
             },
@@ -721,42 +621,8 @@ impl FileMsg {
                 deleted: r.u64("deleted")?,
                 updated: r.u64("updated")?,
             },
-            kind::FILE => {
-                let id = r.u64("id")?;
-                let path = get_bytes(&mut r, "path", MAX_PATH)?;
-                let meta = get_meta(&mut r)?;
-                let complete = r.bool("complete")?;
-                let hash = r.hash32("hash")?;
-                let compressed = r.bool("compressed")?;
-                let len = r.u32("length")?;
-                let data = r.rest().to_vec();
-                check_data(len, compressed, &data)?;
-                FileMsg::File {
-                    id,
-                    path,
-                    meta,
-                    complete,
-                    hash,
-                    compressed,
-                    len,
-                    data,
-                }
-            }
-            kind::DATA => {
-                let offset = r.u64("offset")?;
-                let len = r.u32("length")?;
-                let hash = r.hash32("hash")?;
-                let compressed = r.bool("compressed")?;
-                let data = r.rest().to_vec();
-                check_data(len, compressed, &data)?;
-                FileMsg::Data {
-                    offset,
-                    len,
-                    hash,
-                    compressed,
-                    data,
-                }
-            }
+            kind::FILE => decode_file(&mut r)?,
+            kind::DATA => decode_data(&mut r)?,
             kind::COPY => FileMsg::Copy {
                 offset: r.u64("offset")?,
                 len: r.u32("length")?,
@@ -772,6 +638,173 @@ impl FileMsg {
         r.finish()?;
         Ok(m)
     }
+}
+
+/// A `Plan`'s fields.
+fn decode_plan(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
+    let pass = match r.u8("pass")? {
+        0 => PassKind::Copy,
+        1 => PassKind::Check,
+        _ => return Err(WireError::Invalid("pass")),
+    };
+    let compare = match r.u8("compare")? {
+        0 => Compare::Quick,
+        1 => Compare::Hash,
+        _ => return Err(WireError::Invalid("compare")),
+    };
+    let delete = r.bool("delete")?;
+    let n = usize::from(r.u16("excludes")?);
+    if n > MAX_EXCLUDES {
+        return Err(too_long("excludes", n, MAX_EXCLUDES));
+    }
+    let mut excludes = Vec::with_capacity(n);
+    for _ in 0..n {
+        excludes.push(get_bytes(r, "exclude", MAX_PATH)?);
+    }
+    Ok(FileMsg::Plan {
+        pass,
+        compare,
+        delete,
+        excludes,
+    })
+}
+
+/// An `Entry`'s fields.
+fn decode_entry(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
+    let id = r.u64("id")?;
+    let path = get_bytes(r, "path", MAX_PATH)?;
+    let meta = get_meta(r)?;
+    let target = get_bytes(r, "symlink target", MAX_PATH)?;
+    let linked = r.bool("linked")?;
+    let hash = if r.bool("hash flag")? {
+        Some(r.hash32("hash")?)
+    } else {
+        None
+    };
+    Ok(FileMsg::Entry {
+        id,
+        path,
+        meta,
+        target,
+        linked,
+        hash,
+    })
+}
+
+/// A `Need`'s fields.
+fn decode_need(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
+    let id = r.u64("id")?;
+    let chunk_size = r.u32("chunk size")?;
+    let n = usize::try_from(r.u32("sums")?).unwrap_or(usize::MAX);
+    if n > MAX_SUMS {
+        return Err(too_long("sums", n, MAX_SUMS));
+    }
+    if n > 0 && (chunk_size == 0 || chunk_size as usize > MAX_CHUNK) {
+        return Err(WireError::Invalid("chunk size"));
+    }
+    // Checked before allocating: the count must match the bytes present.
+    if n.saturating_mul(SUM_LEN) > r.remaining() {
+        return Err(WireError::Truncated("sums"));
+    }
+    let mut sums = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = [0u8; SUM_LEN];
+        s.copy_from_slice(r.take(SUM_LEN, "sum")?);
+        sums.push(s);
+    }
+    Ok(FileMsg::Need {
+        id,
+        chunk_size,
+        sums,
+    })
+}
+
+/// A `File`'s fields.
+fn decode_file(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
+    let id = r.u64("id")?;
+    let path = get_bytes(r, "path", MAX_PATH)?;
+    let meta = get_meta(r)?;
+    let complete = r.bool("complete")?;
+    let hash = r.hash32("hash")?;
+    let compressed = r.bool("compressed")?;
+    let len = r.u32("length")?;
+    let data = r.rest().to_vec();
+    check_data(len, compressed, &data)?;
+    Ok(FileMsg::File {
+        id,
+        path,
+        meta,
+        complete,
+        hash,
+        compressed,
+        len,
+        data,
+    })
+}
+
+/// A `Data`'s fields.
+fn decode_data(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
+    let offset = r.u64("offset")?;
+    let len = r.u32("length")?;
+    let hash = r.hash32("hash")?;
+    let compressed = r.bool("compressed")?;
+    let data = r.rest().to_vec();
+    check_data(len, compressed, &data)?;
+    Ok(FileMsg::Data {
+        offset,
+        len,
+        hash,
+        compressed,
+        data,
+    })
+}
+
+/// A `Plan`'s fields.
+fn put_plan(
+    p: &mut Vec<u8>,
+    pass: PassKind,
+    compare: Compare,
+    delete: bool,
+    excludes: &[Vec<u8>],
+) -> Result<(), WireError> {
+    p.push(match pass {
+        PassKind::Copy => 0,
+        PassKind::Check => 1,
+    });
+    p.push(match compare {
+        Compare::Quick => 0,
+        Compare::Hash => 1,
+    });
+    p.push(u8::from(delete));
+    if excludes.len() > MAX_EXCLUDES {
+        return Err(too_long("excludes", excludes.len(), MAX_EXCLUDES));
+    }
+    let n = u16::try_from(excludes.len()).map_err(|_| WireError::Invalid("excludes"))?;
+    p.extend_from_slice(&n.to_be_bytes());
+    for e in excludes {
+        put_bytes(p, "exclude", e, MAX_PATH)?;
+    }
+    Ok(())
+}
+
+/// A `Need`'s fields.
+fn put_need(
+    p: &mut Vec<u8>,
+    id: u64,
+    chunk_size: u32,
+    sums: &[[u8; SUM_LEN]],
+) -> Result<(), WireError> {
+    if sums.len() > MAX_SUMS {
+        return Err(too_long("sums", sums.len(), MAX_SUMS));
+    }
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&chunk_size.to_be_bytes());
+    let n = u32::try_from(sums.len()).map_err(|_| WireError::Invalid("sums"))?;
+    p.extend_from_slice(&n.to_be_bytes());
+    for s in sums {
+        p.extend_from_slice(s);
+    }
+    Ok(())
 }
 
 impl FileMsg {
