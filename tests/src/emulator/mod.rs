@@ -1,6 +1,6 @@
-//! The SMS API emulator: the agent-side calls of sms-api.md §3 and the operator calls that drive
-//! them, AK/SK and token auth, body validation with SMS error codes, a request journal, and
-//! fault injection — so the agent can be run and tested end to end without the cloud.
+//! The SMS API emulator: the agent-side calls of docs/sms-api.md §3 and the operator calls that
+//! drive them, AK/SK and token auth, body validation with SMS error codes, a request journal,
+//! and fault injection — so the agent can be run and tested end to end without the cloud.
 //!
 //! One fallback handler takes every request: journal, faults and auth apply to all of them in
 //! one place, in order, which a router with layered middleware would scatter. It hands the call

@@ -196,7 +196,7 @@ pub fn validate_source(v: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether SMS accepts the pair (sms-api.md §5, error SMS.7728).
+/// Whether SMS accepts the pair (docs/sms-api.md §5, error SMS.7728).
 pub fn copystate_pair_ok(copystate: &str, cycle: &str) -> bool {
     let cs = copystate.to_ascii_lowercase();
     let cs = if cs == "init" {

@@ -1,5 +1,5 @@
 //! Which byte ranges of a filesystem are in use, so that block mode reads and sends only
-//! allocated blocks (design §5).
+//! allocated blocks (docs/engines.md, "What is read").
 //!
 //! Three sources, each a superset of what the filesystem needs ("when in doubt, include"):
 //! the block bitmaps of an unmounted ext2/3/4 ([`ext4_used`]), the by-block-number free-space
