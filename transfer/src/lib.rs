@@ -11,7 +11,7 @@
 //!   [`session`]: the target's listener (handshake, `Hello`, sessions of one control and N data
 //!   streams) and the source's connector.
 //! - [`block`]: the block engine (whole disks, allocated chunks, checkpoints, hash-tree sync);
-//!   [`alloc`]: which byte ranges of an ext4 or XFS filesystem are in use.
+//!   which byte ranges of a filesystem are in use comes from `probe::alloc`.
 //! - [`file`]: the file engine (listing, data streams, partials, deletions, consistency check).
 //! - [`chunk`]: chunk hashing and zstd compression; [`limit`]: speed limits;
 //!   [`meter`]: progress and rate metering; [`task`]: what a running pass shares with
@@ -23,7 +23,6 @@
 /// The TLS library the session types use, for callers that hold its configs.
 pub use rustls;
 
-pub mod alloc;
 pub mod block;
 pub mod certs;
 pub mod chunk;
