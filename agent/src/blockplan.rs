@@ -85,29 +85,30 @@ fn partition_used(
         .map(|i| i.fs_type)
         .unwrap_or("unknown");
     let full = |why: String| (std::iter::once(0..len).collect(), why);
-    let mapped =
-        match (fs, mount) {
-            ("ext2" | "ext3" | "ext4" | "xfs", Some(mp)) => transfer::alloc::fsmap_used(mp, len)
-                .map(|r| (r, format!("{fs} mounted at {}, GETFSMAP", mp.display()))),
-            ("ext2" | "ext3" | "ext4", None) => transfer::alloc::ext4_used(f, start, len)
-                .map(|r| (r, format!("{fs}, block bitmaps"))),
-            ("xfs", None) => transfer::alloc::xfs_used(f, start, len)
-                .map(|r| (r, "xfs, free-space btrees".into())),
-            // A migrated host boots afresh: only the header (signature, UUID, label) of a swap
-            // area matters. fsdetect names only SWAPSPACE2 headers swap, so a hibernation
-            // image (S1SUSPEND) is still read in full.
-            ("swap", _) => {
-                return (
-                    std::iter::once(0..len.min(SWAP_HEADER)).collect(),
-                    "swap: header only".into(),
-                )
-            }
-            ("LVM2_member", _) => match node.and_then(|n| lvm_used(n, len)) {
-                Some(r) => return (r, "LVM PV, metadata and LV extents".into()),
-                None => return full("LVM PV, extents unknown: read in full".into()),
-            },
-            _ => return full(format!("{fs}: read in full")),
-        };
+    let mapped = match (fs, mount) {
+        ("ext2" | "ext3" | "ext4" | "xfs", Some(mp)) => probe::alloc::fsmap_used(mp, len)
+            .map(|r| (r, format!("{fs} mounted at {}, GETFSMAP", mp.display()))),
+        ("ext2" | "ext3" | "ext4", None) => {
+            probe::alloc::ext4_used(f, start, len).map(|r| (r, format!("{fs}, block bitmaps")))
+        }
+        ("xfs", None) => {
+            probe::alloc::xfs_used(f, start, len).map(|r| (r, "xfs, free-space btrees".into()))
+        }
+        // A migrated host boots afresh: only the header (signature, UUID, label) of a swap
+        // area matters. fsdetect names only SWAPSPACE2 headers swap, so a hibernation
+        // image (S1SUSPEND) is still read in full.
+        ("swap", _) => {
+            return (
+                std::iter::once(0..len.min(SWAP_HEADER)).collect(),
+                "swap: header only".into(),
+            )
+        }
+        ("LVM2_member", _) => match node.and_then(|n| lvm_used(n, len)) {
+            Some(r) => return (r, "LVM PV, metadata and LV extents".into()),
+            None => return full("LVM PV, extents unknown: read in full".into()),
+        },
+        _ => return full(format!("{fs}: read in full")),
+    };
     match mapped {
         Ok((r, how)) => (r, how),
         Err(e) => full(format!("{fs}: allocation unknown ({e}): read in full")),

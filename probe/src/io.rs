@@ -24,9 +24,23 @@ pub trait ReadAt {
             ));
         }
         let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` from `offset` (the caller's buffer bounds the read); a read past the end
+    /// is [`io::ErrorKind::UnexpectedEof`].
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = buf.len();
         let mut done = 0;
         while done < len {
-            let n = self.read_at(&mut buf[done..], offset + done as u64)?;
+            let pos = offset.checked_add(done as u64).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{len} bytes at offset {offset} are past any end"),
+                )
+            })?;
+            let n = self.read_at(&mut buf[done..], pos)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -35,7 +49,7 @@ pub trait ReadAt {
             }
             done += n;
         }
-        Ok(buf)
+        Ok(())
     }
 }
 

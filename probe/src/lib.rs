@@ -3,10 +3,16 @@
 //! The probe only reads: sysfs, procfs, `/etc`, the first and last sectors of block devices, and
 //! (read-only) `lvm` and `btrfs` reports. It never writes a disk, mounts, or changes a setting, and
 //! needs no network. Anything it cannot read becomes a [`Warning`] and the rest still comes out.
-#![forbid(unsafe_code)]
+//!
+//! Every on-disk format is read here, through the bounded [`io::ReadAt`]: partition tables
+//! ([`ptable`]), superblocks ([`fsdetect`]), and, for block mode, the allocation maps of ext4
+//! and XFS ([`alloc`]), whose `FS_IOC_GETFSMAP` query is the crate's one `unsafe` module.
+
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 
+pub mod alloc;
 pub mod blockdev;
 pub mod btrfs;
 pub mod fsdetect;

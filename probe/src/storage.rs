@@ -1,5 +1,5 @@
 //! Disks, partitions, LVM and Btrfs put together into the registration model, with the
-//! `device_use` rules of the SMS API (sms-api.md §4).
+//! `device_use` rules of the SMS API (docs/sms-api.md §4).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -16,7 +16,7 @@ use crate::mounts::{self, MountEntry};
 use crate::ptable::{self as parttable, PartKind};
 use crate::warn::Warnings;
 
-/// `device_use` values (sms-api.md §4).
+/// `device_use` values (docs/sms-api.md §4).
 pub mod device_use {
     /// Holds the boot partition.
     pub const BOOT: &str = "BOOT";

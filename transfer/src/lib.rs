@@ -1,10 +1,25 @@
-//! Block and file transfer engines, wire protocol and TLS setup of sms-agent.
+//! Block and file transfer engines, wire protocol and TLS sessions of sms-agent.
 //!
-//! This crate is the third stage of the one-way data flow probe → agent → transfer. So far it
-//! holds the mutual-TLS setup from the PEMs SMS hands out (`tls`), the certificates of
-//! standalone mode (`certs`), the framed wire protocol (`wire`), chunk hashing and compression
-//! (`chunk`), speed limits (`limit`), progress metering (`meter`) and the SMS error codes
-//! every failure carries (`code`); the block and file engines that use them come next.
+//! This crate is the third stage of the one-way data flow probe → agent → transfer: it moves
+//! data between a source and a target, and holds both sides. Its modules:
+//!
+//! - [`wire`]: the framed, versioned wire protocol, its block-mode messages and the bounded
+//!   reader every decoder uses (docs/wire.md).
+//! - [`tls`]: the mutual-TLS set-up from the PEMs SMS hands out; [`certs`]: the CA and
+//!   certificates of standalone mode.
+//! - [`conn`]: a full-duplex TLS connection shared by a stream's reader and writer;
+//!   [`session`]: the target's listener (handshake, `Hello`, sessions of one control and N data
+//!   streams) and the source's connector.
+//! - [`block`]: the block engine (whole disks, allocated chunks, checkpoints, hash-tree sync);
+//!   which byte ranges of a filesystem are in use comes from `probe::alloc`.
+//! - [`file`]: the file engine (listing, data streams, partials, deletions, consistency check).
+//! - [`code`]: the SMS error codes every failure carries, and [`TaskFailure`];
+//!   [`durable`]: the one atomic, durable file write (checkpoints, records, state).
+//! - [`chunk`]: chunk hashing and zstd compression; [`limit`]: speed limits;
+//!   [`meter`]: progress and rate metering; [`task`]: what a running pass shares with
+//!   whoever watches and steers it (counters, cancel flag, speed-limit bucket).
+//!
+//! How the engines behave is described in docs/engines.md.
 #![deny(unsafe_code)]
 
 /// The TLS library the session types use, for callers that hold its configs.
@@ -12,7 +27,6 @@ pub use rustls;
 
 pub use code::{Code, TaskFailure};
 
-pub mod alloc;
 pub mod block;
 pub mod certs;
 pub mod chunk;

@@ -1,6 +1,7 @@
-//! Speed limits: the task's time-windowed rules (`GET …/speed-limit`, sms-api.md §8) and a token
-//! bucket shared by all data streams that keeps the rate under the rule in force. The rules can
-//! be replaced while a transfer runs; the bucket picks the new rate up on its next refill.
+//! Speed limits: the task's time-windowed rules (`GET …/speed-limit`, docs/sms-api.md §8) and a
+//! token bucket shared by all data streams that keeps the rate under the rule in force. The
+//! rules can be replaced while a transfer runs; the bucket picks the new rate up on its next
+//! refill.
 
 use crate::lock;
 use std::sync::Mutex;

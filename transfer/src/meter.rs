@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Window over which the rate is measured (sms-api.md §6: "the last 5 s").
+/// Window over which the rate is measured (docs/sms-api.md §6: "the last 5 s").
 pub const WINDOW: Duration = Duration::from_secs(5);
 
 /// Tracks one transfer's progress.

@@ -528,7 +528,7 @@ impl Message {
         if h[4] != VERSION {
             return Err(WireError::Version(h[4]));
         }
-        // No flags are defined in version 1: a set bit is a peer we do not understand.
+        // No header flags are defined in this version: a set bit is a peer we do not understand.
         if h[6] != 0 {
             return Err(WireError::Invalid("header flags"));
         }

@@ -20,7 +20,7 @@ use transfer::Code;
 /// disks, or certkey PEMs) is a few hundred KiB; a larger one is a broken or hostile server.
 pub const MAX_BODY: usize = 8 << 20;
 
-/// Clock difference beyond which the API gateway rejects AK/SK signatures (sms-api.md §2.1).
+/// Clock difference beyond which the API gateway rejects AK/SK signatures (docs/sms-api.md §2.1).
 pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
 
 /// Renew a token this long before it expires, so a call never goes out with a dying token.

@@ -1,4 +1,4 @@
-//! Request and response bodies of the agent-side SMS API calls (sms-api.md §3), with the SDK's
+//! Request and response bodies of the agent-side SMS API calls (docs/sms-api.md §3), with the SDK's
 //! JSON names. Responses are read leniently: unknown fields are ignored and missing ones default,
 //! because the service adds fields over time and an agent in the field must not break on them.
 
@@ -34,7 +34,7 @@ pub struct ChangeState {
     pub migrationcycle: MigrationCycle,
 }
 
-/// `copystate` values (sms-api.md §5).
+/// `copystate` values (docs/sms-api.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 #[allow(missing_docs)]
@@ -57,7 +57,7 @@ pub enum CopyState {
     Clearfailed,
 }
 
-/// `migrationcycle` values (sms-api.md §5).
+/// `migrationcycle` values (docs/sms-api.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[allow(missing_docs)]
@@ -71,7 +71,7 @@ pub enum MigrationCycle {
 }
 
 impl ChangeState {
-    /// Whether the service accepts this pair (the SMS.7728 table of sms-api.md §5); the agent
+    /// Whether the service accepts this pair (the SMS.7728 table of docs/sms-api.md §5); the agent
     /// never sends a pair the service would refuse.
     pub fn is_valid(&self) -> bool {
         use CopyState as S;
@@ -226,7 +226,7 @@ pub struct TargetDisk {
     pub physical_volumes: Vec<Volume>,
 }
 
-/// Body of `PUT /v3/tasks/{id}/progress` (sms-api.md §6).
+/// Body of `PUT /v3/tasks/{id}/progress` (docs/sms-api.md §6).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// `MIGRATE_LINUX_BLOCK`, `MIGRATE_LINUX_FILE`, `SYNC_LINUX_BLOCK`, `SYNC_LINUX_FILE`.

@@ -1,6 +1,6 @@
 //! AK/SK request signing, `SDK-HMAC-SHA256`, as the Huawei Cloud API gateway checks it.
 //!
-//! The algorithm (sms-api.md §2.1) is the one of the official SDKs' `signer` modules; the
+//! The algorithm (docs/sms-api.md §2.1) is the one of the official SDKs' `signer` modules; the
 //! SDKs' own test vectors are the unit tests below.
 
 use hmac::{Hmac, Mac};

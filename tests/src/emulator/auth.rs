@@ -4,7 +4,7 @@
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-/// How far `X-Sdk-Date` may be from the server's clock (sms-api.md §2.1).
+/// How far `X-Sdk-Date` may be from the server's clock (docs/sms-api.md §2.1).
 pub const MAX_SKEW_SECS: i64 = 15 * 60;
 
 /// Why a request's signature was refused.

@@ -1,13 +1,25 @@
-//! The SMS API emulator: the agent-side calls of sms-api.md §3 and the operator calls that drive
-//! them, AK/SK and token auth, body validation with SMS error codes, a request journal, and
-//! fault injection — so the agent can be run and tested end to end without the cloud.
+//! The SMS API emulator: the agent-side calls of docs/sms-api.md §3 and the operator calls that
+//! drive them, AK/SK and token auth, body validation with SMS error codes, a request journal,
+//! and fault injection — so the agent can be run and tested end to end without the cloud.
 //!
-//! One fallback handler routes by path segments: journal, faults and auth apply to every request
-//! in one place, in order, which a router with layered middleware would scatter.
+//! One fallback handler takes every request: journal, faults and auth apply to all of them in
+//! one place, in order, which a router with layered middleware would scatter. It hands the call
+//! to `routes`, which picks the handler in the module of the call's resource: `sources`,
+//! `commands`, `tasks`, `reports` (progress, consistency results), `certkey`; the test's own
+//! calls go to `admin`.
 
+mod admin;
 pub mod auth;
+mod certkey;
 pub mod certs;
+mod commands;
+mod reports;
+mod routes;
+mod sources;
 pub mod store;
+mod tasks;
+
+pub use sources::{copystate_pair_ok, validate_source};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
-use store::{Cmd, Entry, Fault, Source, Store, TaskRec};
+use store::{Entry, Store};
 
 /// How the emulator authenticates its callers.
 #[derive(Debug, Clone, Default)]
@@ -139,13 +151,13 @@ async fn handle(
     let mut auth_kind = "none";
     let reply = match reply {
         Some(r) => r,
-        None if admin => admin_call(&emu, &method, &path, &body),
+        None if admin => admin::call(&emu, &method, &path, &body),
         None if path == "/v3/auth/tokens" && method == Method::POST => iam(&emu, &body),
         None => match authenticate(&emu, &method, &path, &query, &headers, &body) {
             Err(r) => r,
             Ok(kind) => {
                 auth_kind = kind;
-                api(&emu, &method, &path, &query, &body)
+                routes::api(&emu, &method, &path, &query, &body)
             }
         },
     };
@@ -323,662 +335,26 @@ fn httpdate_to_iso(t: std::time::SystemTime) -> String {
     )
 }
 
-fn admin_call(emu: &Emu, method: &Method, path: &str, body: &[u8]) -> Reply {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let mut s = emu.lock();
-    match (method.as_str(), segs.as_slice()) {
-        ("GET", ["_emulator", "journal"]) => {
-            ok(serde_json::to_value(&s.journal).unwrap_or(Value::Null))
-        }
-        ("GET", ["_emulator", "state"]) => ok(serde_json::to_value(&s.db).unwrap_or(Value::Null)),
-        ("POST", ["_emulator", "faults"]) => match serde_json::from_value::<Fault>(v) {
-            Ok(f) => {
-                s.faults.push(f);
-                ok(json!({}))
-            }
-            Err(e) => bad("SMS.6011", format!("bad fault: {e}")),
-        },
-        ("DELETE", ["_emulator", "faults"]) => {
-            s.faults.clear();
-            ok(json!({}))
-        }
-        ("POST", ["_emulator", "clock"]) => {
-            s.clock_offset = v["offset_secs"].as_i64().unwrap_or(0);
-            ok(json!({}))
-        }
-        ("POST", ["_emulator", "tasks", id, "key-passphrase"]) => match s.db.tasks.get_mut(*id) {
-            // Serve this task's private keys encrypted with the passphrase from now on.
-            Some(t) => {
-                t.key_passphrase = v["passphrase"].as_str().map(str::to_string);
-                t.certkey = None;
-                s.save();
-                ok(json!({}))
-            }
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("POST", ["_emulator", "sources", id, "commands"]) => {
-            let cmd = Cmd {
-                command_name: v["command_name"].as_str().unwrap_or("").to_string(),
-                command_param: v.get("command_param").cloned().unwrap_or(Value::Null),
-                delivered: 0,
-            };
-            s.db.commands
-                .entry((*id).to_string())
-                .or_default()
-                .push_back(cmd);
-            s.save();
-            ok(json!({}))
-        }
-        _ => err(
-            StatusCode::NOT_FOUND,
-            "SMS.6000",
-            format!("no admin call {method} {path}"),
-        ),
-    }
-}
-
 fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str)
 }
 
-/// Checks a registration body as the service does (required fields, enums, types).
-pub fn validate_source(v: &Value) -> Result<(), String> {
-    let obj = v.as_object().ok_or("body is not a JSON object")?;
-    let update = obj
-        .get("id")
-        .and_then(Value::as_str)
-        .is_some_and(|s| !s.is_empty());
-    let need_str = |k: &str| -> Result<(), String> {
-        match obj.get(k) {
-            Some(Value::String(_)) => Ok(()),
-            Some(_) => Err(format!("{k} must be a string")),
-            None => Err(format!("{k} is required")),
-        }
-    };
-    for k in ["name", "os_type", "os_version", "agent_version"] {
-        need_str(k)?;
-    }
-    if !obj.get("networks").is_some_and(Value::is_array) {
-        return Err("networks is required and must be an array".into());
-    }
-    let enum_of = |k: &str, allowed: &[&str]| -> Result<(), String> {
-        match obj.get(k).and_then(Value::as_str) {
-            Some(x) if !allowed.contains(&x) => Err(format!("{k} {x:?} is not one of {allowed:?}")),
-            _ => Ok(()),
-        }
-    };
-    enum_of("os_type", &["WINDOWS", "LINUX"])?;
-    enum_of("firmware", &["BIOS", "UEFI"])?;
-    enum_of("boot_loader", &["GRUB", "LILO"])?;
-    enum_of("start_type", &["MANUAL", "MGC", ""])?;
-    enum_of(
-        "platform",
-        &[
-            "hw", "ali", "aws", "azure", "gcp", "tencent", "vmware", "hyperv", "other",
-        ],
-    )?;
-    if obj.get("os_type").and_then(Value::as_str) == Some("LINUX") && !update {
-        for k in [
-            "ip",
-            "hostname",
-            "firmware",
-            "boot_loader",
-            "kernel_version",
-            "raw_devices",
-            "linux_block_check",
-        ] {
-            need_str(k)?;
-        }
-        for k in ["has_rsync", "has_tc", "paravirtualization"] {
-            if !obj.get(k).is_some_and(Value::is_boolean) {
-                return Err(format!("{k} is required for Linux and must be a boolean"));
-            }
-        }
-        for k in ["disks", "btrfs_list", "volume_groups"] {
-            if !obj.get(k).is_some_and(Value::is_array) {
-                return Err(format!("{k} is required for Linux and must be an array"));
-            }
-        }
-        for k in ["cpu_quantity", "memory"] {
-            if !obj.get(k).is_some_and(Value::is_u64) {
-                return Err(format!("{k} must be a non-negative integer"));
-            }
-        }
-    }
-    for (i, d) in obj
-        .get("disks")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        for k in ["name", "device_use"] {
-            if str_field(d, k).is_none() {
-                return Err(format!("disks[{i}].{k} is required"));
-            }
-        }
-        for k in ["size", "used_size"] {
-            if !d.get(k).is_some_and(Value::is_u64) {
-                return Err(format!("disks[{i}].{k} must be a non-negative integer"));
-            }
-        }
-        match str_field(d, "partition_style") {
-            Some("MBR" | "GPT") | None => {}
-            Some(x) => {
-                return Err(format!(
-                    "disks[{i}].partition_style {x:?} is not MBR or GPT"
-                ))
-            }
-        }
-        if !d.get("physical_volumes").is_some_and(Value::is_array) {
-            return Err(format!("disks[{i}].physical_volumes is required"));
-        }
-    }
-    Ok(())
+/// SMS.6000 for a task the emulator does not know.
+fn no_task(id: &str) -> Reply {
+    err(
+        StatusCode::NOT_FOUND,
+        "SMS.6000",
+        format!("task {id} not found"),
+    )
 }
 
-/// Whether SMS accepts the pair (sms-api.md §5, error SMS.7728).
-pub fn copystate_pair_ok(copystate: &str, cycle: &str) -> bool {
-    let cs = copystate.to_ascii_lowercase();
-    let cs = if cs == "init" {
-        "initialize".to_string()
-    } else {
-        cs
-    };
-    let common = ["deleting", "stopping", "error", "stopped", "unconnected"];
-    let allowed: &[&str] = match cycle {
-        "checking" => &["available", "waiting", "unconnected", "unavailable"],
-        "setting" => &["waiting", "unconnected"],
-        "replicating" => &["initialize", "replicate"],
-        "syncing" => &["syncing", "cloning"],
-        "cutovering" => &["cutovering"],
-        "cutovered" => &["finished"],
-        _ => return false,
-    };
-    allowed.contains(&cs.as_str())
-        || (cycle != "checking" && cycle != "setting" && common.contains(&cs.as_str()))
-}
-
-/// Subtask names the service knows (reference §5.4.8 and its examples); an agent on Linux
-/// reports the MIGRATE/SYNC ones, the service side the rest.
-const SUBTASKS: &[&str] = &[
-    "MIGRATE_LINUX_BLOCK",
-    "MIGRATE_LINUX_FILE",
-    "SYNC_LINUX_BLOCK",
-    "SYNC_LINUX_FILE",
-    "MIGRATE_WINDOWS_BLOCK",
-    "SYNC_WINDOWS_BLOCK",
-    "CREATE_CLOUD_SERVER",
-    "SSL_CONFIG",
-    "ATTACH_AGENT_IMAGE",
-    "DETTACH_AGENT_IMAGE",
-    "DETACH_AGENT_IMAGE",
-    "FORMAT_DISK_LINUX",
-    "FORMAT_DISK_LINUX_FILE",
-    "FORMAT_DISK_LINUX_BLOCK",
-    "FORMAT_DISK_WINDOWS",
-    "CONFIGURE_LINUX",
-    "CONFIGURE_LINUX_FILE",
-    "CONFIGURE_LINUX_BLOCK",
-    "CONFIGURE_WINDOWS",
-    "CLONE_TEST",
-];
-
-fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Reply {
-    let mut segs: Vec<String> = path.trim_matches('/').split('/').map(auth::unpct).collect();
-    // The reference's examples write `/v3/{task_id}/consistency-result` where its URI table
-    // says `/v3/tasks/{task_id}/…`; accept both.
-    if segs.len() == 3 && segs[0] == "v3" && segs[2] == "consistency-result" {
-        segs.insert(1, "tasks".into());
-    }
-    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let v: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(e) => {
-                return bad(
-                    "SMS.6010",
-                    format!("The request body is not in the JSON format: {e}"),
-                )
-            }
-        }
-    };
-    let mut s = emu.lock();
-    let reply = match (method.as_str(), segs.as_slice()) {
-        ("GET", ["v3", "config"]) => {
-            ok(json!({"config": {"mainRegion": "emulator"}, "regions": [{"id": "emulator"}]}))
-        }
-        ("POST", ["v3", "sources"]) => {
-            if let Err(e) = validate_source(&v) {
-                return bad("SMS.6013", format!("Incomplete request parameters: {e}"));
-            }
-            let id = match str_field(&v, "id").filter(|i| !i.is_empty()) {
-                Some(id) if s.db.sources.contains_key(id) => id.to_string(),
-                Some(id) => return bad("SMS.6030", format!("Invalid source server ID {id}")),
-                None => s.db.new_id(""),
-            };
-            let e = s.db.sources.entry(id.clone()).or_insert_with(|| Source {
-                id: id.clone(),
-                body: Value::Null,
-                copystate: "UNAVAILABLE".into(),
-                migrationcycle: "checking".into(),
-                diskinfo: None,
-            });
-            e.body = v;
-            ok(json!({"id": id}))
-        }
-        ("GET", ["v3", "sources"]) => {
-            let q: Vec<(String, String)> = query
-                .split('&')
-                .filter_map(|p| {
-                    p.split_once('=')
-                        .map(|(a, b)| (auth::unpct(a), auth::unpct(b)))
-                })
-                .collect();
-            let list: Vec<Value> = s
-                .db
-                .sources
-                .values()
-                .filter(|src| q.iter().all(|(k, val)| !matches!(k.as_str(), "name" | "ip" | "id") || str_field(&src.body, k) == Some(val) || (k == "id" && &src.id == val)))
-                .map(|src| json!({"id": src.id, "name": src.body["name"], "ip": src.body["ip"], "state": src.copystate.to_ascii_lowercase(), "migration_cycle": src.migrationcycle}))
-                .collect();
-            ok(json!({"count": list.len(), "source_servers": list}))
-        }
-        ("GET", ["v3", "sources", id]) => match s.db.sources.get(*id) {
-            Some(src) => {
-                let mut b = src.body.clone();
-                b["id"] = json!(src.id);
-                b["state"] = json!(src.copystate.to_ascii_lowercase());
-                b["migration_cycle"] = json!(src.migrationcycle);
-                ok(b)
-            }
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6030",
-                format!("Invalid source server ID {id}"),
-            ),
-        },
-        ("PUT", ["v3", "sources", id, "diskinfo"]) => match s.db.sources.get_mut(*id) {
-            Some(src) => {
-                if !v["disks"].is_array() {
-                    return bad("SMS.6013", "Incomplete request parameters: disks");
-                }
-                src.diskinfo = Some(v);
-                ok(json!({}))
-            }
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6030",
-                format!("Invalid source server ID {id}"),
-            ),
-        },
-        ("PUT", ["v3", "sources", id, "changestate"]) => {
-            let (Some(cs), Some(cycle)) =
-                (str_field(&v, "copystate"), str_field(&v, "migrationcycle"))
-            else {
-                return bad(
-                    "SMS.6013",
-                    "Incomplete request parameters: copystate and migrationcycle",
-                );
-            };
-            if !copystate_pair_ok(cs, cycle) {
-                return bad(
-                    "SMS.7728",
-                    format!("copystate {cs} is not allowed in migrationcycle {cycle}"),
-                );
-            }
-            match s.db.sources.get_mut(*id) {
-                Some(src) => {
-                    src.copystate = cs.to_string();
-                    src.migrationcycle = cycle.to_string();
-                    ok(json!({}))
-                }
-                None => err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6030",
-                    format!("Invalid source server ID {id}"),
-                ),
-            }
-        }
-        ("GET", ["v3", "sources", id, "command"]) => {
-            if !s.db.sources.contains_key(*id) {
-                return err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6030",
-                    format!("Invalid source server ID {id}"),
-                );
-            }
-            match s.db.commands.get_mut(*id).and_then(|q| q.front_mut()) {
-                Some(c) => {
-                    c.delivered += 1;
-                    ok(json!({"command_name": c.command_name, "command_param": c.command_param}))
-                }
-                None => ok(json!({"command_name": "", "command_param": null})),
-            }
-        }
-        ("POST", ["v3", "sources", id, "command_result"]) => {
-            let Some(name) = str_field(&v, "command_name") else {
-                return bad("SMS.6020", "The command name is missing.");
-            };
-            if !matches!(str_field(&v, "result"), Some("success" | "fail")) {
-                return bad("SMS.6022", "Incorrect result format.");
-            }
-            if !v.get("result_detail").is_some_and(Value::is_object) {
-                return bad("SMS.6023", "Incorrect result_detail format.");
-            }
-            let name = name.to_string();
-            let q = s.db.commands.entry((*id).to_string()).or_default();
-            match q.iter().position(|c| c.command_name == name) {
-                Some(i) => {
-                    q.remove(i);
-                    s.db.results.push(((*id).to_string(), v));
-                    ok(json!({}))
-                }
-                None if name == "UPLOAD_LOG" || name == "RSET_LOG_ACL" => {
-                    s.db.results.push(((*id).to_string(), v));
-                    ok(json!({}))
-                }
-                None => bad(
-                    "SMS.6021",
-                    format!(
-                        "The command {name} from the Agent is inconsistent with that from SMS."
-                    ),
-                ),
-            }
-        }
-        ("POST", ["v3", "tasks"]) => create_task(&mut s, v),
-        ("GET", ["v3", "tasks", id]) => match s.db.tasks.get(*id) {
-            Some(t) => ok(task_view(t)),
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("DELETE", ["v3", "tasks", id]) => match s.db.tasks.remove(*id) {
-            Some(t) => {
-                queue(&mut s, &t.source_id, "DELETE", json!({"task_id": t.id}));
-                ok(json!({}))
-            }
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("POST", ["v3", "tasks", id, "action"]) => {
-            let Some(t) = s.db.tasks.get_mut(*id) else {
-                return err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6000",
-                    format!("task {id} not found"),
-                );
-            };
-            let op = str_field(&v, "operation").unwrap_or("");
-            let command = match op {
-                "start" | "restart" => {
-                    t.state = "RUNNING".into();
-                    Some("START")
-                }
-                "stop" => Some("STOP"),
-                "skip" => Some("SKIP"),
-                "sync" => Some("SYNC"),
-                "test" | "clone_test" | "network_check" | "clear" | "migration_test" => None,
-                other => return bad("SMS.6011", format!("operation {other:?} is not one of start, stop, test, clone_test, restart, network_check, clear, skip, migration_test")),
-            };
-            let (src, tid) = (t.source_id.clone(), t.id.clone());
-            if let Some(c) = command {
-                queue(&mut s, &src, c, json!({"task_id": tid}));
-            }
-            ok(json!({}))
-        }
-        ("PUT", ["v3", "tasks", id, "progress"]) => {
-            let Some(t) = s.db.tasks.get_mut(*id) else {
-                return err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6000",
-                    format!("task {id} not found"),
-                );
-            };
-            let Some(name) = str_field(&v, "subtask_name") else {
-                return bad("SMS.6013", "Incomplete request parameters: subtask_name");
-            };
-            if !SUBTASKS.contains(&name) {
-                return bad("SMS.6004", format!("Invalid subtask name {name}"));
-            }
-            for k in ["progress", "replicatesize", "totalsize"] {
-                if !v.get(k).is_some_and(Value::is_u64) {
-                    return bad("SMS.6013", format!("Incomplete request parameters: {k}"));
-                }
-            }
-            let progress = v["progress"].as_u64().unwrap_or(0);
-            if progress > 100
-                || str_field(&v, "process_trace").is_none_or(|p| p.chars().count() > 2048)
-            {
-                return bad(
-                    "SMS.6011",
-                    "progress must be 0-100 and process_trace at most 2048 characters",
-                );
-            }
-            t.state = match (progress, name.starts_with("SYNC")) {
-                (100, false) => "MIGRATE_SUCCESS",
-                (100, true) => "SYNC_SUCCESS",
-                _ => "RUNNING",
-            }
-            .into();
-            t.sub_tasks.insert(name.to_string(), json!({"name": name, "progress": progress, "process_trace": v["process_trace"], "migrate_speed": v.get("migrate_speed")}));
-            ok(json!({}))
-        }
-        ("GET", ["v3", "tasks", id, "speed-limit"]) => match s.db.tasks.get(*id) {
-            Some(t) => ok(json!({"speed_limit": t.speed_limit})),
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("POST", ["v3", "tasks", id, "speed-limit"]) => {
-            match (s.db.tasks.get_mut(*id), v["speed_limit"].as_array()) {
-                (Some(t), Some(rules)) => {
-                    t.speed_limit = rules.clone();
-                    ok(json!({}))
-                }
-                (None, _) => err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6000",
-                    format!("task {id} not found"),
-                ),
-                (_, None) => bad("SMS.6013", "Incomplete request parameters: speed_limit"),
-            }
-        }
-        ("POST", ["v3", "tasks", id, "log"]) => {
-            match s.db.tasks.get(*id).map(|t| t.source_id.clone()) {
-                Some(src) => {
-                    let bucket = str_field(&v, "log_bucket").unwrap_or("").to_string();
-                    queue(
-                        &mut s,
-                        &src,
-                        "UPLOAD_LOG",
-                        json!({"task_id": id, "bucket": bucket}),
-                    );
-                    ok(json!({}))
-                }
-                None => err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6000",
-                    format!("task {id} not found"),
-                ),
-            }
-        }
-        ("POST", ["v3", "tasks", id, "consistency-result"]) => {
-            match (s.db.tasks.get_mut(*id), v["consistency_result"].as_array()) {
-                (Some(t), Some(r)) if r.len() <= 30 => {
-                    t.consistency = r.clone();
-                    ok(json!({}))
-                }
-                (None, _) => err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6000",
-                    format!("task {id} not found"),
-                ),
-                _ => bad(
-                    "SMS.6011",
-                    "consistency_result must be an array of at most 30 entries",
-                ),
-            }
-        }
-        ("GET", ["v3", "tasks", id, "consistency-result"]) => match s.db.tasks.get(*id) {
-            Some(t) => ok(json!({"consistency_result": t.consistency})),
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("GET", ["v3", "tasks", id, "configuration-setting"]) => match s.db.tasks.get(*id) {
-            Some(t) => ok(
-                json!({"configurations": t.body.get("configurations").cloned().unwrap_or(json!([]))}),
-            ),
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("GET", ["v3", "tasks", id, "certkey"]) => {
-            let Some(t) = s.db.tasks.get_mut(*id) else {
-                return err(
-                    StatusCode::NOT_FOUND,
-                    "SMS.6000",
-                    format!("task {id} not found"),
-                );
-            };
-            // Made once per task and kept, as the service does.
-            if t.certkey.is_none() {
-                let ip = str_field(&t.body, "migration_ip")
-                    .unwrap_or("127.0.0.1")
-                    .to_string();
-                match certs::certkey(id, &ip, t.key_passphrase.as_deref()) {
-                    Ok(c) => t.certkey = Some(c),
-                    Err(e) => {
-                        return err(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "SMS.6000",
-                            format!("cannot make certificates: {e}"),
-                        )
-                    }
-                }
-            }
-            ok(t.certkey.clone().unwrap_or(Value::Null))
-        }
-        ("GET", ["v3", "tasks", id, "passphrase"]) => match s.db.tasks.get(*id) {
-            Some(t) => ok(
-                json!({"task_id": t.id, "passphrase": t.key_passphrase.clone().unwrap_or_default()}),
-            ),
-            None => err(
-                StatusCode::NOT_FOUND,
-                "SMS.6000",
-                format!("task {id} not found"),
-            ),
-        },
-        ("POST", ["v3", _task, "update-network-check-info"]) => ok(json!({})),
-        _ => err(
-            StatusCode::NOT_FOUND,
-            "SMS.6000",
-            format!("{method} {path} is not emulated"),
-        ),
-    };
-    if reply.0.is_success() && *method != Method::GET {
-        s.save();
-    }
-    reply
-}
-
-fn queue(s: &mut Store, source: &str, name: &str, param: Value) {
-    s.db.commands
-        .entry(source.to_string())
-        .or_default()
-        .push_back(Cmd {
-            command_name: name.to_string(),
-            command_param: param,
-            delivered: 0,
-        });
-}
-
-fn create_task(s: &mut Store, mut v: Value) -> Reply {
-    for k in ["name", "type", "os_type"] {
-        if str_field(&v, k).is_none() {
-            return bad("SMS.6013", format!("Incomplete request parameters: {k}"));
-        }
-    }
-    if !matches!(
-        str_field(&v, "type"),
-        Some("MIGRATE_FILE" | "MIGRATE_BLOCK")
-    ) {
-        return bad("SMS.6011", "type must be MIGRATE_FILE or MIGRATE_BLOCK");
-    }
-    if !matches!(str_field(&v, "os_type"), Some("WINDOWS" | "LINUX")) {
-        return bad("SMS.6011", "os_type must be WINDOWS or LINUX");
-    }
-    let Some(src) = v["source_server"]["id"].as_str().map(str::to_string) else {
-        return bad(
-            "SMS.6013",
-            "Incomplete request parameters: source_server.id",
-        );
-    };
-    let Some(source) = s.db.sources.get(&src) else {
-        return bad("SMS.6030", format!("Invalid source server ID {src}"));
-    };
-    let source_disks: Vec<String> = source.body["disks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d["name"].as_str().map(str::to_string))
-        .collect();
-    if !v["target_server"].is_object() {
-        return bad("SMS.6031", "The target server information is missing.");
-    }
-    if let Some(disks) = v["target_server"]["disks"].as_array_mut() {
-        for d in disks {
-            if let Some(n) = d["name"].as_str().map(str::to_string) {
-                if d.get("relation_name").is_none() && source_disks.contains(&n) {
-                    d["relation_name"] = json!(n);
-                }
-            }
-        }
-    }
-    let id = s.db.new_id("t");
-    v["id"] = json!(id);
-    s.db.tasks.insert(
-        id.clone(),
-        TaskRec {
-            id: id.clone(),
-            body: v,
-            state: "READY".into(),
-            sub_tasks: Default::default(),
-            speed_limit: Vec::new(),
-            consistency: Vec::new(),
-            source_id: src,
-            certkey: None,
-            key_passphrase: None,
-        },
-    );
-    ok(json!({"id": id}))
-}
-
-fn task_view(t: &TaskRec) -> Value {
-    let mut b = t.body.clone();
-    b["id"] = json!(t.id);
-    b["state"] = json!(t.state);
-    b["sub_tasks"] = Value::Array(t.sub_tasks.values().cloned().collect());
-    b
+/// SMS.6030 for a source the emulator does not know.
+fn no_source(id: &str) -> Reply {
+    err(
+        StatusCode::NOT_FOUND,
+        "SMS.6030",
+        format!("Invalid source server ID {id}"),
+    )
 }
 
 /// Serves `emu` over TLS with the certificate chain and key in the PEM files `cert` and `key`.
@@ -1016,28 +392,5 @@ pub async fn serve_tls(
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copystate_table() {
-        assert!(copystate_pair_ok("WAITING", "checking"));
-        assert!(copystate_pair_ok("INIT", "replicating"));
-        assert!(copystate_pair_ok("stopped", "syncing"));
-        assert!(!copystate_pair_ok("REPLICATE", "checking"));
-        assert!(!copystate_pair_ok("SYNCING", "replicating"));
-        assert!(!copystate_pair_ok("WAITING", "nonsense"));
-    }
-
-    #[test]
-    fn source_validation_names_the_field() {
-        let e = validate_source(&json!({"name": "x"})).unwrap_err();
-        assert!(e.contains("os_type"), "{e}");
-        let e = validate_source(&json!({"name": "x", "os_type": "BSD", "os_version": "1", "agent_version": "1", "networks": []})).unwrap_err();
-        assert!(e.contains("BSD"), "{e}");
     }
 }

@@ -1,5 +1,5 @@
 //! Which byte ranges of a filesystem are in use, so that block mode reads and sends only
-//! allocated blocks (design §5).
+//! allocated blocks (docs/engines.md, "What is read").
 //!
 //! Three sources, each a superset of what the filesystem needs ("when in doubt, include"):
 //! the block bitmaps of an unmounted ext2/3/4 ([`ext4_used`]), the by-block-number free-space
@@ -21,6 +21,8 @@ pub use xfs::xfs_used;
 
 use std::io;
 
+pub use crate::io::ReadAt;
+
 /// A half-open byte range [start, end) relative to the start of the filesystem (the partition).
 pub type Range = std::ops::Range<u64>;
 
@@ -31,7 +33,8 @@ pub const ALWAYS_USED: u64 = 64 << 10;
 
 /// Largest single read of on-disk metadata. The biggest structure read in one go is a 64 KiB
 /// ext4 bitmap block or a 64 KiB XFS btree block; anything larger comes from a corrupt field.
-pub const MAX_READ: usize = 1 << 20;
+/// The same bound as every other on-disk reader of this crate ([`crate::io::MAX_READ`]).
+pub const MAX_READ: usize = crate::io::MAX_READ;
 
 /// Most ranges a [`RangeSet`] holds before it starts bridging small gaps (16 MiB of ranges).
 /// A hostile bitmap of alternating bits on a large disk would otherwise make the map grow to
@@ -64,41 +67,6 @@ pub enum AllocError {
     /// journal or log, or a kernel without `FS_IOC_GETFSMAP` for it.
     #[error("unsupported: {0}")]
     Unsupported(String),
-}
-
-/// Read-at access to a device or image, like [`std::os::unix::fs::FileExt`].
-pub trait ReadAt {
-    /// Fills `buf` from byte `offset`; a read past the end is [`io::ErrorKind::UnexpectedEof`].
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-}
-
-impl ReadAt for std::fs::File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
-
-impl ReadAt for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(buf.len())?))
-            .and_then(|r| self.get(r))
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("{} bytes at {offset} are past the end", buf.len()),
-                )
-            })?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-}
-
-impl ReadAt for Vec<u8> {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.as_slice().read_exact_at(buf, offset)
-    }
 }
 
 /// Sorts and merges overlapping/adjacent ranges (empty ones are dropped).
@@ -792,15 +760,16 @@ pub(crate) mod testfs {
     }
 
     impl super::ReadAt for Patched<'_> {
-        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            FileExt::read_exact_at(self.file, buf, offset)?;
-            let end = offset + buf.len() as u64;
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            let n = FileExt::read_at(self.file, buf, offset)?;
+            let buf = &mut buf[..n];
+            let end = offset + n as u64;
             for &(at, b) in &self.patches {
                 if at >= offset && at < end {
                     buf[usize::try_from(at - offset).unwrap()] = b;
                 }
             }
-            Ok(())
+            Ok(n)
         }
     }
 }
