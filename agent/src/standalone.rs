@@ -3,7 +3,6 @@
 //! and the last pass the receiver acknowledged complete. A new id is made whenever a source
 //! disk is no longer the one recorded, so no checkpoint of an older migration is ever resumed.
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -117,19 +116,7 @@ fn hex(b: &[u8]) -> String {
 
 /// A new migration id nobody else has.
 fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mix = blake3::hash(format!("{t}:{}", std::process::id()).as_bytes());
-        b.copy_from_slice(&mix.as_bytes()[..8]);
-    }
-    format!("{prefix}-{}", hex(&b))
+    format!("{prefix}-{:016x}", transfer::random_u64())
 }
 
 impl Record {

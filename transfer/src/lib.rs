@@ -48,6 +48,25 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// 64 bits nobody can guess (session and migration ids), from the kernel's random source; where
+/// that cannot be read, a hash of the clock and the process id, unique but guessable.
+pub fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mix = blake3::hash(format!("{t}:{}", std::process::id()).as_bytes());
+        b.copy_from_slice(&mix.as_bytes()[..8]);
+    }
+    u64::from_le_bytes(b)
+}
+
 /// Test-only helpers shared by the modules' tests.
 #[cfg(test)]
 pub(crate) mod testutil {

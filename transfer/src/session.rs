@@ -4,7 +4,7 @@
 
 use crate::lock;
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -262,18 +262,7 @@ type Registry = Arc<Mutex<HashMap<u64, Joining>>>;
 
 /// A session id nobody can guess: the data streams prove they belong with it (on top of TLS).
 fn new_session_id() -> u64 {
-    let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        b.copy_from_slice(&blake3::hash(&t.to_le_bytes()).as_bytes()[..8]);
-    }
-    u64::from_le_bytes(b) | 1
+    crate::random_u64() | 1
 }
 
 /// Unregisters a session when its engine returns.
