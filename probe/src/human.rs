@@ -71,6 +71,16 @@ fn branch(i: usize, n: usize) -> String {
 /// Renders the whole body as text.
 pub fn render(b: &PostSourceServerBody) -> String {
     let mut out = String::new();
+    host(&mut out, b);
+    disks(&mut out, b);
+    volume_groups(&mut out, b);
+    btrfs(&mut out, b);
+    networks(&mut out, b);
+    out
+}
+
+/// The host's two summary lines.
+fn host(out: &mut String, b: &PostSourceServerBody) {
     let _ = writeln!(
         out,
         "{} (hostname {}), {} {}, kernel {}, {}/{}, platform {} {}{}",
@@ -100,7 +110,10 @@ pub fn render(b: &PostSourceServerBody) -> String {
         b.io_read_wait,
         or_dash(&b.raw_devices),
     );
+}
 
+/// Disks and their partitions as a tree.
+fn disks(out: &mut String, b: &PostSourceServerBody) {
     let _ = writeln!(out, "\nDISKS");
     let mut rows = vec![(
         String::new(),
@@ -141,8 +154,11 @@ pub fn render(b: &PostSourceServerBody) -> String {
             ));
         }
     }
-    table(&mut out, &rows);
+    table(out, &rows);
+}
 
+/// LVM volume groups and their logical volumes, when there are any.
+fn volume_groups(out: &mut String, b: &PostSourceServerBody) {
     if !b.volume_groups.is_empty() {
         let _ = writeln!(out, "\nVOLUME GROUPS");
         let mut rows = vec![(
@@ -184,9 +200,12 @@ pub fn render(b: &PostSourceServerBody) -> String {
                 ));
             }
         }
-        table(&mut out, &rows);
+        table(out, &rows);
     }
+}
 
+/// Each Btrfs filesystem's summary and subvolumes.
+fn btrfs(out: &mut String, b: &PostSourceServerBody) {
     for fs in &b.btrfs_list {
         let _ = writeln!(
             out,
@@ -222,10 +241,13 @@ pub fn render(b: &PostSourceServerBody) -> String {
             ));
         }
         if n > 0 {
-            table(&mut out, &rows);
+            table(out, &rows);
         }
     }
+}
 
+/// The network interfaces.
+fn networks(out: &mut String, b: &PostSourceServerBody) {
     let _ = writeln!(out, "\nNETWORKS");
     let mut rows = vec![(
         String::new(),
@@ -246,8 +268,7 @@ pub fn render(b: &PostSourceServerBody) -> String {
             ],
         ));
     }
-    table(&mut out, &rows);
-    out
+    table(out, &rows);
 }
 
 #[cfg(test)]

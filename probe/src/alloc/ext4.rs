@@ -285,9 +285,10 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Validates the superblock `sb` of a filesystem in a region of `len` bytes.
-    fn parse(sb: &[u8], len: u64) -> Result<Self, AllocError> {
-        let f = Fields::new(sb, "ext4 superblock");
+    /// The revision and the compatible, incompatible and read-only-compatible feature sets,
+    /// after refusing what cannot be read safely (an external journal, a journal to recover,
+    /// an unclean state).
+    fn features(f: &Fields<'_>) -> Result<(u32, u32, u32, u32), AllocError> {
         if f.le16(S_MAGIC)? != EXT4_SUPER_MAGIC {
             return Err(AllocError::BadMagic("ext2/3/4"));
         }
@@ -319,7 +320,15 @@ impl Geometry {
                 "state {state:#x}: not clean, e2fsck needed"
             )));
         }
+        Ok((rev, compat, incompat, ro_compat))
+    }
 
+    /// Block size, blocks per bitmap bit (bigalloc clusters) and whether bigalloc is on.
+    fn block_and_cluster(
+        f: &Fields<'_>,
+        rev: u32,
+        ro_compat: u32,
+    ) -> Result<(u64, u64, bool), AllocError> {
         let log_bs = f.le32(S_LOG_BLOCK_SIZE)?;
         if log_bs > MAX_LOG_BLOCK_SIZE {
             return Err(corrupt(format!(
@@ -346,6 +355,14 @@ impl Geometry {
             }
             1
         };
+        Ok((block_size, cluster_ratio, bigalloc))
+    }
+
+    /// Validates the superblock `sb` of a filesystem in a region of `len` bytes.
+    fn parse(sb: &[u8], len: u64) -> Result<Self, AllocError> {
+        let f = Fields::new(sb, "ext4 superblock");
+        let (rev, compat, incompat, ro_compat) = Self::features(&f)?;
+        let (block_size, cluster_ratio, bigalloc) = Self::block_and_cluster(&f, rev, ro_compat)?;
         let bits_per_bitmap = block_size * 8;
         let blocks_per_group = u64::from(f.le32(S_BLOCKS_PER_GROUP)?);
         let clusters_per_group = if bigalloc {
