@@ -6,12 +6,29 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod interrupt;
 mod probe_cmd;
+mod run_cmd;
+mod term;
 mod transfer_cmd;
 
 /// Exit status for an unusable configuration (as linkerd2-proxy uses; sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
-mod run_cmd;
+
+/// The exit statuses of `migrate` and `receive`, for `--help` and the man page.
+const TRANSFER_EXIT_STATUS: &str = "\
+Exit status:
+  0    complete: every pass acknowledged durable by the target (receive --once: the last
+       pass of a session completed)
+  1    failed (the message says why; what the target acknowledged stays resumable)
+  2    bad usage (an unknown or missing option)
+  64   bad configuration: certificates or keys that cannot be loaded, a malformed --disk,
+       a --root whose parent does not exist; running again unchanged fails the same way
+  130  interrupted by SIGINT (Ctrl-C), stopped at a checkpoint; migrate prints the command
+       that resumes
+  143  interrupted by SIGTERM, likewise
+A second SIGINT or SIGTERM ends the process at once (the next run still resumes from the
+target's last checkpoint).";
 
 /// Source-side server migration agent for the Huawei Cloud SMS API v3.
 #[derive(Debug, Parser)]
@@ -46,6 +63,7 @@ enum Command {
     /// Writes only to the devices or image files named by --disk (refusing ones smaller than
     /// the source disk or mounted) or under --root, and keeps checkpoints in --state-dir so an
     /// interrupted pass resumes where it was, on either side.
+    #[command(after_help = TRANSFER_EXIT_STATUS)]
     Receive(transfer_cmd::ReceiveArgs),
     /// Source side of a standalone migration: send disks (--mode block) or a tree (--mode file).
     ///
@@ -53,6 +71,7 @@ enum Command {
     /// regions in full), skips zeros, and resumes from the receiver's checkpoint; --sync then
     /// sends only chunks whose hashes differ and verifies every chunk. Exits 0 only when the
     /// copy (and sync) is complete and verified.
+    #[command(after_help = TRANSFER_EXIT_STATUS)]
     Migrate(transfer_cmd::MigrateArgs),
     /// Make a CA and source/target certificates for standalone mode (receive/migrate).
     ///
@@ -96,12 +115,52 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(term::LogWriter);
     // Under systemd stderr is the journal, which stamps time itself and shows no colours.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         fmt.without_time().with_ansi(false).init();
     } else {
         fmt.init();
+    }
+}
+
+/// The man page's EXIT STATUS section (clap_mangen renders no subcommand's `after_help`).
+fn render_exit_status(out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(out, ".SH \"EXIT STATUS\"")?;
+    writeln!(out, "Of \\fBmigrate\\fR and \\fBreceive\\fR:")?;
+    let mut lines = TRANSFER_EXIT_STATUS.lines().skip(1).peekable();
+    while let Some(line) = lines.next() {
+        let Some((code, text)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        if !code.bytes().all(|b| b.is_ascii_digit()) {
+            writeln!(out, ".PP\n{}", roff_text(line.trim()))?;
+            for more in lines.by_ref() {
+                writeln!(out, "{}", roff_text(more.trim()))?;
+            }
+            break;
+        }
+        let mut body = text.trim().to_string();
+        while let Some(next) = lines.peek() {
+            if !next.starts_with("       ") {
+                break;
+            }
+            body.push(' ');
+            body.push_str(next.trim());
+            lines.next();
+        }
+        writeln!(out, ".TP\n{code}\n{}", roff_text(&body))?;
+    }
+    Ok(())
+}
+
+/// Text safe in a roff line: backslashes and hyphens escaped, no leading control character.
+fn roff_text(s: &str) -> String {
+    let t = s.replace('\\', "\\e").replace('-', "\\-");
+    if t.starts_with('.') || t.starts_with('\'') {
+        format!("\\&{t}")
+    } else {
+        t
     }
 }
 
@@ -137,8 +196,10 @@ fn main() -> ExitCode {
         }
         Command::Manpage => {
             use clap::CommandFactory;
+            let mut out = std::io::stdout();
             clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
+                .render(&mut out)
+                .and_then(|()| render_exit_status(&mut out))
                 .map_err(anyhow::Error::from)
         }
     };
@@ -152,11 +213,16 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
+            if let Some(i) = e.downcast_ref::<interrupt::Interrupted>() {
+                // The command said what was done and how to resume; this is not a failure.
+                return ExitCode::from(i.exit_code());
+            }
             eprintln!("sms-agent: error: {e:#}");
             // A bad configuration will not fix itself: a distinct status lets systemd
             // (RestartPreventExitStatus=) and scripts tell it from a runtime failure.
             if e.chain().any(|c| {
                 c.is::<sms_agent::config::ConfigError>()
+                    || c.is::<transfer_cmd::BadConfig>()
                     || matches!(
                         c.downcast_ref::<sms_agent::api::ApiError>(),
                         Some(sms_agent::api::ApiError::Config(_))

@@ -1,18 +1,27 @@
 //! `sms-agent receive` and `sms-agent migrate`: the standalone target and source of a block-
 //! or file-level migration over mutual TLS, without the SMS service.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
 use transfer::session::{Connector, Listener};
-use transfer::task::{Control, Progress};
+use transfer::task::Control;
 use transfer::wire::Mode;
 use transfer::Code;
+
+use crate::interrupt::{signal_name, Interrupted, Signals};
+use crate::term::{with_progress, Counters};
+
+/// The command line or the files it names cannot work as given (exit status 64): running
+/// again unchanged would fail the same way.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadConfig(pub String);
 
 /// TLS material shared by both commands.
 #[derive(Debug, Args)]
@@ -33,6 +42,11 @@ pub struct TlsArgs {
 
 impl TlsArgs {
     fn load(&self) -> anyhow::Result<(transfer::tls::Identity, String)> {
+        self.load_inner()
+            .map_err(|e| BadConfig(format!("{e:#}")).into())
+    }
+
+    fn load_inner(&self) -> anyhow::Result<(transfer::tls::Identity, String)> {
         let read = |p: &PathBuf| {
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
         };
@@ -75,6 +89,10 @@ pub struct ReceiveArgs {
     /// or cut-off source); what it sent stays resumable and the next session gets in.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     peer_timeout: u64,
+    /// Print one JSON document on stdout when the receiver ends: each session's report
+    /// (pass, complete, chunks or files, bytes written, seconds), and nothing else there.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Transfer mode of `migrate`.
@@ -153,19 +171,27 @@ pub struct MigrateArgs {
     /// Give up when the receiver stays silent or takes no data this long on any stream.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     peer_timeout: u64,
+    /// Print one JSON summary on stdout (per pass: bytes read, sent, on the wire, zero,
+    /// resumed, re-sent, compared before sending, seconds, rate, verdict), and nothing else
+    /// there; an interrupted run adds the command that resumes it.
+    #[arg(long)]
+    json: bool,
 }
 
 fn split_pair(s: &str, what: &str) -> anyhow::Result<(String, String)> {
     match s.split_once('=') {
         Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
-        _ => bail!("--disk {s:?}: expected {what}"),
+        _ => Err(BadConfig(format!("--disk {s:?}: expected {what}")).into()),
     }
 }
 
 /// Runs the receiver until stopped (or, with `--once`, until one pass completes).
 pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
     if a.disks.is_empty() && a.root.is_none() {
-        bail!("give --disk NAME=PATH (block mode) or --root DIR (file mode)");
+        return Err(BadConfig(
+            "give --disk NAME=PATH (block mode) or --root DIR (file mode)".into(),
+        )
+        .into());
     }
     let mut disks = Vec::new();
     for d in &a.disks {
@@ -181,12 +207,9 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.state_dir)
         .with_context(|| format!("cannot create {}", a.state_dir.display()))?;
     if let Some(root) = &a.root {
-        anyhow::ensure!(
-            root.is_dir(),
-            "--root {} is not a directory",
-            root.display()
-        );
+        prepare_root(root)?;
     }
+    let signals = Signals::install().context("cannot install signal handlers")?;
     let listener =
         Listener::bind(&a.listen, cfg).with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr()?;
@@ -204,52 +227,203 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         peer_timeout,
     });
     let once = a.once;
+    let state = Arc::new(Served::default());
+    let served = Arc::clone(&state);
     // One session at a time writes a given set of disks: two would interleave writes.
     let gate = Arc::new(std::sync::Mutex::new(()));
-    listener.serve(move |mut inc, _guard| {
-        let Some(_one) = wait_turn(&gate, &mut inc, peer_timeout) else {
-            return false;
-        };
-        let task = inc.task_id.clone();
-        let complete = match inc.mode {
-            Mode::Block if !block_opts.disks.is_empty() => {
-                match transfer::block::receive(inc, &block_opts) {
-                    Ok(r) => {
-                        tracing::info!(task_id = %task, pass = r.pass, complete = r.complete, chunks = r.chunks_done, bytes_written = r.bytes_written, "block session ended");
-                        r.complete && !r.more
-                    }
-                    Err(e) => {
-                        tracing::error!(task_id = %task, error = %e, "block session failed");
-                        false
-                    }
+    let server = std::thread::Builder::new()
+        .name("sms-serve".into())
+        .spawn(move || {
+            listener.serve(move |mut inc, _guard| {
+                if served.stopping.load(Ordering::SeqCst) {
+                    inc.control
+                        .send_error(&Code::TaskPaused, "the receiver is stopping");
+                    return false;
                 }
-            }
-            Mode::File if file_opts.is_some() => {
-                let Some(fo) = file_opts.as_ref() else {
+                let Some(_one) = wait_turn(&gate, &mut inc, peer_timeout) else {
                     return false;
                 };
-                match transfer::file::receive(inc, fo) {
-                    Ok(r) => {
-                        tracing::info!(task_id = %task, complete = r.complete, files = r.files_written, "file session ended");
-                        r.complete && !r.check
-                    }
-                    Err(e) => {
-                        tracing::error!(task_id = %task, error = %e, "file session failed");
-                        false
-                    }
+                served.active.fetch_add(1, Ordering::SeqCst);
+                let complete = serve_session(inc, &block_opts, file_opts.as_ref(), &served);
+                served.active.fetch_sub(1, Ordering::SeqCst);
+                once && complete
+            })
+        })
+        .context("cannot start the receiver's thread")?;
+    let result = loop {
+        if server.is_finished() {
+            break match server.join() {
+                Ok(r) => r.context("the receiver stopped"),
+                Err(_) => Err(anyhow::anyhow!("the receiver's thread panicked")),
+            };
+        }
+        if let Some(signal) = signals.caught() {
+            state.stopping.store(true, Ordering::SeqCst);
+            // A session that is about to end gets to; one that is not is cut, and its
+            // sender resumes from the last checkpoint the receiver made durable.
+            let active = state.active.load(Ordering::SeqCst);
+            tracing::info!(signal = %signal_name(signal), sessions = active, "stopping: accepting no more sessions");
+            let until = Instant::now() + Duration::from_secs(3);
+            while state.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if state.active.load(Ordering::SeqCst) > 0 {
+                eprintln!("sms-agent receive: {}: the running session was cut; its sender resumes from the last checkpoint", signal_name(signal));
+            }
+            break Err(Interrupted { signal }.into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if a.json {
+        let sessions = std::mem::take(&mut *lock(&state.reports));
+        let verdict = match &result {
+            Ok(()) => "complete",
+            Err(e) if e.is::<Interrupted>() => "interrupted",
+            Err(_) => "failed",
+        };
+        println!(
+            "{}",
+            json!({"command": "receive", "listen": addr.to_string(), "verdict": verdict, "sessions": sessions})
+        );
+    }
+    result
+}
+
+/// What the serving thread shares with the one that waits for signals.
+#[derive(Default)]
+struct Served {
+    /// Set on SIGINT/SIGTERM: new sessions are turned away.
+    stopping: AtomicBool,
+    /// Sessions running an engine.
+    active: AtomicUsize,
+    /// Each session's report, for `--json`.
+    reports: Mutex<Vec<Value>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs one session's engine; whether it completed the sender's last pass.
+fn serve_session(
+    mut inc: transfer::session::Incoming,
+    block_opts: &transfer::block::ReceiveOptions,
+    file_opts: Option<&transfer::file::ReceiveOptions>,
+    served: &Served,
+) -> bool {
+    let task = inc.task_id.clone();
+    let started = Instant::now();
+    let (complete, report) = match inc.mode {
+        Mode::Block if !block_opts.disks.is_empty() => {
+            match transfer::block::receive(inc, block_opts) {
+                Ok(r) => {
+                    tracing::info!(task_id = %task, pass = r.pass, complete = r.complete, chunks = r.chunks_done, bytes_written = r.bytes_written, "block session ended");
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    #[allow(clippy::cast_precision_loss)]
+                    let rate = r.bytes_written as f64 / secs;
+                    let v = json!({
+                        "mode": "block",
+                        "task_id": r.task_id,
+                        "pass": r.pass,
+                        "verdict": if r.complete { "complete" } else { "incomplete" },
+                        "more_passes_follow": r.more,
+                        "upgraded_to_sync": r.upgraded,
+                        "chunks_done": r.chunks_done,
+                        "chunks_resumed": r.chunks_resumed,
+                        "chunks_to_verify": r.chunks_to_verify,
+                        "bytes_written": r.bytes_written,
+                        "seconds": secs,
+                        "rate_bytes_per_sec": rate,
+                    });
+                    (r.complete && !r.more, v)
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %task, error = %e, "block session failed");
+                    let v = json!({"mode": "block", "task_id": task, "verdict": "failed", "error": e.to_string(), "seconds": started.elapsed().as_secs_f64()});
+                    (false, v)
                 }
             }
-            mode => {
-                tracing::warn!(task_id = %task, ?mode, "refused: this receiver serves the other mode");
-                inc.control.send_error(
-                    &Code::TransmissionFailed,
-                    "this receiver was not started for that mode (--disk for block, --root for file)",
-                );
-                false
+        }
+        Mode::File if file_opts.is_some() => {
+            let Some(fo) = file_opts else {
+                return false;
+            };
+            match transfer::file::receive(inc, fo) {
+                Ok(r) => {
+                    tracing::info!(task_id = %task, complete = r.complete, files = r.files_written, "file session ended");
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    #[allow(clippy::cast_precision_loss)]
+                    let rate = r.bytes_written as f64 / secs;
+                    let v = json!({
+                        "mode": "file",
+                        "task_id": task,
+                        "root": fo.root.display().to_string(),
+                        "check": r.check,
+                        "verdict": if r.complete { "complete" } else { "incomplete" },
+                        "files_written": r.files_written,
+                        "bytes_written": r.bytes_written,
+                        "bytes_reused": r.bytes_reused,
+                        "created": r.created,
+                        "updated": r.updated,
+                        "deleted": r.deleted,
+                        "changed_while_read": r.changed_during_read,
+                        "warnings": r.warnings,
+                        "seconds": secs,
+                        "rate_bytes_per_sec": rate,
+                    });
+                    (r.complete && !r.check, v)
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %task, error = %e, "file session failed");
+                    let v = json!({"mode": "file", "task_id": task, "verdict": "failed", "error": e.to_string(), "seconds": started.elapsed().as_secs_f64()});
+                    (false, v)
+                }
             }
-        };
-        once && complete
-    })?;
+        }
+        mode => {
+            tracing::warn!(task_id = %task, ?mode, "refused: this receiver serves the other mode");
+            inc.control.send_error(
+                &Code::TransmissionFailed,
+                "this receiver was not started for that mode (--disk for block, --root for file)",
+            );
+            return false;
+        }
+    };
+    lock(&served.reports).push(report);
+    complete
+}
+
+/// `--root DIR`: an existing directory, or one made now (0700: the tree that will arrive
+/// sets its own modes) when its parent exists. A missing parent is more likely a typo than
+/// a wish for a new tree of directories, so that is refused.
+fn prepare_root(root: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(BadConfig(format!("--root {} is not a directory", root.display())).into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("--root {}", root.display())),
+    }
+    let parent = match root.parent() {
+        Some(p) if p.as_os_str().is_empty() => std::path::Path::new("."),
+        Some(p) => p,
+        None => std::path::Path::new("/"),
+    };
+    if !parent.is_dir() {
+        return Err(BadConfig(format!(
+            "--root {}: its parent directory {} does not exist (only the last component is created)",
+            root.display(),
+            parent.display()
+        ))
+        .into());
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("cannot create --root {}", root.display()))?;
+    tracing::info!(root = %root.display(), "created the receive root (mode 0700)");
     Ok(())
 }
 
@@ -294,53 +468,201 @@ fn wait_turn<'a>(
     }
 }
 
-/// Prints progress on a terminal until `stop` is set.
-fn progress_bar(progress: &Progress, stop: &std::sync::atomic::AtomicBool, label: &str) {
-    if !std::io::stderr().is_terminal() {
-        return;
-    }
-    let mut meter: Option<transfer::meter::Meter> = None;
-    let mut last_done = 0;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(500));
-        let (done, total) = (
-            Progress::get(&progress.done),
-            Progress::get(&progress.total),
-        );
-        let now = Instant::now();
-        let m = meter.get_or_insert_with(|| transfer::meter::Meter::new(total, done, now));
-        m.add(done.saturating_sub(last_done), now);
-        last_done = done;
-        let eta = m
-            .eta(now)
-            .map(|s| format!("{}:{:02}", s / 60, s % 60))
-            .unwrap_or_else(|| "--:--".into());
-        eprint!(
-            "\r{label}: {:>3}%  {} / {}  {:.1} MB/s  ETA {eta}  compress {:.2}   ",
-            m.percent(),
-            probe::human::size(done),
-            probe::human::size(total),
-            m.rate(now) / 1e6,
-            progress.compress_ratio()
-        );
-    }
-    eprintln!();
+/// What a `migrate` run did, printed as it goes (human) or once at the end (`--json`).
+struct Summary {
+    json: bool,
+    doc: serde_json::Map<String, Value>,
+    passes: Vec<Value>,
 }
 
-/// Runs one pass with fresh counters, drawing the progress bar meanwhile.
-fn with_progress<T>(label: &str, pass: impl FnOnce(&Progress) -> T) -> T {
-    let progress = Progress::default();
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| progress_bar(&progress, &stop, label));
-        let r = pass(&progress);
-        stop.store(true, Ordering::Relaxed);
-        r
-    })
+impl Summary {
+    fn new(a: &MigrateArgs) -> Self {
+        let mut doc = serde_json::Map::new();
+        doc.insert("command".into(), json!("migrate"));
+        doc.insert(
+            "mode".into(),
+            json!(match a.mode {
+                ModeArg::Block => "block",
+                ModeArg::File => "file",
+            }),
+        );
+        doc.insert("target".into(), json!(a.target));
+        Self {
+            json: a.json,
+            doc,
+            passes: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, key: &str, v: Value) {
+        self.doc.insert(key.into(), v);
+    }
+
+    /// A line for the operator: on stdout normally, on stderr under `--json`, whose stdout
+    /// carries the JSON document alone.
+    fn say(&self, line: &str) {
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    fn block_pass(&mut self, label: &str, pass: u32, r: &transfer::block::PassReport) {
+        let secs = r.elapsed.as_secs_f64().max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        let rate = r.bytes_read as f64 / secs;
+        let label = if r.upgraded { "sync" } else { label };
+        self.passes.push(json!({
+            "pass": pass,
+            "kind": label,
+            "verdict": "complete",
+            "chunks": r.chunks,
+            "chunks_resumed": r.chunks_resumed,
+            "chunks_compared_before_sending": r.verified,
+            "chunks_resent": r.resent,
+            "used_bytes": r.used_bytes,
+            "bytes_read": r.bytes_read,
+            "bytes_sent": r.plain_sent,
+            "bytes_on_wire": r.wire_sent,
+            "bytes_zero": r.zero_bytes,
+            "upgraded_to_sync": r.upgraded,
+            "target_held_pass": r.held,
+            "seconds": secs,
+            "rate_bytes_per_sec": rate,
+        }));
+        if self.json {
+            return;
+        }
+        println!(
+            "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
+            r.chunks, r.chunks_resumed, r.verified, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate / 1e6
+        );
+        if r.upgraded {
+            println!(
+                "  the target already held a complete copy (pass {}): every used chunk was compared by hash and only differences sent",
+                r.held.map_or_else(|| "?".to_string(), |p| p.to_string())
+            );
+        }
+    }
+
+    fn file_pass(&mut self, label: &str, r: &transfer::file::SendReport, secs: f64) {
+        let secs = secs.max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        let rate = r.bytes_plain as f64 / secs;
+        self.passes.push(json!({
+            "pass": 0,
+            "kind": label,
+            "verdict": "complete",
+            "filesystems": [{
+                "source_root": self.doc.get("source_root").cloned().unwrap_or(Value::Null),
+                "entries": r.entries,
+                "files_sent": r.files,
+                "files_skipped": r.skipped,
+                "hard_links": r.links,
+                "bytes_sent": r.bytes_plain,
+                "bytes_on_wire": r.bytes_sent,
+                "bytes_reused_on_target": r.bytes_reused,
+                "deleted_on_target": r.deleted,
+                "changed_while_read": r.changed_during_read.len(),
+                "vanished": r.vanished,
+                "target_written": r.target_written,
+                "target_updated": r.target_updated,
+            }],
+            "seconds": secs,
+            "rate_bytes_per_sec": rate,
+        }));
+        self.say(&format!(
+            "{label} complete: {} entries, {} files, {} skipped, {} bytes sent, {} deleted, {} changed while read",
+            r.entries,
+            r.files,
+            r.skipped,
+            r.bytes_sent,
+            r.deleted,
+            r.changed_during_read.len()
+        ));
+    }
+
+    /// The pass that did not complete: what it covered, and how far the target made it durable.
+    fn unfinished(&mut self, label: &str, pass: u32, c: Counters, verdict: &str, secs: f64) {
+        self.passes.push(json!({
+            "pass": pass,
+            "kind": label,
+            "verdict": verdict,
+            "bytes_done": c.done,
+            "bytes_total": c.total,
+            "bytes_sent": c.plain_sent,
+            "bytes_on_wire": c.wire_sent,
+            "bytes_durable": c.durable,
+            "seconds": secs,
+        }));
+    }
+
+    /// Prints the JSON document (under `--json`) with the run's verdict.
+    fn finish(mut self, result: &anyhow::Result<()>) {
+        let (verdict, error) = match result {
+            Ok(()) => ("complete", None),
+            Err(e) if e.is::<Interrupted>() => ("interrupted", Some(format!("{e:#}"))),
+            Err(e) => ("failed", Some(format!("{e:#}"))),
+        };
+        if !self.json {
+            return;
+        }
+        self.doc.insert("verdict".into(), json!(verdict));
+        self.doc.insert("passes".into(), Value::Array(self.passes));
+        if let Some(e) = error {
+            self.doc.insert("error".into(), json!(e));
+        }
+        println!("{}", Value::Object(self.doc));
+    }
 }
 
 /// Runs the standalone source side; Ok only when the copy (and sync) is complete.
 pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    let signals = Signals::install().context("cannot install signal handlers")?;
+    let mut summary = Summary::new(a);
+    let control = Control::default();
+    let finished = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        // The engines check the cancel flag; a signal handler may only set an atomic, so a
+        // watcher carries the one to the other.
+        s.spawn(|| {
+            while !finished.load(Ordering::Relaxed) {
+                if signals.caught().is_some() {
+                    control.cancel.store(true, Ordering::Relaxed);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let r = migrate_with(a, &control, &signals, &mut summary);
+        finished.store(true, Ordering::Relaxed);
+        r
+    });
+    let result = match (result, signals.caught()) {
+        (Err(e), Some(signal)) if !e.is::<BadConfig>() => {
+            let resume = crate::interrupt::command_line();
+            summary.set("resume_command", json!(resume));
+            eprintln!(
+                "sms-agent migrate: {}: stopped at a checkpoint; what the target acknowledged stays there and is not sent again",
+                signal_name(signal)
+            );
+            eprintln!("to resume, run the same command:\n  {resume}");
+            tracing::debug!(error = %format!("{e:#}"), "the pass ended");
+            Err(Interrupted { signal }.into())
+        }
+        (r, _) => r,
+    };
+    summary.finish(&result);
+    result
+}
+
+fn migrate_with(
+    a: &MigrateArgs,
+    control: &Control,
+    signals: &Signals,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     let (id, ca) = a.tls.load()?;
     let cfg = transfer::tls::client_config(id, &ca)
         .with_context(|| format!("{}: TLS setup", Code::SslCertNotLoaded))?;
@@ -349,27 +671,41 @@ pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
         tls: cfg,
         timeout: Duration::from_secs(10),
     };
-    let control = Control::default();
     if a.limit_mbit > 0 {
         control
             .bucket
             .set_rate(Some(a.limit_mbit.saturating_mul(1_000_000) / 8));
     }
     match a.mode {
-        ModeArg::Block => migrate_block(a, &connector, &control),
-        ModeArg::File => migrate_file(a, &connector, &control),
+        ModeArg::Block => migrate_block(a, &connector, control, signals, summary),
+        ModeArg::File => migrate_file(a, &connector, control, summary),
     }
 }
 
-fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> anyhow::Result<()> {
+fn migrate_block(
+    a: &MigrateArgs,
+    connector: &Connector,
+    control: &Control,
+    signals: &Signals,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     if a.disks.is_empty() {
-        bail!("block mode needs at least one --disk SRC=NAME");
+        return Err(BadConfig("block mode needs at least one --disk SRC=NAME".into()).into());
     }
     let mut sources = Vec::new();
     for d in &a.disks {
         let (src, name) = split_pair(d, "SRC=NAME")?;
         sources.push((PathBuf::from(src), name));
     }
+    summary.set(
+        "disks",
+        Value::Array(
+            sources
+                .iter()
+                .map(|(p, n)| json!({"source": p.display().to_string(), "name": n}))
+                .collect(),
+        ),
+    );
     let plan = || -> anyhow::Result<Vec<transfer::block::SourceDisk>> {
         let mut disks = Vec::new();
         for (path, name) in &sources {
@@ -394,17 +730,21 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
     let mut record =
         sms_agent::standalone::Record::open(&a.state_dir, &a.target, a.task_id.as_deref(), ids)?;
     record.save()?;
+    summary.set("migration", json!(record.migration));
     tracing::info!(migration = %record.migration, completed = ?record.completed, record = %record.file().display(), "standalone block migration");
     let mut disks = plan()?;
     let passes = plan_passes(record.completed, a.sync, a.freeze);
     if let Some(done) = record.completed {
-        println!(
+        summary.say(&format!(
             "migration {}: pass {done} completed earlier; this run verifies the target and sends only what differs",
             record.migration
-        );
+        ));
     }
     let last = passes.len() - 1;
     for (i, &(pass, sync, frozen)) in passes.iter().enumerate() {
+        if let Some(signal) = signals.caught() {
+            return Err(Interrupted { signal }.into());
+        }
         let opts = transfer::block::SendOptions {
             task_id: record.migration.clone(),
             pass,
@@ -423,7 +763,7 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
             let window = Duration::from_secs_f64(a.freeze_secs.clamp(0.1, 30.0));
             let f = sms_agent::freeze::Frozen::freeze(&mounts, window)
                 .context("--freeze: the final pass cannot be made consistent")?;
-            println!(
+            summary.say(&format!(
                 "frozen for at most {:.0} s: {}",
                 window.as_secs_f64(),
                 if mounts.is_empty() {
@@ -435,7 +775,7 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
                         .collect::<Vec<_>>()
                         .join(", ")
                 }
-            );
+            ));
             // What the filesystems use now, frozen, is what the target must hold.
             disks = plan()?;
             Some((f, Instant::now()))
@@ -443,23 +783,49 @@ fn migrate_block(a: &MigrateArgs, connector: &Connector, control: &Control) -> a
             None
         };
         let label = if sync { "sync" } else { "copy" };
-        let r = with_progress(label, |p| {
+        let started = Instant::now();
+        let (r, counters) = with_progress(label, |p| {
             transfer::block::send(connector, &disks, &opts, p, control)
         });
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                let verdict = if control.cancelled() {
+                    "interrupted"
+                } else {
+                    "failed"
+                };
+                summary.unfinished(
+                    label,
+                    pass,
+                    counters,
+                    verdict,
+                    started.elapsed().as_secs_f64(),
+                );
+                if let Some((f, at)) = freeze {
+                    f.thaw();
+                    summary.say(&format!("thawed after {:.1} s", at.elapsed().as_secs_f64()));
+                }
+                if control.cancelled() {
+                    summary.say(&format!(
+                        "{label} pass {pass} stopped: {} of {} covered, {} durable on the target, {} data sent ({} on the wire)",
+                        counters.done, counters.total, counters.durable, counters.plain_sent, counters.wire_sent
+                    ));
+                }
+                return Err(e.into());
+            }
+        };
         if let Some((f, at)) = freeze {
             let within = f.thaw();
-            println!("thawed after {:.1} s", at.elapsed().as_secs_f64());
-            let r = r?;
+            summary.say(&format!("thawed after {:.1} s", at.elapsed().as_secs_f64()));
             anyhow::ensure!(
                 within,
                 "--freeze: the frozen pass took {:.1} s, longer than the window; the filesystems were thawed at the deadline, so the target is complete but not crash-consistent. Run `migrate --sync --freeze` again: it sends only what changed ({} bytes this time)",
                 r.elapsed.as_secs_f64(),
                 r.wire_sent
             );
-            print_block(label, &r);
-        } else {
-            print_block(label, &r?);
         }
+        summary.block_pass(label, pass, &r);
         // Only now, with every chunk acknowledged durable, does the pass count as done.
         record.completed = Some(pass);
         record.save()?;
@@ -483,29 +849,18 @@ fn plan_passes(completed: Option<u32>, sync: bool, freeze: bool) -> Vec<(u32, bo
     }
 }
 
-fn print_block(label: &str, r: &transfer::block::PassReport) {
-    let secs = r.elapsed.as_secs_f64().max(1e-9);
-    #[allow(clippy::cast_precision_loss)]
-    let rate = r.bytes_read as f64 / secs / 1e6;
-    let label = if r.upgraded { "sync" } else { label };
-    println!(
-        "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
-        r.chunks, r.chunks_resumed, r.verified, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate
-    );
-    if r.upgraded {
-        println!(
-            "  the target already held a complete copy (pass {}): every used chunk was compared by hash and only differences sent",
-            r.held.map_or_else(|| "?".to_string(), |p| p.to_string())
-        );
-    }
-}
-
-fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> anyhow::Result<()> {
+fn migrate_file(
+    a: &MigrateArgs,
+    connector: &Connector,
+    control: &Control,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     let Some(root) = &a.source_root else {
-        bail!("file mode needs --source-root DIR");
+        return Err(BadConfig("file mode needs --source-root DIR".into()).into());
     };
+    summary.set("source_root", json!(root.display().to_string()));
     if !a.check.is_empty() {
-        return check_files(a, root, connector, control);
+        return check_files(a, root, connector, control, summary);
     }
     // One pass does it all: a sync pass copies what is missing or changed, as a first copy
     // would, and also deletes what vanished from the source.
@@ -520,19 +875,32 @@ fn migrate_file(a: &MigrateArgs, connector: &Connector, control: &Control) -> an
         ..transfer::file::SendOptions::default()
     };
     let label = if a.sync { "sync" } else { "copy" };
-    let r = with_progress(label, |p| {
+    let started = Instant::now();
+    let (r, counters) = with_progress(label, |p| {
         transfer::file::send(connector, &opts, p, control)
-    })?;
-    println!(
-        "{label} complete: {} entries, {} files, {} skipped, {} bytes sent, {} deleted, {} changed while read",
-        r.entries,
-        r.files,
-        r.skipped,
-        r.bytes_sent,
-        r.deleted,
-        r.changed_during_read.len()
-    );
-    Ok(())
+    });
+    let secs = started.elapsed().as_secs_f64();
+    match r {
+        Ok(r) => {
+            summary.file_pass(label, &r, secs);
+            Ok(())
+        }
+        Err(e) => {
+            let verdict = if control.cancelled() {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            summary.unfinished(label, 0, counters, verdict, secs);
+            if control.cancelled() {
+                summary.say(&format!(
+                    "{label} stopped: {} of {} bytes covered, {} data sent ({} on the wire)",
+                    counters.done, counters.total, counters.plain_sent, counters.wire_sent
+                ));
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// `migrate --mode file --check DIR…`: the consistency check alone.
@@ -541,6 +909,7 @@ fn check_files(
     root: &std::path::Path,
     connector: &Connector,
     control: &Control,
+    summary: &mut Summary,
 ) -> anyhow::Result<()> {
     let canon = |p: &std::path::Path| {
         std::fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
@@ -549,12 +918,14 @@ fn check_files(
     let mut dirs = Vec::new();
     for d in &a.check {
         let c = canon(d)?;
-        anyhow::ensure!(
-            c.starts_with(&root),
-            "--check {} is not inside --source-root {}",
-            d.display(),
-            root.display()
-        );
+        if !c.starts_with(&root) {
+            return Err(BadConfig(format!(
+                "--check {} is not inside --source-root {}",
+                d.display(),
+                root.display()
+            ))
+            .into());
+        }
         dirs.push(c);
     }
     let opts = transfer::file::CheckOptions {
@@ -566,21 +937,23 @@ fn check_files(
         task_id: a.task_id.clone().unwrap_or_else(|| "standalone".into()),
         peer_timeout: Duration::from_secs(a.peer_timeout),
     };
-    let checks = with_progress("check", |p| {
+    let (checks, _) = with_progress("check", |p| {
         transfer::file::consistency(connector, &opts, p, control)
-    })?;
+    });
+    let checks = checks?;
     let mut differ = false;
     for c in &checks {
-        println!(
+        summary.say(&format!(
             "check {}: {} files, {} different, {} missing on target, {} extra on target",
             c.dir_check,
             c.num_total_files,
             c.num_different_files,
             c.num_target_miss_files,
             c.num_target_more_files
-        );
+        ));
         differ |= c.num_different_files + c.num_target_miss_files + c.num_target_more_files > 0;
     }
+    summary.set("checks", serde_json::to_value(&checks)?);
     anyhow::ensure!(!differ, "the target differs from the source");
     Ok(())
 }

@@ -1,0 +1,248 @@
+//! Progress bars on a terminal (`indicatif`) and the log writer that keeps log lines from
+//! landing in the middle of a bar.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use indicatif::{
+    BinaryBytes, HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState,
+    ProgressStyle,
+};
+use transfer::task::Progress;
+
+/// The bars of the pass being drawn, if any. Each pass gets its own: a finished one's lines
+/// then belong to the scrollback, and the next pass's redraws never move the cursor over the
+/// summary printed in between.
+static CURRENT: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Whether stderr shows bars: a terminal, and not the journal. Elsewhere (a pipe, a file)
+/// only the plain summaries are printed.
+fn on_terminal() -> bool {
+    static TTY: OnceLock<bool> = OnceLock::new();
+    *TTY.get_or_init(|| {
+        std::io::stderr().is_terminal() && std::env::var_os("JOURNAL_STREAM").is_none()
+    })
+}
+
+fn current() -> std::sync::MutexGuard<'static, Option<MultiProgress>> {
+    CURRENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A `tracing` writer: each event is written whole, with the bars lifted off the screen
+/// meanwhile and redrawn below it, so no log line starts in the middle of a bar.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogWriter;
+
+/// One event's bytes, written out when the event is complete.
+pub struct LogLine(Vec<u8>);
+
+impl Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let out = |line: &[u8]| {
+            let mut err = std::io::stderr().lock();
+            // A log line that cannot be written has nowhere else to go.
+            let _ = err.write_all(line);
+            let _ = err.flush();
+        };
+        let bars = current().clone();
+        match bars {
+            Some(m) => m.suspend(|| out(&self.0)),
+            None => out(&self.0),
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LogLine(Vec::with_capacity(256))
+    }
+}
+
+/// Counters of a pass when it ended, for the summary of an interrupted or failed one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    /// Bytes covered (resumed ones included).
+    pub done: u64,
+    /// Bytes the pass has to cover.
+    pub total: u64,
+    /// Plain data bytes sent.
+    pub plain_sent: u64,
+    /// Data bytes on the wire.
+    pub wire_sent: u64,
+    /// Bytes the target acknowledged durable.
+    pub durable: u64,
+}
+
+impl Counters {
+    fn of(p: &Progress) -> Self {
+        Self {
+            done: Progress::get(&p.done),
+            total: Progress::get(&p.total),
+            plain_sent: Progress::get(&p.plain_sent),
+            wire_sent: Progress::get(&p.wire_sent),
+            durable: Progress::get(&p.durable),
+        }
+    }
+}
+
+/// Whole percent, rounded down: 100 % means every byte, not 99.5 % of them.
+fn percent(done: u64, total: u64) -> u64 {
+    if total == 0 {
+        return 0;
+    }
+    let p = u128::from(done.min(total)) * 100 / u128::from(total);
+    u64::try_from(p).unwrap_or(100)
+}
+
+/// Bytes per second in the style of the byte counts, `--` while nothing is known.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn rate_text(per_sec: f64) -> String {
+    if per_sec.is_finite() && per_sec >= 1.0 {
+        format!("{}/s", BinaryBytes(per_sec as u64))
+    } else {
+        "--".into()
+    }
+}
+
+/// `base`: the bytes the pass started from (resumed), which the bar shows but no rate counts.
+fn style(base: Arc<AtomicU64>) -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>5} [{bar:30}] {pct} {binary_bytes}/{binary_total_bytes}  {rate}  ETA {left}  {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key("pct", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = write!(w, "{:>3}%", percent(s.pos(), s.len().unwrap_or(0)));
+    })
+    .with_key("rate", move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let per_sec = if s.is_finished() {
+            // indicatif's own figure for a finished bar would count the resumed bytes too.
+            #[allow(clippy::cast_precision_loss)]
+            let moved = s.pos().saturating_sub(base.load(Ordering::Relaxed)) as f64;
+            moved / s.elapsed().as_secs_f64().max(1e-3)
+        } else {
+            s.per_sec()
+        };
+        let _ = w.write_str(&rate_text(per_sec));
+    })
+    .with_key("left", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = if s.is_finished() {
+            w.write_str("0s")
+        } else if s.per_sec() >= 1.0 {
+            write!(w, "{:#}", HumanDuration(s.eta()))
+        } else {
+            w.write_str("--")
+        };
+    })
+    .progress_chars("=> ")
+}
+
+/// Draws the bar of a pass from its counters until `stop` is set; returns it, if it was shown.
+fn draw(
+    multi: &MultiProgress,
+    label: &str,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> Option<ProgressBar> {
+    let mut bar: Option<ProgressBar> = None;
+    let base = Arc::new(AtomicU64::new(0));
+    // Until data flows, whatever is done was done before (resumed chunks): each tick anchors
+    // the bar there, so the rate counts only what this run moves, from its first tick on.
+    let mut flowing = false;
+    loop {
+        let stopped = stop.load(Ordering::Relaxed);
+        let total = Progress::get(&progress.total);
+        let done = Progress::get(&progress.done);
+        // No bar before the pass knows its size: an empty one would look complete.
+        if total > 0 {
+            let b = bar.get_or_insert_with(|| {
+                let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
+                    .with_style(style(Arc::clone(&base)))
+                    .with_prefix(label.to_string());
+                b.set_position(done);
+                b.reset_eta();
+                b.reset_elapsed();
+                base.store(done, Ordering::Relaxed);
+                multi.add(b)
+            });
+            b.set_length(total.max(done));
+            b.set_position(done);
+            if !flowing {
+                b.reset_eta();
+                base.store(done, Ordering::Relaxed);
+                flowing = Progress::get(&progress.wire_sent) > 0;
+            }
+            b.set_message(format!("compress {:.2}", progress.compress_ratio()));
+        }
+        if stopped {
+            return bar;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs one pass with fresh counters, drawing a bar labelled `label` meanwhile when stderr is
+/// a terminal; returns the pass's result and its counters at the end.
+pub fn with_progress<T>(label: &str, pass: impl FnOnce(&Progress) -> T) -> (T, Counters) {
+    let progress = Progress::default();
+    if !on_terminal() {
+        let r = pass(&progress);
+        return (r, Counters::of(&progress));
+    }
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    *current() = Some(multi.clone());
+    let stop = AtomicBool::new(false);
+    let (r, bar) = std::thread::scope(|s| {
+        let drawer = s.spawn(|| draw(&multi, label, &progress, &stop));
+        let r = pass(&progress);
+        stop.store(true, Ordering::Relaxed);
+        (r, drawer.join().ok().flatten())
+    });
+    let c = Counters::of(&progress);
+    if let Some(bar) = bar {
+        if c.total > 0 && c.done >= c.total {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
+        drop(bar);
+        *current() = None;
+        // indicatif leaves the cursor at the end of the bar's line, where the summary would
+        // otherwise begin.
+        let _ = std::io::stderr().write_all(b"\n");
+    }
+    *current() = None;
+    (r, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent;
+
+    #[test]
+    fn percent_is_rounded_down() {
+        assert_eq!(percent(0, 0), 0);
+        assert_eq!(percent(995, 1000), 99);
+        assert_eq!(percent(1000, 1000), 100);
+        assert_eq!(percent(u64::MAX - 1, u64::MAX), 99);
+    }
+}
