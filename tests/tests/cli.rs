@@ -525,3 +525,71 @@ fn bad_configuration_exits_64_and_bad_usage_2() {
         assert!(help.contains(s), "--help lacks {s}: {help}");
     }
 }
+
+#[test]
+fn sigterm_and_sigint_stop_receive_with_143_and_130_and_the_copy_resumes() {
+    use nix::sys::signal::Signal;
+    let kit = Kit::new();
+    let src = noise_image(kit.dir.path(), "src.img", 32, 21);
+    let dst = image(kit.dir.path(), "dst.img", 32 << 20);
+    let arg = format!("disk0={}", dst.display());
+    // A receiver that serves until stopped, stopped by SIGTERM while a session runs.
+    let (rx, addr) = json_receiver(&kit, &["--disk", &arg]);
+    let tx = migrate_cmd(&kit, &addr, &[(&src, "disk0")], &["--limit-mbit", "40"])
+        .args(["--task-id", "rx-signal", "--peer-timeout", "5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while allocated(&dst) < 4 << 20 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&rx, Signal::SIGTERM);
+    let at = Instant::now();
+    let (st, doc) = wait_json(rx);
+    assert_eq!(st.code(), Some(143), "{doc}");
+    assert!(
+        at.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        at.elapsed()
+    );
+    assert_eq!(doc["verdict"], "interrupted", "{doc}");
+    // The sender loses its receiver and fails; what arrived stays resumable.
+    let (st, err) = wait_bounded(tx, Duration::from_secs(60), "the cut-off migrate");
+    assert_eq!(st.code(), Some(1), "{err}");
+
+    // A new receiver on the same targets and state: the rerun resumes and completes.
+    let (rx, addr) = json_receiver(&kit, &["--once", "--disk", &arg]);
+    let out = migrate_cmd(&kit, &addr, &[(&src, "disk0")], &[])
+        .args(["--task-id", "rx-signal"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("(0 resumed"),
+        "nothing was resumed: {stdout}"
+    );
+    let (st, doc) = wait_json(rx);
+    assert!(st.success(), "{doc}");
+    run("cmp", &[src.to_str().unwrap(), dst.to_str().unwrap()]);
+
+    // An idle receiver stops at once on SIGINT.
+    let (rx, _) = json_receiver(&kit, &["--disk", &arg]);
+    signal(&rx, Signal::SIGINT);
+    let at = Instant::now();
+    let (st, doc) = wait_json(rx);
+    assert_eq!(st.code(), Some(130), "{doc}");
+    assert!(
+        at.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        at.elapsed()
+    );
+    assert_eq!(doc["sessions"].as_array().map(Vec::len), Some(0), "{doc}");
+}
