@@ -4,7 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{
     BinaryBytes, HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState,
@@ -124,8 +124,72 @@ fn rate_text(per_sec: f64) -> String {
     }
 }
 
-/// `base`: the bytes the pass started from (resumed), which the bar shows but no rate counts.
-fn style(base: Arc<AtomicU64>) -> ProgressStyle {
+/// Time constant of the rate's smoothing: long enough to ride out the bursts of a checkpoint
+/// or a token bucket, short enough to follow a changed speed limit within seconds.
+const SMOOTHING_SECS: f64 = 3.0;
+
+/// The rate of a pass, smoothed (exponentially weighted), over what this run moves: it starts
+/// at the bytes the pass resumed from, and its first figure is the first tick's rate, not 0.
+struct Rate {
+    last_done: u64,
+    last_at: Instant,
+    /// The weighted sum so far; divided by the weight the samples carry in all, so that the
+    /// first ticks are not pulled towards the 0 it starts from.
+    weighted: f64,
+    /// Where and when it was anchored.
+    base: u64,
+    since: Instant,
+}
+
+impl Rate {
+    fn anchored(done: u64, now: Instant) -> Self {
+        Self {
+            last_done: done,
+            last_at: now,
+            weighted: 0.0,
+            base: done,
+            since: now,
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn update(&mut self, done: u64, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.last_at).as_secs_f64();
+        if dt >= 0.05 {
+            let now_rate = done.saturating_sub(self.last_done) as f64 / dt;
+            let w = 1.0 - (-dt / SMOOTHING_SECS).exp();
+            self.weighted += w * (now_rate - self.weighted);
+            self.last_done = done;
+            self.last_at = now;
+        }
+        let age = self
+            .last_at
+            .saturating_duration_since(self.since)
+            .as_secs_f64();
+        let weight = 1.0 - (-age / SMOOTHING_SECS).exp();
+        if weight > 0.0 {
+            self.weighted / weight
+        } else {
+            0.0
+        }
+    }
+
+    /// The average over the whole run.
+    #[allow(clippy::cast_precision_loss)]
+    fn average(&self, done: u64, now: Instant) -> f64 {
+        let secs = now.saturating_duration_since(self.since).as_secs_f64();
+        if secs < 0.05 {
+            return 0.0;
+        }
+        done.saturating_sub(self.base) as f64 / secs
+    }
+}
+
+/// The rate the draw thread computed, for the style's keys (f64 bits).
+type SharedRate = Arc<AtomicU64>;
+
+fn style(rate: SharedRate) -> ProgressStyle {
+    let left = Arc::clone(&rate);
     ProgressStyle::with_template(
         "{prefix:>5} [{bar:30}] {pct} {binary_bytes}/{binary_total_bytes}  {rate}  ETA {left}  {msg}",
     )
@@ -133,22 +197,18 @@ fn style(base: Arc<AtomicU64>) -> ProgressStyle {
     .with_key("pct", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
         let _ = write!(w, "{:>3}%", percent(s.pos(), s.len().unwrap_or(0)));
     })
-    .with_key("rate", move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let per_sec = if s.is_finished() {
-            // indicatif's own figure for a finished bar would count the resumed bytes too.
-            #[allow(clippy::cast_precision_loss)]
-            let moved = s.pos().saturating_sub(base.load(Ordering::Relaxed)) as f64;
-            moved / s.elapsed().as_secs_f64().max(1e-3)
-        } else {
-            s.per_sec()
-        };
-        let _ = w.write_str(&rate_text(per_sec));
+    .with_key("rate", move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&rate_text(f64::from_bits(rate.load(Ordering::Relaxed))));
     })
-    .with_key("left", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = if s.is_finished() {
+    .with_key("left", move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let per_sec = f64::from_bits(left.load(Ordering::Relaxed));
+        let rest = s.len().unwrap_or(0).saturating_sub(s.pos());
+        let _ = if rest == 0 {
             w.write_str("0s")
-        } else if s.per_sec() >= 1.0 {
-            write!(w, "{:#}", HumanDuration(s.eta()))
+        } else if per_sec >= 1.0 {
+            #[allow(clippy::cast_precision_loss)]
+            let secs = rest as f64 / per_sec;
+            write!(w, "{:#}", HumanDuration(Duration::from_secs_f64(secs.min(1e9))))
         } else {
             w.write_str("--")
         };
@@ -164,33 +224,46 @@ fn draw(
     stop: &AtomicBool,
 ) -> Option<ProgressBar> {
     let mut bar: Option<ProgressBar> = None;
-    let base = Arc::new(AtomicU64::new(0));
-    // Until data flows, whatever is done was done before (resumed chunks): each tick anchors
-    // the bar there, so the rate counts only what this run moves, from its first tick on.
-    let mut flowing = false;
+    let shared: SharedRate = Arc::new(AtomicU64::new(0f64.to_bits()));
+    let mut rate: Option<Rate> = None;
+    // The engines set the total, then the resumed bytes: a first tick that fell between the
+    // two is caught by anchoring again at the second when no data was sent yet.
+    let mut anchors = 0;
     loop {
         let stopped = stop.load(Ordering::Relaxed);
         let total = Progress::get(&progress.total);
         let done = Progress::get(&progress.done);
+        let now = Instant::now();
         // No bar before the pass knows its size: an empty one would look complete.
         if total > 0 {
+            let sent = Progress::get(&progress.wire_sent) > 0;
+            let r = match rate.as_mut() {
+                Some(r) if stopped => r.average(done, now),
+                Some(r) if anchors == 1 && !sent => {
+                    anchors = 2;
+                    *r = Rate::anchored(done, now);
+                    0.0
+                }
+                Some(r) => {
+                    anchors = 2;
+                    r.update(done, now)
+                }
+                None => {
+                    anchors = 1;
+                    rate = Some(Rate::anchored(done, now));
+                    0.0
+                }
+            };
+            shared.store(r.to_bits(), Ordering::Relaxed);
             let b = bar.get_or_insert_with(|| {
-                let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
-                    .with_style(style(Arc::clone(&base)))
-                    .with_prefix(label.to_string());
-                b.set_position(done);
-                b.reset_eta();
-                b.reset_elapsed();
-                base.store(done, Ordering::Relaxed);
-                multi.add(b)
+                multi.add(
+                    ProgressBar::new(total)
+                        .with_style(style(Arc::clone(&shared)))
+                        .with_prefix(label.to_string()),
+                )
             });
             b.set_length(total.max(done));
             b.set_position(done);
-            if !flowing {
-                b.reset_eta();
-                base.store(done, Ordering::Relaxed);
-                flowing = Progress::get(&progress.wire_sent) > 0;
-            }
             b.set_message(format!("compress {:.2}", progress.compress_ratio()));
         }
         if stopped {
@@ -236,7 +309,25 @@ pub fn with_progress<T>(label: &str, pass: impl FnOnce(&Progress) -> T) -> (T, C
 
 #[cfg(test)]
 mod tests {
-    use super::percent;
+    use super::{percent, Rate};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_rate_counts_only_this_run_and_is_right_from_the_first_tick() {
+        let t0 = Instant::now();
+        // Resumed at 100 MiB; then 10 MiB/s.
+        let mut r = Rate::anchored(100 << 20, t0);
+        let tick = |n: u64| t0 + Duration::from_millis(200 * n);
+        let first = r.update((100 << 20) + (2 << 20), tick(1));
+        assert!((first / f64::from(1 << 20) - 10.0).abs() < 0.01, "{first}");
+        let mut last = first;
+        for n in 2..=20 {
+            last = r.update((100 << 20) + n * (2 << 20), tick(n));
+        }
+        assert!((last / f64::from(1 << 20) - 10.0).abs() < 0.01, "{last}");
+        let avg = r.average((100 << 20) + 20 * (2 << 20), tick(20));
+        assert!((avg / f64::from(1 << 20) - 10.0).abs() < 0.01, "{avg}");
+    }
 
     #[test]
     fn percent_is_rounded_down() {
