@@ -14,6 +14,9 @@ use transfer::session::Connector;
 use transfer::task::{Control, Progress};
 use transfer::{Code, TaskFailure};
 
+mod usage;
+use usage::Usage;
+
 /// What a completed pass did.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -108,7 +111,7 @@ impl Runner {
             handle: Some(handle),
             meter: None,
             last_done: 0,
-            usage: Usage::default(),
+            usage: Usage::new(),
         }
     }
 
@@ -242,104 +245,6 @@ impl Runner {
             "agent_time": crate::api::time::agent_time(SystemTime::now(), utc_offset),
         });
         (body, (done, total, rate, eta))
-    }
-}
-
-/// One sample of host and agent resource use.
-#[derive(Debug, Default, Clone, Copy)]
-struct Sample {
-    total_cpu: f64,
-    agent_cpu: f64,
-    total_mem_mb: u64,
-    agent_mem_mb: u64,
-    total_io_mbs: f64,
-    agent_io_mbs: f64,
-}
-
-/// CPU and I/O counters from /proc, differenced between samples.
-#[derive(Debug, Default)]
-struct Usage {
-    last: Option<(Instant, u64, u64, u64, u64, u64)>,
-}
-
-fn proc_nums(path: &str) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-impl Usage {
-    fn sample(&mut self) -> Sample {
-        let stat = proc_nums("/proc/stat");
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let busy: u64 = cpu
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != 3 && *i != 4)
-            .map(|(_, v)| v)
-            .sum();
-        let all: u64 = cpu.iter().sum();
-        let me = proc_nums("/proc/self/stat");
-        let me_cpu: u64 = me
-            .rsplit_once(')')
-            .map(|(_, r)| {
-                r.split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0);
-        let field = |text: &str, key: &str| -> u64 {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        };
-        let meminfo = proc_nums("/proc/meminfo");
-        let status = proc_nums("/proc/self/status");
-        let io = proc_nums("/proc/self/io");
-        let my_io = field(&io, "read_bytes:") + field(&io, "write_bytes:");
-        let disk_io: u64 = proc_nums("/proc/diskstats")
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let name = f.get(2)?;
-                // Whole disks only, so partitions are not counted twice.
-                if name.starts_with("loop") || name.starts_with("ram") {
-                    return None;
-                }
-                let r: u64 = f.get(5)?.parse().ok()?;
-                let w: u64 = f.get(9)?.parse().ok()?;
-                Some((r + w) * 512)
-            })
-            .sum();
-        let now = Instant::now();
-        let mut s = Sample {
-            total_mem_mb: field(&meminfo, "MemTotal:")
-                .saturating_sub(field(&meminfo, "MemAvailable:"))
-                / 1024,
-            agent_mem_mb: field(&status, "VmRSS:") / 1024,
-            ..Sample::default()
-        };
-        #[allow(clippy::cast_precision_loss)]
-        if let Some((t, b0, a0, m0, i0, d0)) = self.last {
-            let secs = now.duration_since(t).as_secs_f64().max(1e-3);
-            let dall = all.saturating_sub(a0).max(1) as f64;
-            s.total_cpu = busy.saturating_sub(b0) as f64 / dall * 100.0;
-            // Clock ticks of this process against the host's per-CPU ticks.
-            let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-            s.agent_cpu = me_cpu.saturating_sub(m0) as f64 / (dall / ncpu) * 100.0 / ncpu;
-            s.agent_io_mbs = my_io.saturating_sub(i0) as f64 / secs / 1e6;
-            s.total_io_mbs = disk_io.saturating_sub(d0) as f64 / secs / 1e6;
-        }
-        self.last = Some((now, busy, all, me_cpu, my_io, disk_io));
-        s
     }
 }
 
