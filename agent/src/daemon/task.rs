@@ -47,10 +47,13 @@ impl Daemon {
             .get(&format!("/v3/tasks/{task_id}"), &[])
             .await
             .map_err(|e| {
-                TaskFailure::new(
+                let f = TaskFailure::new(
                     Code::ApiNetworkBusy,
                     format!("cannot read task {task_id}: {e}"),
-                )
+                );
+                // Not reported on the task (it cannot be read); the command result carries it.
+                tracing::error!(task_id, error_code = %f.code, command = name, "task not started: {}", f.message);
+                f
             })?;
         let prev = self.state.task.take().filter(|t| t.id == task_id);
         let pass = match &prev {
@@ -93,7 +96,7 @@ impl Daemon {
             Ok(task) => task,
             Err(e) => {
                 // A due retry stays due: the next loop tries again.
-                tracing::warn!(error = %e, "cannot read the task to resume it");
+                tracing::warn!(task_id = %t.id, attempt, error = %e, "cannot read the task to resume it; trying again at the next round");
                 return;
             }
         };
