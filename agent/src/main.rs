@@ -30,9 +30,17 @@ Exit status:
 A second SIGINT or SIGTERM ends the process at once (the next run still resumes from the
 target's last checkpoint).";
 
+/// `--version`: this build's own version, and the `agent_version` it reports to SMS
+/// (`sms_agent::api::REPORTED_AGENT_VERSION`, the lowest the service's documented gate, SMS.7707,
+/// accepts; a test in `tests/tests/cli.rs` keeps the two literals in step).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (reports agent_version 25.2.0 to SMS)"
+);
+
 /// Source-side server migration agent for the Huawei Cloud SMS API v3.
 #[derive(Debug, Parser)]
-#[command(name = "sms-agent", version, about, long_about = None)]
+#[command(name = "sms-agent", version = VERSION, about, long_about = None)]
 struct Cli {
     /// More log output on stderr (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -116,11 +124,12 @@ fn init_logging(verbose: u8) {
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(term::LogWriter);
-    // Under systemd stderr is the journal, which stamps time itself and shows no colours.
+    // Colours only on a terminal: a log redirected to a file or a pipe (or the journal, which
+    // stamps time itself and shows no colours) gets plain text, no ANSI escapes.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         fmt.without_time().with_ansi(false).init();
     } else {
-        fmt.init();
+        fmt.with_ansi(term::colours()).init();
     }
 }
 

@@ -53,7 +53,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<()> {
         devices,
         name,
         interfaces,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: sms_agent::api::REPORTED_AGENT_VERSION.to_string(),
         ..probe::Options::default()
     };
     let report = probe::probe(&opts);

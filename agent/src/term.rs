@@ -26,6 +26,12 @@ fn on_terminal() -> bool {
     })
 }
 
+/// Whether log lines may carry ANSI colour codes: stderr is a terminal (not a pipe, a file or
+/// the journal) and `NO_COLOR` (no-color.org) is unset or empty.
+pub fn colours() -> bool {
+    on_terminal() && !matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty())
+}
+
 fn current() -> std::sync::MutexGuard<'static, Option<MultiProgress>> {
     CURRENT
         .lock()

@@ -593,3 +593,55 @@ fn sigterm_and_sigint_stop_receive_with_143_and_130_and_the_copy_resumes() {
     );
     assert_eq!(doc["sessions"].as_array().map(Vec::len), Some(0), "{doc}");
 }
+
+/// Item: colour codes only on a terminal. A command whose stderr is a pipe (as under a
+/// redirect, `| tee`, or a service manager that is not the journal) logs plain text.
+#[test]
+fn logs_to_a_pipe_carry_no_ansi_escapes() {
+    let kit = Kit::new();
+    // A refused target makes migrate log (at ERROR) and exit; -v adds debug lines.
+    let out = Command::new(sms_agent())
+        .args([
+            "-v",
+            "migrate",
+            "--mode",
+            "block",
+            "--target",
+            "127.0.0.1:9",
+        ])
+        .args(["--ca", &kit.p("c/ca.pem"), "--cert", &kit.p("c/source.pem")])
+        .args(["--key", &kit.p("c/source-key.pem"), "--disk", "/dev/null=d"])
+        .args(["--state-dir", &kit.p("s")])
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().count() >= 1, "no log lines at all: {err}");
+    assert!(
+        !err.contains("\x1b["),
+        "ANSI escapes in piped stderr: {err:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("\x1b["));
+}
+
+/// Item: `--version` is honest about this build and names the `agent_version` reported to
+/// SMS (the lowest the service's documented gate accepts: SMS.7707, ≥ 25.2.0).
+#[test]
+fn version_names_our_own_and_the_reported_agent_version() {
+    let out = Command::new(sms_agent()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        v.starts_with(&format!("sms-agent {}", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    assert!(
+        v.contains(&format!(
+            "agent_version {}",
+            sms_agent::api::REPORTED_AGENT_VERSION
+        )),
+        "{v}"
+    );
+}

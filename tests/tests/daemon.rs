@@ -264,9 +264,15 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     assert_eq!(by_name("SKIP")["result"], "success");
     assert_eq!(by_name("DELETE")["result"], "success");
     assert_eq!(by_name("FROBNICATE")["result"], "fail");
+    // §6.1 has no "unknown command" code; SMS.6021 (line 25164) is the closest documented one.
+    assert_eq!(
+        by_name("FROBNICATE")["result_detail"]["error_code"],
+        "SMS.6021"
+    );
+    // The agent's own upload failing is SMS.0503 (§6.1, line 24923), not SMS.0414.
     assert_eq!(
         by_name("UPLOAD_LOG")["result_detail"]["error_code"],
-        "SMS.0414"
+        "SMS.0503"
     );
     // All queues drained: every command answered exactly once.
     assert_eq!(emu.db()["commands"][&id], json!([]));
@@ -735,4 +741,116 @@ fn unusable_tls_material_fails_the_task_with_sms_3301() {
     let r = wait_results(&emu, 1);
     assert_eq!(r[0]["result"], "fail");
     assert_eq!(r[0]["result_detail"]["error_code"], "SMS.3301", "{r:?}");
+}
+
+/// Item: a failed task is visible where the operator looks. Its disk is missing on the source,
+/// so planning fails; `GET /v3/tasks/{id}` then shows `MIGRATE_FAIL` (ref. §5.4.3, line 10240)
+/// and `error_json` in the reference's shape (`{"error_code": …, "error_param": "[…]"}`, ref.
+/// lines 2490–2517) with the same code and message as the command result, by the time that
+/// result arrives (the agent reports the task before it answers the command, well within one
+/// poll interval), and the agent's log has it at ERROR.
+#[test]
+fn a_failed_task_shows_its_code_and_message_in_get_task() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), SK);
+    let id = registered(&emu, 1);
+    let (_, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "t", "type": "MIGRATE_BLOCK", "os_type": "LINUX",
+                    "migration_ip": "127.0.0.1", "source_server": {"id": id},
+                    "target_server": {"disks": [{"name": "/dev/sms-no-such-disk-a", "relation_name": "/dev/sms-no-such-disk-b", "size": 1}]}})),
+    );
+    let tid = task["id"].as_str().unwrap().to_string();
+    let (_, before) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
+    assert_eq!(before["error_json"], "", "{before}");
+    emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "start"})),
+    );
+    let r = wait_results(&emu, 1);
+    assert_eq!(r[0]["result"], "fail", "{r:?}");
+    let code = r[0]["result_detail"]["error_code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let msg = r[0]["result_detail"]["error_msg"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(code.starts_with("SMS."), "{code}");
+    let (st, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
+    assert_eq!(st, 200);
+    assert_eq!(t["state"], "MIGRATE_FAIL", "{t}");
+    let ej: Value = serde_json::from_str(t["error_json"].as_str().unwrap()).unwrap();
+    assert_eq!(ej["error_code"], code.as_str(), "{ej}");
+    let params: Vec<String> = serde_json::from_str(ej["error_param"].as_str().unwrap()).unwrap();
+    assert_eq!(params, std::slice::from_ref(&msg));
+    assert!(msg.contains("sms-no-such-disk"), "{msg}");
+    let j = emu.journal();
+    assert!(
+        j.iter()
+            .any(|e| is(e, "PUT", &format!("/v3/tasks/{tid}"), 200)),
+        "{}",
+        summary(&j)
+    );
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&code) && l.contains("sms-no-such-disk")),
+        "{log}"
+    );
+}
+
+/// Item: `GET /v3/config` at start-up (ref. §5.2.1, line 2139), before registering; the
+/// emulator answers the reference's example (no `obs_domain`), and an answer with unknown,
+/// odd and missing keys is tolerated too.
+#[test]
+fn the_service_configuration_is_read_at_start_up_and_odd_answers_are_tolerated() {
+    let emu = Emulator::start();
+    let agent = Agent::start(&emu.url(), SK);
+    registered(&emu, 1);
+    let j = emu.journal();
+    let config = j.iter().position(|e| is(e, "GET", "/v3/config", 200));
+    let register = j.iter().position(|e| is(e, "POST", "/v3/sources", 200));
+    assert!(
+        matches!((config, register), (Some(c), Some(r)) if c < r),
+        "{}",
+        summary(&j)
+    );
+    // The registration reports the version the service's gate accepts (SMS.7707, ≥ 25.2.0).
+    let body = &j[register.unwrap()]["body"];
+    assert_eq!(
+        body["agent_version"],
+        sms_agent::api::REPORTED_AGENT_VERSION
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("service configuration read") && log.contains("ap-southeast-1"),
+        "{log}"
+    );
+    drop(agent);
+
+    let emu = Emulator::start();
+    emu.fault(json!({"match": {"path_prefix": "/v3/config"}, "kind": "body", "status": 200,
+                     "body": json!({"config": {"obs_domain": "obs.example.com", "new_limit": 7, "nested": {}}, "extra": [1]}).to_string(), "count": 1}));
+    let agent = Agent::start(&emu.url(), SK);
+    registered(&emu, 1);
+    let log = agent.log();
+    assert!(log.contains("obs.example.com"), "{log}");
+    drop(agent);
+
+    let emu = Emulator::start();
+    emu.fault(
+        json!({"match": {"path_prefix": "/v3/config"}, "kind": "body", "status": 200,
+                     "body": "not json", "count": 1}),
+    );
+    let agent = Agent::start(&emu.url(), SK);
+    registered(&emu, 1);
+    assert!(
+        agent.log().contains("GET /v3/config) not read"),
+        "{}",
+        agent.log()
+    );
 }

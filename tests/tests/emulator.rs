@@ -149,3 +149,54 @@ fn reference_examples_are_accepted() {
         "SMS.6011"
     );
 }
+
+/// `PUT /v3/tasks/{id}` (ref. §5.4.6) keeps `state` (one of line 10240's) and `error_json` (at
+/// most 1,024 characters, line 11838) and `GET` shows both; `POST …/log` is refused with
+/// SMS.7707 for an agent below 25.2.0 (line 25298).
+#[test]
+fn task_updates_keep_error_json_and_log_upload_is_gated_on_the_agent_version() {
+    let emu = Emulator::start();
+    let (_, src) = emu.operator("POST", "/v3/sources", Some(json!({"name": "n", "os_type": "WINDOWS", "os_version": "W", "agent_version": "2.2.1", "networks": []})));
+    let (_, task) = emu.operator("POST", "/v3/tasks", Some(json!({"name": "t", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "source_server": {"id": src["id"]}, "target_server": {"disks": []}})));
+    let tid = task["id"].as_str().unwrap();
+    let path = format!("/v3/tasks/{tid}");
+    let (_, t) = emu.operator("GET", &path, None);
+    assert_eq!(
+        (t["state"].as_str(), t["error_json"].as_str()),
+        (Some("READY"), Some(""))
+    );
+    let (st, v) = emu.operator("PUT", &path, Some(json!({"state": "BROKEN"})));
+    assert_eq!(
+        (st, v["error_code"].as_str()),
+        (400, Some("SMS.6011")),
+        "{v}"
+    );
+    let (st, v) = emu.operator("PUT", &path, Some(json!({"error_json": "x".repeat(1025)})));
+    assert_eq!(
+        (st, v["error_code"].as_str()),
+        (400, Some("SMS.6014")),
+        "{v}"
+    );
+    let ej = r#"{"error_code":"SMS.1114","error_param":"[]"}"#;
+    let (st, v) = emu.operator(
+        "PUT",
+        &path,
+        Some(json!({"state": "MIGRATE_FAIL", "error_json": ej})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (_, t) = emu.operator("GET", &path, None);
+    assert_eq!(
+        (t["state"].as_str(), t["error_json"].as_str()),
+        (Some("MIGRATE_FAIL"), Some(ej))
+    );
+    let (st, v) = emu.operator(
+        "POST",
+        &format!("{path}/log"),
+        Some(json!({"log_bucket": "b"})),
+    );
+    assert_eq!(
+        (st, v["error_code"].as_str()),
+        (400, Some("SMS.7707")),
+        "{v}"
+    );
+}

@@ -571,7 +571,8 @@ fn host_fields_match_the_system() {
     assert_eq!(b.name, "my-source");
     assert_eq!(b.hostname, run("hostname", &[]).trim());
     assert_eq!(b.kernel_version, run("uname", &["-r"]).trim());
-    assert_eq!(b.agent_version, env!("CARGO_PKG_VERSION"));
+    // The version the service's documented gate (SMS.7707, ≥ 25.2.0) accepts; README "Versions".
+    assert_eq!(b.agent_version, sms_agent::api::REPORTED_AGENT_VERSION);
     assert_eq!(b.cpu_quantity.to_string(), run("nproc", &[]).trim());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
     let kb: u64 = meminfo

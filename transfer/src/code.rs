@@ -2,7 +2,10 @@
 //! carries one; codes travel as strings (`SMS.1908`) on the wire and in the API.
 //!
 //! Each variant's doc comment is the meaning the SMS API reference gives the code (its English
-//! text, `%s` being the cause the message fills in).
+//! text, `%s` being the cause the message fills in), and every variant is a code of the
+//! reference's §6.1 table (`sms-api-reference.zh.txt` lines 24867–25480; the line of each is
+//! given). No code is invented: a code the service sends that is not listed here is kept as
+//! [`Code::Other`].
 
 use std::convert::Infallible;
 use std::fmt;
@@ -44,64 +47,77 @@ macro_rules! codes {
 }
 
 codes! {
-    /// Network busy. Source server failed to connect to API Gateway.
+    /// Network busy. Source server failed to connect to API Gateway. (§6.1, line 24874)
     ApiNetworkBusy = "SMS.0201",
-    /// Connection from source server to API Gateway timed out.
+    /// Connection from source server to API Gateway timed out. (line 24876)
     ApiTimeout = "SMS.0203",
     /// AK/SK authentication failed. The time or time zone of the source server is incorrect.
+    /// (line 24880)
     ClockSkew = "SMS.0205",
-    /// Network request TLS/SSL authentication failed. Cause: %s
+    /// Network request TLS/SSL authentication failed. Cause: %s (line 24892)
     TlsAuthFailed = "SMS.0304",
-    /// Failed to copy logs from the customer's OBS bucket to the destination bucket. Cause: %s
-    LogCopyFailed = "SMS.0414",
-    /// Failed to report the task progress to SMS.
+    /// Failed to report the task progress to SMS. (line 24921)
     ProgressReportFailed = "SMS.0501",
-    /// Source server registration failed. Cause: %s
+    /// Source server registration failed. Cause: %s (line 24922)
     RegistrationFailed = "SMS.0502",
-    /// Failed to obtain the private key. Cause: %s
+    /// Log upload failed. Cause: %s (line 24923). The agent's own log upload (UPLOAD_LOG);
+    /// not SMS.0414, which is the service copying logs between OBS buckets (line 24904).
+    LogUploadFailed = "SMS.0503",
+    /// Failed to obtain the private key. Cause: %s (line 24933)
     PrivateKeyNotObtained = "SMS.0511",
     /// Migration failed. Source disk information has changed. Delete target server
-    /// configuration and restart the Agent.
+    /// configuration and restart the Agent. (line 24937)
     SourceDisksChanged = "SMS.0515",
-    /// Failed to obtain the certificate password. Cause: %s
+    /// Failed to obtain the certificate password. Cause: %s (line 24943)
     PassphraseNotObtained = "SMS.0521",
-    /// Insufficient disks on the target server.
+    /// Insufficient disks on the target server. (line 24993)
     TooFewTargetDisks = "SMS.1311",
-    /// Disk %s is abnormal. Expected status: %s
+    /// Disk %s is abnormal. Expected status: %s (line 25001)
     DiskAbnormal = "SMS.1404",
     /// The sizes of disks on the target server do not match those on the source server.
+    /// (line 25025)
     DiskSizeMismatch = "SMS.1504",
-    /// No system partition found.
+    /// No system partition found. (line 25028)
     NoSystemPartition = "SMS.1507",
-    /// Mount point, partition, or disk configured in disk.cfg not found.
+    /// Mount point, partition, or disk configured in disk.cfg not found. (line 25029)
     MountPointNotFound = "SMS.1508",
-    /// Configure advanced option %s failed. Cause: %s.
+    /// Configure advanced option %s failed. Cause: %s. (line 25031)
     AdvancedOptionFailed = "SMS.1510",
-    /// failed to check the consistency, Cause: %s
+    /// failed to check the consistency, Cause: %s (line 25032)
     ConsistencyCheckFailed = "SMS.1511",
-    /// Migration or synchronization task paused.
+    /// Migration or synchronization task paused. (line 25038)
     TaskPaused = "SMS.1802",
     /// Failed to connect to the target server. Check whether its IP address %s is reachable
-    /// and confirm that port 8900 is enabled.
+    /// and confirm that port 8900 is enabled. (line 25040)
     TargetUnreachable = "SMS.1807",
-    /// Agent could not read disk information.
+    /// Agent could not read disk information. (line 25041)
     DiskUnreadable = "SMS.1901",
-    /// Failed to read the disk information.
+    /// Failed to read the disk information. (line 25047)
     VolumeUnreadable = "SMS.1905",
-    /// Data transmission failed.
+    /// Data transmission failed. (line 25049)
     TransmissionFailed = "SMS.1908",
-    /// Failed to load the SSL certificate.
+    /// Data compression failed. (line 25050)
+    CompressionFailed = "SMS.1909",
+    /// Failed to load the SSL certificate. (line 25101)
     SslCertNotLoaded = "SMS.3301",
-    /// Invalid source server ID.
+    /// The JSON request body does not meet the specifications. (line 25157) The agent's
+    /// answer to a command whose parameters it cannot act on (a task type it does not know).
+    BodyNotToSpec = "SMS.6011",
+    /// Incomplete request parameters. (line 25159) The agent's answer to a START or SYNC
+    /// without `command_param.task_id`.
+    IncompleteParameters = "SMS.6013",
+    /// The command from the Agent is inconsistent with that from SMS. (line 25164) The
+    /// agent's answer to a command it does not know. §6.1 has no code for "unknown command";
+    /// this is the closest documented one (the agent's and the service's commands disagree).
+    CommandMismatch = "SMS.6021",
+    /// Invalid source server ID. (line 25169)
     InvalidSourceId = "SMS.6030",
+    /// The current Agent version does not support log upload. (line 25298: the agent must be
+    /// at least 25.2.0.) Sent by the service; see `agent::api::REPORTED_AGENT_VERSION`.
+    AgentTooOldForLogs = "SMS.7707",
     /// Change server replication state or migration cycle failed. Values of copystate and
-    /// migrationcycle do not match.
+    /// migrationcycle do not match. (line 25321)
     CopyStateMismatch = "SMS.7728",
-    /// The current account does not have the permission to execute policy {0}. (The agent
-    /// also reports it for a command or speed-limit rule it must refuse.)
-    PolicyDenied = "SMS.9004",
-    /// Not in the reference: the agent's answer to a command it does not know.
-    UnknownCommand = "SMS.9999",
 }
 
 impl Code {
@@ -182,6 +198,19 @@ mod tests {
             );
             assert_eq!(&Code::parse(c.as_str()), c);
             assert_eq!(c.to_string().parse::<Code>(), Ok(c.clone()));
+        }
+    }
+
+    #[test]
+    fn known_codes_are_in_numeric_order_and_none_is_invented_or_misused() {
+        let texts: Vec<&str> = Code::KNOWN.iter().map(Code::as_str).collect();
+        let mut sorted = texts.clone();
+        sorted.sort_unstable();
+        assert_eq!(texts, sorted);
+        // SMS.9999 is not in §6.1; SMS.9004 is "permission denied" (line 25345) and SMS.0414
+        // the service's own log copy (line 24904): neither is the agent's to report.
+        for c in ["SMS.9999", "SMS.9004", "SMS.0414"] {
+            assert_eq!(Code::parse(c), Code::Other(c.into()));
         }
     }
 

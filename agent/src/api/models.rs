@@ -327,15 +327,54 @@ pub struct Passphrase {
     pub passphrase: String,
 }
 
-/// Response of `GET /v3/config`.
+/// Response of `GET /v3/config` (ref. §5.2.1, lines 2135–2231: "the source agent calls it
+/// after it starts"). `config` is documented as `Map<String, String>` holding "mainRegion,
+/// obs_domain, disktype, process_and_it and whatever is added later" (line 2163); it is read
+/// as any JSON so a newer key with a non-string value cannot break start-up, and both parts
+/// may be missing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentConfig {
-    /// `mainRegion`, `obs_domain`, … as strings.
+    /// `mainRegion`, `obs_domain`, `disktype`, `process_and_it`, … (strings per the table).
     #[serde(default)]
-    pub config: std::collections::BTreeMap<String, String>,
-    /// Regions.
+    pub config: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Regions, e.g. `{"region_name": "cn-north-4", "project_name": "cn-north-4"}`
+    /// (example, line 2211).
     #[serde(default)]
     pub regions: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl AgentConfig {
+    /// The string value of `key`, when present, a non-empty string (numbers and booleans are
+    /// taken as their text: the reference types the map's values as strings, line 2163).
+    pub fn get_str(&self, key: &str) -> Option<String> {
+        match self.config.get(key)? {
+            serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => Some(v.to_string()),
+            _ => None,
+        }
+    }
+
+    /// What the agent keeps of it (see [`ServiceConfig`]).
+    pub fn kept(&self) -> ServiceConfig {
+        ServiceConfig {
+            main_region: self.get_str("mainRegion"),
+            obs_domain: self.get_str("obs_domain"),
+        }
+    }
+}
+
+/// What the daemon keeps of `GET /v3/config`: the keys it uses. The reference documents no
+/// limits in this call (only `mainRegion`, `obs_domain`, `disktype`, `process_and_it`, line
+/// 2163), so none are kept; `disktype` and `process_and_it` concern the target and the
+/// service, not a Linux source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// `mainRegion`: the service's main region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_region: Option<String>,
+    /// `obs_domain`: the OBS endpoint domain a later log upload (UPLOAD_LOG) goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obs_domain: Option<String>,
 }
 
 /// Body of `POST /v3/tasks/{id}/consistency-result` (at most 30 entries).
@@ -481,6 +520,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.config["mainRegion"], "cn-north-4");
+    }
+
+    #[test]
+    fn agent_config_tolerates_missing_unknown_and_odd_keys() {
+        // The reference's example (§5.2.1, line 2206): no obs_domain.
+        let ex: AgentConfig = serde_json::from_str(
+            r#"{"config": {"mainRegion": "ap-southeast-1", "disktype": "SATA"},
+                "regions": [{"region_name": "cn-north-1", "project_name": "cn-north-1"},
+                            {"region_name": "cn-north-4", "project_name": "cn-north-4"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ex.kept(),
+            ServiceConfig {
+                main_region: Some("ap-southeast-1".into()),
+                obs_domain: None
+            }
+        );
+        assert_eq!(ex.regions.len(), 2);
+        let odd: AgentConfig = serde_json::from_str(
+            r#"{"config": {"obs_domain": " obs.cn-north-4.myhuaweicloud.com ", "limit": 5,
+                           "nested": {"a": 1}, "mainRegion": ""}, "extra": true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            odd.kept().obs_domain.as_deref(),
+            Some("obs.cn-north-4.myhuaweicloud.com")
+        );
+        assert_eq!(odd.kept().main_region, None);
+        assert_eq!(odd.get_str("limit").as_deref(), Some("5"));
+        assert_eq!(odd.get_str("nested"), None);
+        let empty: AgentConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.kept(), ServiceConfig::default());
     }
 
     #[test]

@@ -68,15 +68,18 @@ impl Daemon {
             "DELETE" => self.delete().await,
             "SKIP" => self.skip(),
             // Log bundles go to the operator's OBS bucket, which needs an OBS client this build
-            // does not have; say so rather than claim success.
+            // does not have; say so rather than claim success. §6.1 SMS.0503 "Log upload
+            // failed. Cause: %s" (line 24923), the agent's own upload.
             "UPLOAD_LOG" | "RSET_LOG_ACL" => Err(TaskFailure::new(
-                Code::LogCopyFailed,
+                Code::LogUploadFailed,
                 format!("{name}: uploading logs to OBS is not supported by this agent build; logs are in the journal / log_dir"),
             )),
             _ => {
                 tracing::warn!(command = %name, "unknown command ignored");
+                // §6.1 has no "unknown command" code; SMS.6021 "The command from the Agent is
+                // inconsistent with that from SMS" (line 25164) is the closest documented one.
                 Err(TaskFailure::new(
-                    Code::UnknownCommand,
+                    Code::CommandMismatch,
                     format!("unknown command {name:?} ignored by this agent"),
                 ))
             }

@@ -44,7 +44,11 @@ pub(super) async fn fetch(api: &Client, task_id: &str) -> Result<Material, TaskF
         .iter()
         .map(|r| {
             transfer::limit::Rule::new(&r.start, &r.end, r.speed).map_err(|e| {
-                TaskFailure::new(Code::PolicyDenied, format!("speed-limit rule refused: {e}"))
+                // A rule the agent cannot read is an answer not to spec (§6.1 SMS.6011, line 25157).
+                TaskFailure::new(
+                    Code::BodyNotToSpec,
+                    format!("speed-limit rule refused: {e}"),
+                )
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

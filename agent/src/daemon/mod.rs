@@ -60,6 +60,9 @@ pub struct Daemon {
     rules: Vec<transfer::limit::Rule>,
     last_rules: Instant,
     utc_offset: i64,
+    /// What `GET /v3/config` said at start-up (`register.rs`); `obs_domain` is for a later
+    /// log upload.
+    service_config: crate::api::models::ServiceConfig,
 }
 
 impl Daemon {
@@ -71,7 +74,7 @@ impl Daemon {
             devices: cfg.probe.devices.clone(),
             interfaces: cfg.probe.interfaces.clone(),
             name: Some(cfg.agent.name.clone()).filter(|n| !n.is_empty()),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: crate::api::REPORTED_AGENT_VERSION.to_string(),
             ..probe::Options::default()
         };
         let status = Status {
@@ -95,6 +98,7 @@ impl Daemon {
             rules: Vec::new(),
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
+            service_config: crate::api::models::ServiceConfig::default(),
         })
     }
 
@@ -131,6 +135,7 @@ impl Daemon {
 
     /// Registers, then polls for commands and tends the task until an error stops it.
     async fn main_loop(&mut self) -> Result<(), DaemonError> {
+        self.fetch_service_config().await;
         self.set_activity("probing");
         let body = self.probe().await;
         self.register(body.clone()).await?;

@@ -5,10 +5,33 @@ use reqwest::Method;
 use transfer::Code;
 
 use super::{systemd, Daemon, DaemonError};
-use crate::api::models::{IdResponse, PostSourceServerBody};
+use crate::api::models::{AgentConfig, IdResponse, PostSourceServerBody};
 use crate::api::ApiError;
 
 impl Daemon {
+    /// `GET /v3/config` once at start-up, as the reference says the agent does ("the source
+    /// agent calls this interface after it starts to get its configuration", ref. §5.2.1,
+    /// line 2139). What is kept is [`crate::api::models::ServiceConfig`]; unknown keys are
+    /// ignored, missing ones left unset. Not fatal: a service that cannot answer it (the
+    /// client has already retried transient failures) leaves the defaults, with a warning.
+    pub(super) async fn fetch_service_config(&mut self) {
+        match self.api.get::<AgentConfig>("/v3/config", &[]).await {
+            Ok(cfg) => {
+                self.service_config = cfg.kept();
+                tracing::info!(
+                    main_region = self.service_config.main_region.as_deref().unwrap_or("-"),
+                    obs_domain = self.service_config.obs_domain.as_deref().unwrap_or("-"),
+                    keys = cfg.config.len(),
+                    regions = cfg.regions.len(),
+                    "service configuration read"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "service configuration (GET /v3/config) not read; going on without it");
+            }
+        }
+    }
+
     /// Probes the host on a blocking thread; the warnings are logged.
     pub(super) async fn probe(&self) -> PostSourceServerBody {
         let opts = self.probe_opts.clone();

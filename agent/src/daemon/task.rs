@@ -22,8 +22,9 @@ impl Daemon {
     /// one again under its own number, so the receiver resumes its checkpoint.
     pub(super) async fn start(&mut self, name: &str, task_id: &str) -> Result<Value, TaskFailure> {
         if task_id.is_empty() {
+            // §6.1 SMS.6013 "Incomplete request parameters" (line 25159).
             return Err(TaskFailure::new(
-                Code::PolicyDenied,
+                Code::IncompleteParameters,
                 format!("{name} without a task_id"),
             ));
         }
@@ -46,10 +47,13 @@ impl Daemon {
             .get(&format!("/v3/tasks/{task_id}"), &[])
             .await
             .map_err(|e| {
-                TaskFailure::new(
+                let f = TaskFailure::new(
                     Code::ApiNetworkBusy,
                     format!("cannot read task {task_id}: {e}"),
-                )
+                );
+                // Not reported on the task (it cannot be read); the command result carries it.
+                tracing::error!(task_id, error_code = %f.code, command = name, "task not started: {}", f.message);
+                f
             })?;
         let prev = self.state.task.take().filter(|t| t.id == task_id);
         let pass = match &prev {
@@ -92,7 +96,7 @@ impl Daemon {
             Ok(task) => task,
             Err(e) => {
                 // A due retry stays due: the next loop tries again.
-                tracing::warn!(error = %e, "cannot read the task to resume it");
+                tracing::warn!(task_id = %t.id, attempt, error = %e, "cannot read the task to resume it; trying again at the next round");
                 return;
             }
         };
@@ -103,9 +107,8 @@ impl Daemon {
                 return;
             }
         };
-        if let Err(f) = self.launch(&task, t.pass, material, attempt).await {
-            tracing::error!(code = %f.code, "{}", f.message);
-        }
+        // A failure to launch went through `fail_task`, which logged and reported it.
+        let _ = self.launch(&task, t.pass, material, attempt).await;
     }
 
     /// Plans pass `pass` (disks or filesystems) and starts it on its own thread; a pass after
@@ -193,8 +196,10 @@ impl Daemon {
             }
             other => {
                 let kind = if other.is_empty() { "(none)" } else { other };
+                // §6.1 SMS.6011 "The JSON request body does not meet the specifications"
+                // (line 25157); the type's values: ref. §5.4.6 table 5-159.
                 Err(TaskFailure::new(
-                    Code::TransmissionFailed,
+                    Code::BodyNotToSpec,
                     format!("unknown task type {kind}: expected MIGRATE_BLOCK or MIGRATE_FILE"),
                 ))
             }
@@ -299,17 +304,23 @@ impl Daemon {
                     failure.code
                 ));
             }
+            // `fail_task` logs it at ERROR and reports it.
             _ => {
-                tracing::error!(task_id = %task_id, error_code = %failure.code, "pass failed: {}", failure.message);
                 self.fail_task(failure).await;
             }
         }
     }
 
-    /// Marks the task failed, reports ERROR, and gives the failure back for the result.
+    /// Marks the task failed, logs it at ERROR, reports it to the service (the task's state
+    /// and `error_json`, then the copy state ERROR), and gives the failure back for the result.
     pub(super) async fn fail_task(&mut self, failure: TaskFailure) -> TaskFailure {
+        let task_id = self.state.task.as_ref().map(|t| t.id.clone());
+        tracing::error!(task_id = task_id.as_deref().unwrap_or("-"), error_code = %failure.code, "task failed: {}", failure.message);
         if let Some(t) = self.state.task.as_mut() {
             t.error = Some(failure.to_string());
+        }
+        if let Some(id) = &task_id {
+            self.report_task_failure(id, &failure).await;
         }
         self.set_phase(Phase::Failed);
         self.status.last_error = Some(failure.to_string());

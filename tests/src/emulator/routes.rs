@@ -47,9 +47,14 @@ pub(super) fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u
 /// The handler of `method` on `segs`, or `None` for a call the emulator does not know.
 fn route(s: &mut Store, method: &str, segs: &[&str], query: &str, v: Value) -> Option<Reply> {
     Some(match (method, segs) {
-        ("GET", ["v3", "config"]) => {
-            ok(json!({"config": {"mainRegion": "emulator"}, "regions": [{"id": "emulator"}]}))
-        }
+        // The reference's example answer, verbatim (ref. §5.2.1, lines 2206–2218).
+        ("GET", ["v3", "config"]) => ok(json!({
+            "config": {"mainRegion": "ap-southeast-1", "disktype": "SATA"},
+            "regions": [
+                {"region_name": "cn-north-1", "project_name": "cn-north-1"},
+                {"region_name": "cn-north-4", "project_name": "cn-north-4"}
+            ]
+        })),
         ("POST", ["v3", "sources"]) => sources::register(s, v),
         ("GET", ["v3", "sources"]) => sources::list(s, query),
         ("GET", ["v3", "sources", id]) => sources::get(s, id),
@@ -59,6 +64,7 @@ fn route(s: &mut Store, method: &str, segs: &[&str], query: &str, v: Value) -> O
         ("POST", ["v3", "sources", id, "command_result"]) => commands::result(s, id, v),
         ("POST", ["v3", "tasks"]) => tasks::create(s, v),
         ("GET", ["v3", "tasks", id]) => tasks::get(s, id),
+        ("PUT", ["v3", "tasks", id]) => tasks::update(s, id, &v),
         ("DELETE", ["v3", "tasks", id]) => tasks::delete(s, id),
         ("POST", ["v3", "tasks", id, "action"]) => tasks::action(s, id, &v),
         ("GET", ["v3", "tasks", id, "speed-limit"]) => tasks::speed_limit(s, id),

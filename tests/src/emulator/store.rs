@@ -31,6 +31,10 @@ pub struct TaskRec {
     pub body: Value,
     /// READY, RUNNING, MIGRATE_SUCCESS, SYNC_SUCCESS, MIGRATE_FAIL, …
     pub state: String,
+    /// `error_json` as the last `PUT /v3/tasks/{id}` set it (ref. §5.4.6 line 11838, at most
+    /// 1,024 characters); empty when none, as the reference's examples show it (line 11476).
+    #[serde(default)]
+    pub error_json: String,
     /// Subtasks from progress reports, by name.
     pub sub_tasks: BTreeMap<String, Value>,
     /// Speed-limit rules.

@@ -59,6 +59,7 @@ pub(super) fn create(s: &mut Store, mut v: Value) -> Reply {
             id: id.clone(),
             body: v,
             state: "READY".into(),
+            error_json: String::new(),
             sub_tasks: Default::default(),
             speed_limit: Vec::new(),
             consistency: Vec::new(),
@@ -70,12 +71,13 @@ pub(super) fn create(s: &mut Store, mut v: Value) -> Reply {
     ok(json!({"id": id}))
 }
 
-/// The task as `GET /v3/tasks/{id}` shows it: the create body with `id`, `state` and
-/// `sub_tasks`.
+/// The task as `GET /v3/tasks/{id}` shows it: the create body with `id`, `state`,
+/// `error_json` (ref. §5.4.5 response, line 11274) and `sub_tasks`.
 fn view(t: &TaskRec) -> Value {
     let mut b = t.body.clone();
     b["id"] = json!(t.id);
     b["state"] = json!(t.state);
+    b["error_json"] = json!(t.error_json);
     b["sub_tasks"] = Value::Array(t.sub_tasks.values().cloned().collect());
     b
 }
@@ -86,6 +88,59 @@ pub(super) fn get(s: &Store, id: &str) -> Reply {
         Some(t) => ok(view(t)),
         None => no_task(id),
     }
+}
+
+/// The task states of the reference (ref. §5.4.3, line 10240).
+const TASK_STATES: &[&str] = &[
+    "READY",
+    "RUNNING",
+    "SYNCING",
+    "MIGRATE_SUCCESS",
+    "MIGRATE_FAIL",
+    "ABORTING",
+    "ABORT",
+    "DELETING",
+    "SYNC_F_ROLLBACKING",
+    "SYNC_F_ROLLBACK_SUCCESS",
+];
+
+/// `PUT /v3/tasks/{id}` (ref. §5.4.6, line 11779): updates the task. `state` must be one of
+/// the reference's task states (SMS.6011 otherwise, line 25157); `error_json` a string of at
+/// most 1,024 characters (line 11838; SMS.6014 "The parameter part in the request body is too
+/// long" otherwise, line 25160); the other fields of table 5-159 replace the create body's,
+/// except `id`. The reference does not say the service moves the task to a failed state by
+/// itself when `error_json` is set; the emulator keeps the `state` it is sent.
+pub(super) fn update(s: &mut Store, id: &str, v: &Value) -> Reply {
+    let Some(obj) = v.as_object() else {
+        return bad("SMS.6011", "the body must be a JSON object");
+    };
+    if let Some(st) = obj.get("state") {
+        match st.as_str() {
+            Some(st) if TASK_STATES.contains(&st) => {}
+            _ => return bad("SMS.6011", format!("state {st} is not a task state")),
+        }
+    }
+    if let Some(ej) = obj.get("error_json") {
+        match ej.as_str() {
+            Some(ej) if ej.chars().count() > 1024 => {
+                return bad("SMS.6014", "error_json is longer than 1024 characters")
+            }
+            Some(_) => {}
+            None => return bad("SMS.6011", "error_json must be a string"),
+        }
+    }
+    let Some(t) = s.db.tasks.get_mut(id) else {
+        return no_task(id);
+    };
+    for (k, val) in obj {
+        match k.as_str() {
+            "id" => {}
+            "state" => t.state = val.as_str().unwrap_or_default().to_string(),
+            "error_json" => t.error_json = val.as_str().unwrap_or_default().to_string(),
+            _ => t.body[k] = val.clone(),
+        }
+    }
+    ok(json!({}))
 }
 
 /// `DELETE /v3/tasks/{id}`: the agent gets a DELETE command.
@@ -109,6 +164,9 @@ pub(super) fn action(s: &mut Store, id: &str, v: &Value) -> Reply {
     let command = match op {
         "start" | "restart" => {
             t.state = "RUNNING".into();
+            // A new run starts without the last one's error (an assumption: the reference does
+            // not say when the service clears `error_json`).
+            t.error_json.clear();
             Some("START")
         }
         "stop" => Some("STOP"),
@@ -144,10 +202,39 @@ pub(super) fn set_speed_limit(s: &mut Store, id: &str, v: &Value) -> Reply {
     }
 }
 
-/// `POST /v3/tasks/{id}/log`: the agent gets an UPLOAD_LOG command naming `log_bucket`.
+/// The lowest `agent_version` the service lets upload logs: SMS.7707 "The current Agent
+/// version does not support log upload", remedy "agent version ≥ 25.2.0" (ref. §6.1, line
+/// 25298).
+const LOG_UPLOAD_MIN_AGENT: [u64; 3] = [25, 2, 0];
+
+/// Whether `version` (dotted numbers; anything after the first non-digit of a part is
+/// ignored, a missing part is 0) is at least [`LOG_UPLOAD_MIN_AGENT`]. The reference does not
+/// say how the service compares versions; numerically part by part is assumed.
+fn agent_may_upload_logs(version: &str) -> bool {
+    let mut parts = version.trim().split('.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u64>().unwrap_or(0)
+    });
+    let v: [u64; 3] = std::array::from_fn(|_| parts.next().unwrap_or(0));
+    v >= LOG_UPLOAD_MIN_AGENT
+}
+
+/// `POST /v3/tasks/{id}/log`: the agent gets an UPLOAD_LOG command naming `log_bucket`,
+/// unless its registered `agent_version` is below the gate (SMS.7707).
 pub(super) fn upload_log(s: &mut Store, id: &str, v: &Value) -> Reply {
     match s.db.tasks.get(id).map(|t| t.source_id.clone()) {
         Some(src) => {
+            let version =
+                s.db.sources
+                    .get(&src)
+                    .and_then(|x| str_field(&x.body, "agent_version"))
+                    .unwrap_or("");
+            if !agent_may_upload_logs(version) {
+                return bad(
+                    "SMS.7707",
+                    format!("The current Agent version does not support log upload ({version:?} < 25.2.0)"),
+                );
+            }
             let bucket = str_field(v, "log_bucket").unwrap_or("").to_string();
             queue(
                 s,
@@ -168,5 +255,20 @@ pub(super) fn settings(s: &Store, id: &str) -> Reply {
             json!({"configurations": t.body.get("configurations").cloned().unwrap_or(json!([]))}),
         ),
         None => no_task(id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_may_upload_logs;
+
+    #[test]
+    fn the_log_upload_gate_is_25_2_0() {
+        for ok in ["25.2.0", "25.2", "25.10.1", "26.0.0", "100", "25.2.0-rc1"] {
+            assert!(agent_may_upload_logs(ok), "{ok}");
+        }
+        for no in ["0.1.0", "2.2.1", "25.1.9", "24.12.0", "", "x"] {
+            assert!(!agent_may_upload_logs(no), "{no}");
+        }
     }
 }
