@@ -173,7 +173,8 @@ pub struct ReceiveArgs {
     #[command(flatten)]
     tls: ReceiveTlsArgs,
     /// Block mode: write target disk NAME to PATH (a device or an image file, created sparse
-    /// when missing). Repeatable. Nothing else is ever written.
+    /// when missing). Repeatable. Nothing else is ever written. For an SMS task NAME is the
+    /// target ECS disk of the task's `relation_name` (e.g. /dev/vdb), not the source's disk.
     #[arg(long = "disk", value_name = "NAME=PATH")]
     disks: Vec<String>,
     /// File mode: write the migrated files under DIR, and nowhere else.
