@@ -8,3 +8,4 @@ pub mod daemon;
 pub mod fileplan;
 pub mod freeze;
 pub mod standalone;
+pub mod target_tls;

@@ -64,6 +64,106 @@ impl TlsArgs {
     }
 }
 
+/// TLS material of `receive`: PEM files, or fetched from SMS for a task.
+#[derive(Debug, Args)]
+pub struct ReceiveTlsArgs {
+    /// CA certificate (PEM) both sides' certificates must be issued by.
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "task",
+        conflicts_with = "task"
+    )]
+    ca: Option<PathBuf>,
+    /// This side's certificate (PEM).
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "task",
+        conflicts_with = "task"
+    )]
+    cert: Option<PathBuf>,
+    /// This side's private key (PEM: PKCS#1, PKCS#8 or encrypted PKCS#8).
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "task",
+        conflicts_with = "task"
+    )]
+    key: Option<PathBuf>,
+    /// File holding the key's passphrase, when the key is encrypted.
+    #[arg(long, value_name = "FILE", conflicts_with = "task")]
+    passphrase_file: Option<PathBuf>,
+    /// Instead of --ca/--cert/--key: fetch the target's TLS material of SMS task ID
+    /// (`GET /v3/tasks/{ID}/certkey`: ca, target_data_cert, target_data_private_key, and the
+    /// passphrase of an encrypted key) with the endpoint and credentials of --config. It is
+    /// kept in memory only, unless --save-tls says where to write it.
+    #[arg(long, value_name = "ID")]
+    task: Option<String>,
+    /// With --task: the daemon's config file, for its [api] and [auth]
+    /// [default: /etc/sms-agent/agent.toml].
+    #[arg(long, value_name = "FILE", requires = "task")]
+    config: Option<PathBuf>,
+    /// With --task: also write the fetched material to DIR (ca.pem, cert.pem, key.pem and,
+    /// for an encrypted key, passphrase; keys 0600), for later runs with --ca/--cert/--key.
+    #[arg(long, value_name = "DIR", requires = "task")]
+    save_tls: Option<PathBuf>,
+}
+
+impl ReceiveTlsArgs {
+    /// The identity and CA the receiver serves with.
+    fn load(&self) -> anyhow::Result<(transfer::tls::Identity, String)> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
+            let Some(task) = &self.task else {
+                return Err(BadConfig("give --ca, --cert and --key, or --task".into()).into());
+            };
+            return self.fetch(task);
+        };
+        TlsArgs {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            passphrase_file: self.passphrase_file.clone(),
+        }
+        .load()
+    }
+
+    /// `--task`: the material from SMS, through the daemon's configuration.
+    fn fetch(&self, task: &str) -> anyhow::Result<(transfer::tls::Identity, String)> {
+        use sms_agent::config::{Config, Purpose, DEFAULT_PATH};
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+        let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        let cfg = Config::load(&path, false, &env, Purpose::Daemon)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let tls = rt.block_on(async {
+            let api = sms_agent::api::Client::new(&cfg)
+                .with_context(|| format!("config {}", path.display()))?;
+            sms_agent::target_tls::fetch(&api, task)
+                .await
+                .map_err(anyhow::Error::from)
+        })?;
+        if let Some(dir) = &self.save_tls {
+            let files = tls.save(dir)?;
+            tracing::info!(dir = %dir.display(), files = files.len(), "target TLS material saved");
+        }
+        let id = transfer::tls::Identity::from_pem(
+            &tls.cert,
+            tls.key.expose(),
+            tls.passphrase
+                .as_ref()
+                .map(sms_agent::config::Secret::expose),
+        )
+        .with_context(|| format!("{}: SSL certificate not loaded", Code::SslCertNotLoaded))?;
+        Ok((id, tls.ca))
+    }
+}
+
 /// Arguments of `receive`.
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
@@ -71,9 +171,10 @@ pub struct ReceiveArgs {
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8900")]
     listen: String,
     #[command(flatten)]
-    tls: TlsArgs,
+    tls: ReceiveTlsArgs,
     /// Block mode: write target disk NAME to PATH (a device or an image file, created sparse
-    /// when missing). Repeatable. Nothing else is ever written.
+    /// when missing). Repeatable. Nothing else is ever written. For an SMS task NAME is the
+    /// target ECS disk of the task's `relation_name` (e.g. /dev/vdb), not the source's disk.
     #[arg(long = "disk", value_name = "NAME=PATH")]
     disks: Vec<String>,
     /// File mode: write the migrated files under DIR, and nowhere else.

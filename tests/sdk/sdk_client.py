@@ -3,7 +3,8 @@
 
 The SDK signs every request with its own SDK-HMAC-SHA256 signer, so a run that passes shows the
 emulator checks signatures the way the API gateway does, and that its bodies parse in the SDK's
-models. Usage: sdk_client.py URL AK SK. Exits non-zero on any failure.
+models. Usage: sdk_client.py URL AK SK [create-block-task SOURCE_ID MIGRATION_IP NAME:SIZE...].
+Exits non-zero on any failure.
 """
 import sys
 
@@ -13,7 +14,46 @@ from huaweicloudsdkcore.http.http_config import HttpConfig
 import huaweicloudsdksms.v3 as sms
 
 
+def client_for(url, ak, sk):
+    cfg = HttpConfig.get_default_config()
+    cfg.ignore_ssl_verification = True
+    cfg.retry_times = 0
+    return (
+        sms.SmsClient.new_builder()
+        .with_http_config(cfg)
+        .with_credentials(BasicCredentials(ak, sk, "emulatorproject"))
+        .with_endpoints([url])
+        .build()
+    )
+
+
+def create_block_task(url, ak, sk, source_id, migration_ip, disks):
+    """Creates a MIGRATE_BLOCK task of the source disks DISKS (NAME:SIZE) as the SDK
+    sends it: reference 5.4.1 TargetDisks (table 5-114, line 9742) has no relation_name, so the
+    service picks the target ECS disks. Prints the task id."""
+    client = client_for(url, ak, sk)
+    target_disks = []
+    for i, d in enumerate(disks):
+        name, size = d.rsplit(":", 1)
+        target_disks.append(sms.TargetDisks(name=name, device_use="BOOT" if i == 0 else "NORMAL",
+                                            size=int(size), used_size=0, physical_volumes=[]))
+    task = sms.PostTask(
+        name="sdk-block", type="MIGRATE_BLOCK", os_type="LINUX", migration_ip=migration_ip,
+        region_name="emulator", region_id="emulator", project_name="emulator", project_id="p",
+        source_server=sms.SourceServerByTask(id=source_id),
+        target_server=sms.TargetServerByTask(name="target", disks=target_disks),
+    )
+    task_id = client.create_task(sms.CreateTaskRequest(body=task)).id
+    shown = client.show_task(sms.ShowTaskRequest(task_id=task_id))
+    for d in shown.target_server.disks:
+        print("disk", d.name, d.relation_name)
+    print("task", task_id)
+
+
 def main():
+    if len(sys.argv) > 4 and sys.argv[4] == "create-block-task":
+        create_block_task(*sys.argv[1:4], sys.argv[5], sys.argv[6], sys.argv[7:])
+        return
     url, ak, sk = sys.argv[1:4]
     cfg = HttpConfig.get_default_config()
     cfg.ignore_ssl_verification = True
@@ -48,12 +88,15 @@ def main():
         region_name="emulator", region_id="emulator", project_name="emulator", project_id="p",
         source_server=sms.SourceServerByTask(id=source_id),
         target_server=sms.TargetServerByTask(name="target", disks=[
-            sms.TargetDisks(name="/dev/vda", device_use="BOOT", size=42949672960, used_size=0)]),
+            sms.TargetDisks(name="/dev/sda", device_use="BOOT", size=42949672960, used_size=0)]),
     )
     task_id = client.create_task(sms.CreateTaskRequest(body=task)).id
     shown = client.show_task(sms.ShowTaskRequest(task_id=task_id))
     assert shown.state == "READY", shown.state
-    assert shown.target_server.disks[0].relation_name == "/dev/vda", shown.target_server
+    # Reference 5.4.5 (example lines 1238-1239): `name` stays the source disk, `relation_name`
+    # is the disk of the target ECS.
+    disk = shown.target_server.disks[0]
+    assert (disk.name, disk.relation_name) == ("/dev/sda", "/dev/vda"), shown.target_server
 
     client.update_task_status(sms.UpdateTaskStatusRequest(
         task_id=task_id, body=sms.UpdateTaskStatusReq(operation="start")))

@@ -575,6 +575,18 @@ fn bad_arguments_and_unreachable_targets_fail_clearly() {
     run_quiet("true", &[]);
 }
 
+/// `(relation_name, name)` of the first disk of a task as `GET /v3/tasks/{id}` shows it: the
+/// target ECS disk and the source disk (reference §5.4.5, example lines 1238-1239).
+fn task_disk(emu: &sms_tests::procs::Emulator, task: &serde_json::Value) -> (String, String) {
+    let tid = task["id"].as_str().unwrap();
+    let (_, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
+    let d = &t["target_server"]["disks"][0];
+    (
+        d["relation_name"].as_str().unwrap_or_default().to_string(),
+        d["name"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
 #[test]
 fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     use serde_json::json;
@@ -615,6 +627,11 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
                     "target_server": {"disks": [{"name": src.path(), "size": 128 << 20}]}, "migration_ip": "127.0.0.1"})),
     );
     assert_eq!(st, 200, "{task}");
+    // Reference §5.4.5 (line 1239): the service names the target ECS disk in `relation_name`.
+    assert_eq!(
+        task_disk(&emu, &task),
+        ("/dev/vda".to_string(), src.path().to_string())
+    );
     let tid = task["id"].as_str().unwrap().to_string();
     emu.save_target_certs(
         &tid,
@@ -638,8 +655,9 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
             "--state-dir",
             &kit.p("state"),
         ])
+        // The receiver names the target ECS disk (`relation_name`), not the source one.
         .arg("--disk")
-        .arg(format!("{}={}", src.path(), dst.display()))
+        .arg(format!("/dev/vda={}", dst.display()))
         .stderr(Stdio::null());
         cmd.spawn().unwrap()
     };
@@ -1049,4 +1067,133 @@ fn a_full_filesystem_under_the_target_image_fails_clearly_and_the_next_pass_resu
     assert!(st.success(), "the resumed pass failed: {err}");
     run("cmp", &[src.to_str().unwrap(), dst.to_str().unwrap()]);
     drop(rx);
+}
+
+/// Item "disk mapping" of the SMS reference: a task made with the official Python SDK
+/// (`huaweicloudsdksms`) maps source loop disks to the target ECS disks the service names
+/// (`/dev/vda`, `/dev/vdb`; reference §5.4.5, `name` the source disk and `relation_name` the
+/// target one, example lines 1238-1239); the agent reads the loop disks and the receiver,
+/// which fetches its own TLS material for the task (`receive --task --config`), writes
+/// `/dev/vda` and `/dev/vdb`. Both targets come out identical to their sources.
+#[test]
+fn an_sdk_block_task_maps_source_loop_disks_to_target_vda_and_vdb() {
+    use serde_json::json;
+    use sms_tests::procs::{Agent, Emulator, AK, SK};
+    let kit = Kit::new();
+    let (a, b) = (LoopDisk::new(16), LoopDisk::new(24));
+    for (d, seed) in [(&a, 7), (&b, 8)] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&d.dev)
+            .unwrap();
+        f.write_all_at(&noise(6 << 20, seed), 1 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emu = Emulator::start();
+    let extra = format!(
+        "[probe]\ndevices = [\"{}\", \"{}\"]\n[transfer]\nport = {port}\nstreams = 2\n",
+        a.path(),
+        b.path()
+    );
+    let agent = Agent::start_with(
+        &emu.url(),
+        &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
+        &extra,
+        &[],
+    );
+    let id = emu.source_id(&agent);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/sdk_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([&emu.url(), AK, SK, "create-block-task", &id, "127.0.0.1"])
+        .arg(format!("{}:{}", a.path(), 16 << 20))
+        .arg(format!("{}:{}", b.path(), 24 << 20))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "the SDK client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("disk ")).collect();
+    assert_eq!(
+        disks,
+        [
+            format!("disk {} /dev/vda", a.path()),
+            format!("disk {} /dev/vdb", b.path())
+        ],
+        "{stdout}"
+    );
+    let tid = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("task "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (vda, vdb) = (
+        image(kit.dir.path(), "vda.img", 16 << 20),
+        image(kit.dir.path(), "vdb.img", 24 << 20),
+    );
+    // The receiver takes the target ECS disk names, and its TLS material from SMS.
+    let log = kit.dir.path().join("receive.log");
+    let mut rx = Command::new(sms_agent())
+        .args([
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--once",
+        ])
+        .args(["--task", &tid, "--config"])
+        .arg(agent.dir.path().join("agent.toml"))
+        .args(["--state-dir", &kit.p("state")])
+        .arg("--disk")
+        .arg(format!("/dev/vda={}", vda.display()))
+        .arg("--disk")
+        .arg(format!("/dev/vdb={}", vdb.display()))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(
+            rx.try_wait().unwrap().is_none(),
+            "the receiver ended: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "receiver not listening"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (st, _) = emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/action"),
+        Some(json!({"operation": "start"})),
+    );
+    assert_eq!(st, 200);
+    emu.wait_task(&tid, "MIGRATE_SUCCESS", 120);
+    assert!(rx.wait().unwrap().success());
+    for (src, dst) in [(&a, &vda), (&b, &vdb)] {
+        let st = Command::new("cmp").arg(&src.dev).arg(dst).status().unwrap();
+        assert!(
+            st.success(),
+            "{} differs from {}",
+            dst.display(),
+            src.path()
+        );
+    }
+    // Nothing secret in the receiver's log.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    drop(agent);
 }

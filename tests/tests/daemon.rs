@@ -175,7 +175,7 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
         "POST",
         "/v3/tasks",
         Some(json!({"name": "t1", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "source_server": {"id": id},
-                    "target_server": {"disks": [{"name": "/dev/not-a-source-disk", "size": 1}]}, "migration_ip": "127.0.0.1"})),
+                    "target_server": {"disks": []}, "migration_ip": "127.0.0.1"})),
     );
     assert_eq!(st, 200, "{task}");
     let tid = task["id"].as_str().unwrap().to_string();
@@ -187,7 +187,7 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
     assert_eq!(st, 200);
     let r = wait_results(&emu, 1);
     assert_eq!(r[0]["command_name"], "START");
-    // The only target disk maps to no source disk: nothing to copy, and the agent says so.
+    // The task maps no source disk to a target disk: nothing to copy, and the agent says so.
     assert_eq!(r[0]["result"], "fail");
     assert_eq!(r[0]["result_detail"]["error_code"], "SMS.1311");
     let j = emu.journal();

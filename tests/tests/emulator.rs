@@ -200,3 +200,124 @@ fn task_updates_keep_error_json_and_log_upload_is_gated_on_the_agent_version() {
         "{v}"
     );
 }
+
+/// `sms-agent receive --task ID --config FILE` fetches the target's TLS material of the task
+/// (reference §5.7.1 `target_data_cert`/`target_data_private_key` under `ca`, and §5.4.11's
+/// passphrase for an encrypted key) with the daemon's config and credentials; it writes it
+/// only where `--save-tls` says, and refuses a task SMS does not know.
+#[test]
+fn receive_fetches_the_tls_material_of_its_task() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let emu = Emulator::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[api]\nendpoint = \"{}\"\n[auth]\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n",
+            emu.url()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_, src) = emu.operator("POST", "/v3/sources", Some(json!({"name": "n", "os_type": "WINDOWS", "os_version": "W", "agent_version": "1", "networks": []})));
+    for pass in [None, Some("task-pass")] {
+        let (st, task) = emu.operator("POST", "/v3/tasks", Some(json!({"name": "t", "type": "MIGRATE_BLOCK", "os_type": "LINUX", "migration_ip": "127.0.0.1", "source_server": {"id": src["id"]}, "target_server": {"disks": []}})));
+        assert_eq!(st, 200, "{task}");
+        let tid = task["id"].as_str().unwrap().to_string();
+        if let Some(p) = pass {
+            emu.admin(
+                "POST",
+                &format!("/_emulator/tasks/{tid}/key-passphrase"),
+                Some(json!({"passphrase": p})),
+            );
+        }
+        let saved = dir.path().join(format!("tls-{tid}"));
+        let mut rx = Command::new(sms_tests::sms_agent())
+            .args(["receive", "--listen", "127.0.0.1:0", "--task", &tid])
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--save-tls")
+            .arg(&saved)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(rx.stderr.take().unwrap());
+        let mut log = String::new();
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 {
+            log.push_str(&line);
+            if line.contains("listening on") {
+                break;
+            }
+            line.clear();
+        }
+        let _ = rx.kill();
+        let _ = rx.wait();
+        assert!(log.contains("listening on"), "{log}");
+        assert!(!log.contains("PRIVATE KEY"), "{log}");
+        // What it saved is the task's target material, keys readable by root only.
+        let (_, ck) = emu.operator("GET", &format!("/v3/tasks/{tid}/certkey"), None);
+        let read = |n: &str| std::fs::read_to_string(saved.join(n)).unwrap();
+        assert_eq!(read("ca.pem"), ck["ca"].as_str().unwrap());
+        assert_eq!(read("cert.pem"), ck["target_data_cert"].as_str().unwrap());
+        assert_eq!(
+            read("key.pem"),
+            ck["target_data_private_key"].as_str().unwrap()
+        );
+        let mode = |n: &str| {
+            std::fs::metadata(saved.join(n))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("key.pem"), 0o600);
+        match pass {
+            Some(p) => {
+                assert_eq!(read("passphrase"), p);
+                assert_eq!(mode("passphrase"), 0o600);
+            }
+            None => assert!(!saved.join("passphrase").exists()),
+        }
+        // The saved files serve as --ca/--cert/--key for the target side.
+        let id =
+            transfer::tls::Identity::from_pem(&read("cert.pem"), &read("key.pem"), pass).unwrap();
+        transfer::tls::server_config(id, &read("ca.pem")).unwrap();
+    }
+    // A task SMS does not know: no listener, an SMS code, nothing saved.
+    let out = Command::new(sms_tests::sms_agent())
+        .args(["receive", "--listen", "127.0.0.1:0", "--task", "nope"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--save-tls")
+        .arg(dir.path().join("never"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("SMS.0511"), "{err}");
+    assert!(!dir.path().join("never").exists());
+    // --task and --cert exclude each other.
+    let out = Command::new(sms_tests::sms_agent())
+        .args([
+            "receive",
+            "--task",
+            "x",
+            "--cert",
+            "c.pem",
+            "--root",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -573,8 +573,9 @@ fn daemon(kills: u32, rng: &mut Rng) -> Figures {
             .args(["--cert", &kit.p(&format!("c/{name}-cert.pem"))])
             .args(["--key", &kit.p(&format!("c/{name}-key.pem"))])
             .args(["--state-dir", &kit.p("state")])
+            // The target ECS disk the emulator names the task's only disk (`relation_name`).
             .arg("--disk")
-            .arg(format!("{}={}", src.path(), dst.display()))
+            .arg(format!("/dev/vda={}", dst.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

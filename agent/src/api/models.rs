@@ -21,7 +21,9 @@ pub struct DiskInfo {
     pub disks: Vec<ServerDisk>,
     /// Volume groups.
     pub volumegroups: Vec<VolumeGroups>,
-    /// Btrfs filesystems.
+    /// Btrfs filesystems (absent from the complete first block of the reference's example,
+    /// §5.3.10 lines 8155-8220, hence the default when read).
+    #[serde(default)]
     pub btrfs_list: Vec<BtrfsFileSystem>,
 }
 
@@ -129,19 +131,19 @@ pub struct CommandResult {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     /// Task id.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_string")]
     pub id: String,
     /// Task name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_string")]
     pub name: String,
     /// `MIGRATE_FILE` or `MIGRATE_BLOCK`.
-    #[serde(default, rename = "type")]
+    #[serde(default, rename = "type", deserialize_with = "null_string")]
     pub kind: String,
-    /// Target address for data.
-    #[serde(default)]
+    /// Target address for data (`null` in the reference's example, line 11479).
+    #[serde(default, deserialize_with = "null_string")]
     pub migration_ip: String,
     /// Task state.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_string")]
     pub state: String,
     /// Speed limit in Mbit/s (0 = none).
     #[serde(default)]
@@ -157,11 +159,12 @@ pub struct Task {
 /// `target_server` of a task.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TargetServer {
-    /// Target disks, each mapped to a source disk by `relation_name`.
-    #[serde(default)]
+    /// The disks of the task: each source disk (`name`) and the target ECS disk it is copied
+    /// to (`relation_name`); reference §5.4.5, line 11345 and the example at line 1235.
+    #[serde(default, deserialize_with = "null_vec")]
     pub disks: Vec<TargetDisk>,
     /// LVM volume groups, whose LVs carry mount points too (file mode).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_vec")]
     pub volume_groups: Vec<VolumeGroup>,
 }
 
@@ -169,24 +172,28 @@ pub struct TargetServer {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VolumeGroup {
     /// VG name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_string")]
     pub name: String,
     /// Its logical volumes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_vec")]
     pub logical_volumes: Vec<Volume>,
 }
 
 /// A partition (`physical_volumes[]`) or LV (`logical_volumes[]`) of the task's layout.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Volume {
-    /// Device name.
-    #[serde(default)]
+    /// Device name on the source, e.g. `/dev/sda1` (reference example, line 1251).
+    #[serde(default, deserialize_with = "null_string")]
     pub name: String,
+    /// Partitions: the device on the target ECS, e.g. `/dev/vda1` (reference §5.4.5, line 11361;
+    /// example line 1252). Not used by the agent: file tasks address mount points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation_name: Option<String>,
     /// Where the source has it mounted (empty when not mounted).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_string")]
     pub mount_point: String,
     /// Filesystem type.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_string")]
     pub file_system: String,
 }
 
@@ -209,20 +216,21 @@ pub struct ConfigBody {
     pub config_value: serde_json::Value,
 }
 
-/// A target disk.
+/// A disk of `target_server.disks[]` (reference §5.4.5, table 5-148 `TargetDisk`, lines 11330-11345).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TargetDisk {
-    /// Target disk name.
-    #[serde(default)]
+    /// The *source* disk, e.g. `/dev/sda` (reference example, line 1238).
+    #[serde(default, deserialize_with = "null_string")]
     pub name: String,
-    /// Source disk it receives.
+    /// The disk of the target ECS it is copied to, e.g. `/dev/vda` ("Linux系统 目的端ECS中与源端
+    /// 关联的磁盘名称", line 11345; example line 1239). `null` until the service assigns one.
     #[serde(default)]
     pub relation_name: Option<String>,
     /// Size in bytes.
     #[serde(default)]
     pub size: u64,
     /// Its partitions, with their mount points (file mode).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_vec")]
     pub physical_volumes: Vec<Volume>,
 }
 
@@ -458,6 +466,14 @@ pub struct ErrorBody {
 
 fn null_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A list the service may send as `null` (the reference's task examples show `null` for
+/// absent values, e.g. lines 11470-11479).
+fn null_vec<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -11,6 +11,12 @@ use crate::api::models::{Task, TaskSettings};
 use crate::config::TransferSection;
 
 /// The source disks of a `MIGRATE_BLOCK` task and their used ranges.
+///
+/// Reference §5.4.5 (table 5-148 `TargetDisk`, lines 11330-11345; example, lines 1235-1240):
+/// `target_server.disks[].name` is the *source* disk (`/dev/sda`) and `relation_name` the disk
+/// of the target ECS it is copied to ("目的端ECS中与源端关联的磁盘名称", `/dev/vda`). So the
+/// agent reads `name` here and addresses `relation_name` on the target (the receiver's
+/// `--disk NAME=PATH` takes that target name).
 pub(super) async fn block(task: &Task) -> Result<Vec<transfer::block::SourceDisk>, TaskFailure> {
     let pairs: Vec<(String, String)> = task
         .target_server
@@ -19,8 +25,8 @@ pub(super) async fn block(task: &Task) -> Result<Vec<transfer::block::SourceDisk
             ts.disks
                 .iter()
                 .filter_map(|d| {
-                    let rel = d.relation_name.clone().filter(|r| !r.is_empty())?;
-                    Some((rel, d.name.clone()))
+                    let target = d.relation_name.clone().filter(|r| !r.is_empty())?;
+                    Some((d.name.clone(), target)).filter(|(src, _)| !src.is_empty())
                 })
                 .collect()
         })
@@ -28,12 +34,13 @@ pub(super) async fn block(task: &Task) -> Result<Vec<transfer::block::SourceDisk
     if pairs.is_empty() {
         return Err(TaskFailure::new(
             Code::TooFewTargetDisks,
-            "the task maps no target disk to a source disk (relation_name)",
+            "the task maps no source disk (name) to a target disk (relation_name)",
         ));
     }
     tokio::task::spawn_blocking(move || {
         let mut disks = Vec::new();
         for (src, name) in pairs {
+            // `src`: the source disk (`name`); `name`: the target ECS disk (`relation_name`).
             let path = if src.starts_with('/') {
                 PathBuf::from(&src)
             } else {

@@ -7,8 +7,8 @@ use super::commands::queue;
 use super::store::{Store, TaskRec};
 use super::{bad, no_task, ok, str_field, Reply};
 
-/// `POST /v3/tasks`: checks the body, gives each target disk of a source disk its
-/// `relation_name` when the request left it out, and stores the task as `READY`.
+/// `POST /v3/tasks`: checks the body, gives each disk the name of its target ECS disk
+/// (`relation_name`) when the request left it out, and stores the task as `READY`.
 pub(super) fn create(s: &mut Store, mut v: Value) -> Reply {
     for k in ["name", "type", "os_type"] {
         if str_field(&v, k).is_none() {
@@ -30,23 +30,38 @@ pub(super) fn create(s: &mut Store, mut v: Value) -> Reply {
             "Incomplete request parameters: source_server.id",
         );
     };
-    let Some(source) = s.db.sources.get(&src) else {
+    if !s.db.sources.contains_key(&src) {
         return bad("SMS.6030", format!("Invalid source server ID {src}"));
-    };
-    let source_disks: Vec<String> = source.body["disks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d["name"].as_str().map(str::to_string))
-        .collect();
+    }
     if !v["target_server"].is_object() {
         return bad("SMS.6031", "The target server information is missing.");
     }
+    // Reference §5.4.5 (table 5-148, line 11345; example lines 1235-1252): `name` is the source
+    // disk (`/dev/sda`), `relation_name` the disk of the target ECS (`/dev/vda`), and the same
+    // for `physical_volumes[]` (`/dev/sda1` -> `/dev/vda1`, table 5-149, line 11361). The create
+    // request (§5.4.1, table 5-114, line 9747) has no `relation_name`: the service picks the
+    // target disks, here as an ECS names its virtio disks, `/dev/vda`, `/dev/vdb`, ... in the
+    // order of `disks[]`, unless the request names one. `name` is never copied.
     if let Some(disks) = v["target_server"]["disks"].as_array_mut() {
-        for d in disks {
-            if let Some(n) = d["name"].as_str().map(str::to_string) {
-                if d.get("relation_name").is_none() && source_disks.contains(&n) {
-                    d["relation_name"] = json!(n);
+        for (i, d) in disks.iter_mut().enumerate().filter(|(_, d)| d.is_object()) {
+            if d["relation_name"].as_str().is_none() {
+                d["relation_name"] = json!(ecs_disk(i));
+            }
+            let disk = d["relation_name"].as_str().unwrap_or_default().to_string();
+            if let Some(pvs) = d.get_mut("physical_volumes").and_then(Value::as_array_mut) {
+                for (j, pv) in pvs.iter_mut().enumerate().filter(|(_, p)| p.is_object()) {
+                    if pv["relation_name"].as_str().is_none() {
+                        // The partition number of the source device (`/dev/sda1` -> 1), else
+                        // its place on the disk.
+                        let name = pv["name"].as_str().unwrap_or_default();
+                        let digits =
+                            name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+                        let num = match &name[name.len() - digits..] {
+                            "" => (j + 1).to_string(),
+                            n => n.to_string(),
+                        };
+                        pv["relation_name"] = json!(format!("{disk}{num}"));
+                    }
                 }
             }
         }
@@ -69,6 +84,20 @@ pub(super) fn create(s: &mut Store, mut v: Value) -> Reply {
         },
     );
     ok(json!({"id": id}))
+}
+
+/// The name an ECS gives its `i`-th virtio disk: `/dev/vda`, ..., `/dev/vdz`, `/dev/vdaa`, ...
+fn ecs_disk(i: usize) -> String {
+    let mut n = i;
+    let mut letters = Vec::new();
+    loop {
+        letters.push(char::from(b"abcdefghijklmnopqrstuvwxyz"[n % 26]));
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    format!("/dev/vd{}", letters.iter().rev().collect::<String>())
 }
 
 /// The task as `GET /v3/tasks/{id}` shows it: the create body with `id`, `state`,
@@ -260,7 +289,7 @@ pub(super) fn settings(s: &Store, id: &str) -> Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::agent_may_upload_logs;
+    use super::*;
 
     #[test]
     fn the_log_upload_gate_is_25_2_0() {
@@ -270,5 +299,14 @@ mod tests {
         for no in ["0.1.0", "2.2.1", "25.1.9", "24.12.0", "", "x"] {
             assert!(!agent_may_upload_logs(no), "{no}");
         }
+    }
+
+    #[test]
+    fn ecs_disks_are_named_in_order() {
+        let n: Vec<String> = [0, 1, 25, 26, 27].into_iter().map(ecs_disk).collect();
+        assert_eq!(
+            n,
+            ["/dev/vda", "/dev/vdb", "/dev/vdz", "/dev/vdaa", "/dev/vdab"]
+        );
     }
 }
