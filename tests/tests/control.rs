@@ -344,8 +344,12 @@ fn linux_cpu_limit_holds_the_agent_to_its_share_of_a_cpu() {
         limited <= 60.0,
         "agent used {limited:.0} % of a CPU under a limit of 50 %"
     );
-    assert!(
-        w1 > w0,
-        "the limited copy ({w1:.1} s) was not slower than the free one ({w0:.1} s)"
-    );
+    // Only when the free copy used more than the limit (a busy machine may not let it) must
+    // the limited one take longer.
+    if free > 60.0 {
+        assert!(
+            w1 > w0,
+            "the limited copy ({w1:.1} s) was not slower than the free one ({w0:.1} s)"
+        );
+    }
 }
