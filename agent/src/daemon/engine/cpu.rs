@@ -83,16 +83,14 @@ fn own_cpu_max() -> Option<PathBuf> {
     file.exists().then_some(file)
 }
 
-/// Sets (`Some`) or lifts (`None`) the limit: through `cpu.max` when it can be written,
-/// else the caller paces.
+/// Sets the limit through `cpu.max` when it can be written, else the caller paces. Without a
+/// limit nothing is written: `cpu.max` may hold the administrator's own quota (systemd
+/// `CPUQuota=`), so a quota this agent wrote stays until the service restarts.
 pub fn enforce(limit: Option<u32>) -> Enforcement {
-    let Some(file) = own_cpu_max() else {
+    let (Some(p), Some(file)) = (limit, own_cpu_max()) else {
         return Enforcement::Pacing;
     };
-    let value = match limit {
-        Some(p) => format!("{} {PERIOD_US}", u64::from(p) * PERIOD_US / 100),
-        None => format!("max {PERIOD_US}"),
-    };
+    let value = format!("{} {PERIOD_US}", u64::from(p) * PERIOD_US / 100);
     match std::fs::write(&file, value) {
         Ok(()) => Enforcement::Cgroup(file),
         Err(e) => {
