@@ -193,6 +193,9 @@ pub struct AgentSection {
     pub poll_interval: Interval,
     /// Time between re-probes of the disks (a change is sent with `PUT diskinfo`).
     pub reprobe_interval: Interval,
+    /// Wait between the end of a pass and the next sync pass of a task created with
+    /// `syncing: true` (continuous sync, ref. §5.4.1 line 9686, §5.4.5 line 10295).
+    pub sync_interval: Interval,
 }
 
 impl Default for AgentSection {
@@ -203,6 +206,7 @@ impl Default for AgentSection {
             log_dir: PathBuf::from("/var/log/sms-agent"),
             poll_interval: Interval(Duration::from_secs(10)),
             reprobe_interval: Interval(Duration::from_secs(2 * 3600)),
+            sync_interval: Interval(Duration::from_secs(5 * 60)),
         }
     }
 }
@@ -631,6 +635,10 @@ fn agent_section(a: &AgentSection, problems: &mut Vec<String>) {
     if a.reprobe_interval.0.is_zero() {
         problems.push("[agent] reprobe_interval must be more than 0".into());
     }
+    // Under a second a sync pass would start again before its own final report settled.
+    if a.sync_interval.0 < Duration::from_secs(1) {
+        problems.push("[agent] sync_interval must be at least 1s".into());
+    }
 }
 
 fn read_secret(
@@ -748,6 +756,7 @@ name = ""
 state_dir = "/var/lib/sms-agent"
 log_dir = "/var/log/sms-agent"
 poll_interval = "10s"
+sync_interval = "90s"
 [probe]
 devices = ["/dev/loop3"]
 [transfer]
@@ -761,6 +770,7 @@ exclude = []
         assert_eq!(c.api.endpoint, "https://sms.cn-north-4.myhuaweicloud.com");
         assert_eq!(c.auth.secret_key.as_ref().unwrap().expose(), "SK");
         assert_eq!(c.agent.poll_interval.0, Duration::from_secs(10));
+        assert_eq!(c.agent.sync_interval.0, Duration::from_secs(90));
         assert_eq!(c.probe.devices, vec![PathBuf::from("/dev/loop3")]);
         assert!(
             !format!("{c:?}").contains("SK\""),
@@ -909,6 +919,7 @@ method = "aksk"
 state_dir = ""
 poll_interval = 0
 reprobe_interval = "0s"
+sync_interval = "500ms"
 [transfer]
 port = 0
 streams = 0
@@ -926,6 +937,7 @@ exclude = ["/tmp", "var/cache", "relative"]
             "[agent] state_dir",
             "[agent] poll_interval",
             "[agent] reprobe_interval",
+            "[agent] sync_interval must be at least 1s",
             "[transfer] port",
             "[transfer] streams must be 1..=64, not 0",
             "[transfer] exclude \"var/cache\"",
@@ -936,7 +948,7 @@ exclude = ["/tmp", "var/cache", "relative"]
                 "{key} not named in {got:#?}"
             );
         }
-        assert_eq!(got.len(), 13, "{got:#?}");
+        assert_eq!(got.len(), 14, "{got:#?}");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct Settings {
     pub consistency_dirs: Vec<PathBuf>,
     /// `CONSISTENCY_MODE` hash (content) rather than quick (size and mtime).
     pub consistency_hash: bool,
+    /// `ONLY_SYNC_PATH` (ref. §5.4.2 line 10371, §5.10.1 line 23146): sync passes cover only
+    /// these paths. The reference gives no format; the agent reads it like the exclude lists.
+    pub only_sync: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -102,6 +105,7 @@ pub fn settings(s: &TaskSettings) -> Result<Settings, PlanError> {
             }
             "SYNC_EXCLUDE_DIR" | "SYNC_EXCLUDE_PATH" => &mut out.sync_excludes,
             "CONSISTENCY_DIR" => &mut out.consistency_dirs,
+            "ONLY_SYNC_PATH" => &mut out.only_sync,
             "CONSISTENCY_MODE" => {
                 out.consistency_hash = match value.trim().to_ascii_lowercase().as_str() {
                     "" | "quick" => false,
@@ -140,6 +144,46 @@ pub fn settings(s: &TaskSettings) -> Result<Settings, PlanError> {
         out.consistency_dirs.truncate(MAX_CHECK_DIRS);
     }
     Ok(out)
+}
+
+/// What a sync pass leaves out so that it covers only `only` (`ONLY_SYNC_PATH`): along the
+/// way from each source down to each path it keeps, every sibling is excluded. A source with
+/// none of those paths under it (and none above it) is left out whole, except the sources
+/// mounted inside it, which are judged on their own. Empty `only`: nothing.
+pub fn only_sync_excludes(sources: &[PathBuf], only: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if only.is_empty() {
+        return out;
+    }
+    for s in sources {
+        if only.iter().any(|p| s.starts_with(p)) {
+            continue; // the whole source is wanted
+        }
+        let keep: Vec<&PathBuf> = only
+            .iter()
+            .chain(sources.iter())
+            .filter(|p| p.starts_with(s) && *p != s)
+            .collect();
+        let mut dirs = vec![s.clone()];
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if keep.iter().any(|k| **k == path) {
+                    continue;
+                }
+                if keep.iter().any(|k| k.starts_with(&path)) {
+                    dirs.push(path);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Used bytes of the filesystems under `sources` (each counted once), by statvfs.
@@ -255,6 +299,33 @@ mod tests {
         let many: String = (0..40).map(|i| format!("/d{i},")).collect();
         let s = settings(&cfg(&[("CONSISTENCY_DIR", json!(many))])).unwrap();
         assert_eq!(s.consistency_dirs.len(), MAX_CHECK_DIRS);
+    }
+
+    #[test]
+    fn only_sync_path_excludes_the_rest_of_each_source() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["a/keep/x", "a/other", "b/c", "boot/grub"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::fs::write(r.join("a/file"), b"x").unwrap();
+        let sources = vec![r.to_path_buf(), r.join("boot")];
+        let got = only_sync_excludes(&sources, &[r.join("a/keep")]);
+        assert_eq!(
+            got,
+            vec![
+                r.join("a/file"),
+                r.join("a/other"),
+                r.join("b"),
+                r.join("boot/grub")
+            ]
+        );
+        // A path at or above a source keeps that source whole.
+        assert_eq!(
+            only_sync_excludes(&sources, &[r.join("boot"), r.join("a")]),
+            vec![r.join("b")]
+        );
+        assert!(only_sync_excludes(&sources, &[]).is_empty());
     }
 
     #[test]

@@ -758,7 +758,8 @@ fn the_daemon_runs_a_block_task_from_start_to_sync_with_progress() {
     emu.operator(
         "POST",
         &format!("/v3/tasks/{tid}/action"),
-        Some(json!({"operation": "sync"})),
+        // ref. §5.4.7 has no `sync` operation: `start` of a copied task is a SYNC.
+        Some(json!({"operation": "start"})),
     );
     emu.wait_task(&tid, "SYNC_SUCCESS", 120);
     assert!(rx.wait().unwrap().success());

@@ -1397,7 +1397,8 @@ fn the_daemon_runs_a_file_task_with_progress_consistency_skip_and_sync() {
     write(&src.join("logs/app.log"), b"first\nsecond\n");
     action("skip");
     std::thread::sleep(Duration::from_millis(1500));
-    action("sync");
+    // ref. §5.4.7 has no `sync` operation: `start` of a copied task is a SYNC.
+    action("start");
     let t = emu.wait_task(&tid, "SYNC_SUCCESS", 120);
     assert!(
         t["sub_tasks"]

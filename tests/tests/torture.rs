@@ -611,7 +611,7 @@ fn daemon(kills: u32, rng: &mut Rng) -> Figures {
     // Round 0 is the copy (START), round 1 a sync (SYNC).
     for (round, op, want) in [
         (0u32, "start", "MIGRATE_SUCCESS"),
-        (1, "sync", "SYNC_SUCCESS"),
+        (1, "start", "SYNC_SUCCESS"), // start of a copied task: SYNC (ref. §5.4.7)
     ] {
         if round > 0 {
             change(round);
@@ -679,7 +679,7 @@ fn daemon(kills: u32, rng: &mut Rng) -> Figures {
     let rx = receiver("c", &dst);
     for (round, op, want) in [
         (0u32, "start", "MIGRATE_SUCCESS"),
-        (1, "sync", "SYNC_SUCCESS"),
+        (1, "start", "SYNC_SUCCESS"), // start of a copied task: SYNC (ref. §5.4.7)
     ] {
         if round > 0 {
             change(round);

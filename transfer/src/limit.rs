@@ -95,6 +95,11 @@ impl Bucket {
         }
     }
 
+    /// The rate in force (bytes/s; `None`: unlimited).
+    pub fn rate(&self) -> Option<u64> {
+        lock(&self.inner).rate
+    }
+
     /// Changes the rate (rules re-read while running).
     pub fn set_rate(&self, rate: Option<u64>) {
         let mut s = lock(&self.inner);

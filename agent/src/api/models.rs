@@ -145,12 +145,24 @@ pub struct Task {
     /// Task state.
     #[serde(default, deserialize_with = "null_string")]
     pub state: String,
-    /// Speed limit in Mbit/s (0 = none).
+    /// Speed limit in Mbit/s (0 = none): ref. §5.4.5 line 11253 ("迁移限速", 0..=65535), unit
+    /// from §5.4.6 line 11823 ("单位: Mbps"). The lowest of it and the time-window rules
+    /// applies.
     #[serde(default)]
     pub speed_limit: Option<u64>,
-    /// Whether continuous sync is on.
+    /// Whether the task keeps syncing after its first copy (continuous sync): ref. §5.4.5
+    /// line 10295 "是否同步", §5.4.1 line 9686 "复制或者同步后是否会继续持续同步".
     #[serde(default)]
     pub syncing: Option<bool>,
+    /// Process priority, 0 low, 1 standard (default), 2 high: ref. §5.4.5 line 11252.
+    /// §5.4.1 line 9682 allows 0..=65535 for the create body; the agent treats anything but
+    /// 0 and 2 as standard.
+    #[serde(default)]
+    pub priority: Option<i64>,
+    /// Whether a consistency check is wanted: ref. §5.4.1 line 9691, §5.4.7 line 12927
+    /// (default false).
+    #[serde(default)]
+    pub is_need_consistency_check: Option<bool>,
     /// Target server.
     #[serde(default)]
     pub target_server: Option<TargetServer>,

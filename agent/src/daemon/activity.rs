@@ -35,6 +35,12 @@ pub(super) enum Activity {
         /// Retries counted so far, this one included.
         attempt: u32,
     },
+    /// A pass of a continuous-sync task completed; the next sync pass starts at `at`
+    /// (STOP, DELETE and cutover end the wait).
+    SyncAt {
+        /// When the next sync pass starts.
+        at: Instant,
+    },
     /// The pass failed for good; the operator must act.
     Failed {
         /// Why.

@@ -2,7 +2,7 @@
 //! of it: the `PUT …/progress` body (rate over the last 5 s before compression, ETA,
 //! compression, host and agent CPU, memory and disk I/O) and the speed limit in force.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,8 +14,18 @@ use transfer::session::Connector;
 use transfer::task::{Control, Progress};
 use transfer::{Code, TaskFailure};
 
+pub mod cpu;
 mod usage;
 use usage::Usage;
+
+/// How the threads of a pass are scheduled.
+#[derive(Debug, Clone, Copy)]
+pub struct Sched {
+    /// CPU and I/O priority of the pass's threads (the task's `priority`).
+    pub priority: transfer::sched::Priority,
+    /// `LINUX_CPU_LIMIT` to pace to (`None`: no limit, or `cpu.max` enforces it).
+    pub pace_cpu: Option<u32>,
+}
 
 /// What a completed pass did.
 #[derive(Debug, Default)]
@@ -81,6 +91,9 @@ pub struct Runner {
     pub subtask: &'static str,
     /// Pass number.
     pub pass: u32,
+    /// Byte-rate caps (speed limits, CPU pacer) the bucket obeys.
+    pub caps: Arc<cpu::Caps>,
+    pacer_stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<Ended>>,
     meter: Option<Meter>,
     last_done: u64,
@@ -91,23 +104,46 @@ impl Runner {
     fn spawn(
         subtask: &'static str,
         pass: u32,
+        sched: Sched,
         run: impl FnOnce(&Progress, &Control, &Control) -> Ended + Send + 'static,
     ) -> Self {
         let progress = Arc::new(Progress::default());
         let control = Arc::new(Control::default());
         let check_control = Arc::new(Control::default());
+        let caps = Arc::new(cpu::Caps::default());
+        let pacer_stop = Arc::new(AtomicBool::new(false));
         let (p, c, k) = (
             Arc::clone(&progress),
             Arc::clone(&control),
             Arc::clone(&check_control),
         );
-        let handle = std::thread::spawn(move || run(&p, &c, &k));
+        let handle = std::thread::spawn(move || {
+            // The stream threads this one starts inherit the nice value and I/O priority.
+            if let Err(e) = transfer::sched::apply_to_current_thread(sched.priority) {
+                tracing::warn!(priority = ?sched.priority, error = %e, "cannot set the priority of the transfer threads");
+            }
+            run(&p, &c, &k)
+        });
+        if let Some(percent) = sched.pace_cpu {
+            let started = cpu::spawn_pacer(
+                percent,
+                Arc::clone(&progress),
+                Arc::clone(&control),
+                Arc::clone(&caps),
+                Arc::clone(&pacer_stop),
+            );
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "cannot start the CPU pacer; LINUX_CPU_LIMIT not enforced");
+            }
+        }
         Self {
             progress,
             control,
             check_control,
             subtask,
             pass,
+            caps,
+            pacer_stop,
             handle: Some(handle),
             meter: None,
             last_done: 0,
@@ -116,7 +152,12 @@ impl Runner {
     }
 
     /// Starts block pass `opts.pass` of `disks` against `connector` on a new thread.
-    pub fn start_block(connector: Connector, disks: Vec<SourceDisk>, opts: SendOptions) -> Self {
+    pub fn start_block(
+        connector: Connector,
+        disks: Vec<SourceDisk>,
+        opts: SendOptions,
+        sched: Sched,
+    ) -> Self {
         let subtask = if opts.sync {
             "SYNC_LINUX_BLOCK"
         } else {
@@ -125,6 +166,7 @@ impl Runner {
         Self::spawn(
             subtask,
             opts.pass,
+            sched,
             move |p, c, _| match transfer::block::send(&connector, &disks, &opts, p, c) {
                 Ok(r) => Ended::Done(Summary {
                     bytes_read: r.bytes_read,
@@ -137,13 +179,13 @@ impl Runner {
     }
 
     /// Starts file pass `pass` on a new thread, then its consistency check.
-    pub fn start_file(connector: Connector, pass: u32, job: FileJob) -> Self {
+    pub fn start_file(connector: Connector, pass: u32, job: FileJob, sched: Sched) -> Self {
         let subtask = if job.send.sync {
             "SYNC_LINUX_FILE"
         } else {
             "MIGRATE_LINUX_FILE"
         };
-        Self::spawn(subtask, pass, move |p, c, k| {
+        Self::spawn(subtask, pass, sched, move |p, c, k| {
             p.total.store(job.used_bytes, Ordering::Relaxed);
             let r = match transfer::file::send(&connector, &job.send, p, c) {
                 Ok(r) => r,
@@ -186,6 +228,7 @@ impl Runner {
 
     /// Waits for the pass and returns how it ended.
     pub fn join(&mut self) -> Ended {
+        self.pacer_stop.store(true, Ordering::Relaxed);
         match self.handle.take().map(std::thread::JoinHandle::join) {
             Some(Ok(r)) => r,
             _ => Ended::Failed(TaskFailure::new(
@@ -248,6 +291,13 @@ impl Runner {
     }
 }
 
+impl Drop for Runner {
+    fn drop(&mut self) {
+        // The pacer ends with its pass, however the pass ends.
+        self.pacer_stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The local time zone's offset from UTC in seconds (`date +%z`; 0 when unknown).
 pub fn utc_offset() -> i64 {
     let out = std::process::Command::new("date").arg("+%z").output();
@@ -273,10 +323,22 @@ pub fn local_minute(utc_offset: i64) -> u16 {
     u16::try_from(local.rem_euclid(86_400) / 60).unwrap_or(0)
 }
 
-/// Applies the rules in force now to the runner's bucket.
-pub fn apply_limit(control: &Control, rules: &[transfer::limit::Rule], utc_offset: i64) {
-    let rate = transfer::limit::limit_at(rules, local_minute(utc_offset));
-    control.bucket.set_rate(rate);
+/// Applies the speed limit in force now to the runner's bucket: the lowest of the rules in
+/// force and the task's own `speed_limit` (Mbit/s, ref. §5.4.5 line 11253, §5.4.6 line 11823
+/// "限制迁移速率, 单位: Mbps"; 0: none). Keeping under it also keeps the 5-second averages
+/// the service compares with `over_speed_threshold` (ref. §5.4.9 line 14673) under it: the
+/// bucket's burst is a tenth of a second of the rate.
+pub fn apply_limit(r: &Runner, rules: &[transfer::limit::Rule], task_mbit: u64, utc_offset: i64) {
+    let task = (task_mbit > 0).then(|| task_mbit.saturating_mul(1_000_000) / 8);
+    let rate = [
+        transfer::limit::limit_at(rules, local_minute(utc_offset)),
+        task,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    r.caps.speed.store(rate.unwrap_or(0), Ordering::Relaxed);
+    r.caps.apply(&r.control);
 }
 
 /// How long the daemon waits between progress reports.
@@ -284,6 +346,7 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Marks the transfer and its check cancelled (STOP, DELETE, shutdown).
 pub fn cancel(r: &Runner) {
+    r.pacer_stop.store(true, Ordering::Relaxed);
     r.control.cancel.store(true, Ordering::SeqCst);
     r.check_control.cancel.store(true, Ordering::SeqCst);
 }

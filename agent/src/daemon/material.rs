@@ -16,6 +16,8 @@ pub(super) struct Material {
     pub(super) rules: Vec<transfer::limit::Rule>,
     /// The task's settings (excludes, consistency check).
     pub(super) settings: TaskSettings,
+    /// `LINUX_CPU_LIMIT` (ref. §5.10.1, example line 23196), percent of one CPU.
+    pub(super) cpu_limit: Option<u32>,
 }
 
 /// Fetches the material of `task_id`; the failure names what could not be obtained.
@@ -52,15 +54,25 @@ pub(super) async fn fetch(api: &Client, task_id: &str) -> Result<Material, TaskF
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let cpu_limit = settings
+        .configurations
+        .iter()
+        .filter(|c| c.config_key.trim().eq_ignore_ascii_case("LINUX_CPU_LIMIT"))
+        .map(|c| super::engine::cpu::parse(&c.config_value))
+        .next_back()
+        .transpose()
+        .map_err(|e| TaskFailure::new(Code::AdvancedOptionFailed, e))?;
     tracing::info!(
         task_id,
         speed_rules = limits.speed_limit.len(),
+        cpu_limit,
         "task material fetched"
     );
     Ok(Material {
         tls,
         rules,
         settings,
+        cpu_limit,
     })
 }
 

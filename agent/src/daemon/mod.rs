@@ -53,11 +53,14 @@ pub struct Daemon {
     probe_opts: probe::Options,
     poll_interval: Duration,
     reprobe_interval: Duration,
+    sync_interval: Duration,
     backoff: Backoff,
     transfer: crate::config::TransferSection,
     activity: Activity,
     last_report: Instant,
     rules: Vec<transfer::limit::Rule>,
+    /// The task's own `speed_limit` in Mbit/s (0: none).
+    task_speed: u64,
     last_rules: Instant,
     utc_offset: i64,
     /// What `GET /v3/config` said at start-up (`register.rs`); `obs_domain` is for a later
@@ -91,11 +94,13 @@ impl Daemon {
             probe_opts,
             poll_interval: cfg.agent.poll_interval.0,
             reprobe_interval: cfg.agent.reprobe_interval.0,
+            sync_interval: cfg.agent.sync_interval.0,
             backoff,
             transfer: cfg.transfer.clone(),
             activity: Activity::Idle,
             last_report: Instant::now(),
             rules: Vec::new(),
+            task_speed: 0,
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
@@ -149,6 +154,8 @@ impl Daemon {
         if self.task_active() {
             // Killed or restarted mid-pass: carry on from the receiver's checkpoint.
             self.resume_task(0).await;
+        } else {
+            self.schedule_sync();
         }
         loop {
             self.flush_results().await?;
@@ -157,6 +164,11 @@ impl Daemon {
             if let Activity::RetryAt { at, attempt } = self.activity {
                 if Instant::now() >= at && self.task_active() {
                     self.resume_task(attempt).await;
+                }
+            }
+            if let Activity::SyncAt { at } = self.activity {
+                if Instant::now() >= at {
+                    self.continue_sync().await;
                 }
             }
             if last_probe.elapsed() >= self.reprobe_interval {

@@ -75,6 +75,10 @@ pub(super) async fn file(
     let st = crate::fileplan::settings(settings)
         .map_err(|e| TaskFailure::new(Code::AdvancedOptionFailed, e.to_string()))?;
     let mut excludes = st.excludes(sync);
+    if sync {
+        // ONLY_SYNC_PATH (ref. line 10371): a sync pass covers only those paths.
+        excludes.extend(crate::fileplan::only_sync_excludes(&sources, &st.only_sync));
+    }
     excludes.extend(cfg.exclude.iter().cloned());
     if let Some(s) = sources.iter().find(|s| !s.is_dir()) {
         return Err(TaskFailure::new(

@@ -64,6 +64,10 @@ pub struct TaskState {
     /// a daemon killed between the two sends it after its restart.
     #[serde(default)]
     pub final_report: Option<serde_json::Value>,
+    /// Whether the task was created with `syncing: true` (ref. §5.4.1 line 9686): after a
+    /// completed pass the next sync pass starts by itself after `[agent] sync_interval`.
+    #[serde(default)]
+    pub continuous: bool,
 }
 
 /// Phases of a task, as the daemon drives them.

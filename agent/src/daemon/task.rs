@@ -126,7 +126,8 @@ impl Daemon {
             Err(f) => return Err(self.fail_task(f).await),
         };
         self.rules = material.rules;
-        engine::apply_limit(&runner.control, &self.rules, self.utc_offset);
+        self.task_speed = task.speed_limit.unwrap_or(0);
+        engine::apply_limit(&runner, &self.rules, self.task_speed, self.utc_offset);
         self.last_rules = Instant::now();
         self.activity = Activity::Running { runner, attempt };
         self.last_report = Instant::now();
@@ -141,6 +142,7 @@ impl Daemon {
         };
         if let Some(t) = self.state.task.as_mut() {
             t.pass = pass;
+            t.continuous = task.syncing == Some(true);
         }
         self.set_phase(phase);
         let _ = self.save();
@@ -174,6 +176,13 @@ impl Daemon {
             tls: material.tls.clone(),
             timeout: Duration::from_secs(10),
         };
+        let sched = engine::Sched {
+            priority: transfer::sched::Priority::from_task(task.priority),
+            pace_cpu: match engine::cpu::enforce(material.cpu_limit) {
+                engine::cpu::Enforcement::Pacing => material.cpu_limit,
+                engine::cpu::Enforcement::Cgroup(_) => None,
+            },
+        };
         match task.kind.as_str() {
             "MIGRATE_BLOCK" => {
                 let disks = plan::block(task).await?;
@@ -187,12 +196,12 @@ impl Daemon {
                         .map_or(transfer::block::STREAMS, NonZeroU16::get),
                     ..transfer::block::SendOptions::default()
                 };
-                Ok(Runner::start_block(connector, disks, opts))
+                Ok(Runner::start_block(connector, disks, opts, sched))
             }
             "MIGRATE_FILE" => {
                 let skip = self.state.task.as_ref().is_some_and(|t| t.skip_consistency);
                 let job = plan::file(task, sync, skip, &material.settings, &self.transfer).await?;
-                Ok(Runner::start_file(connector, pass, job))
+                Ok(Runner::start_file(connector, pass, job, sched))
             }
             other => {
                 let kind = if other.is_empty() { "(none)" } else { other };
@@ -222,7 +231,7 @@ impl Daemon {
         let Activity::Running { runner, attempt } = &mut self.activity else {
             return;
         };
-        engine::apply_limit(&runner.control, &self.rules, self.utc_offset);
+        engine::apply_limit(runner, &self.rules, self.task_speed, self.utc_offset);
         let finished = runner.finished();
         if !finished && self.last_report.elapsed() < engine::REPORT_EVERY {
             return;
@@ -254,12 +263,66 @@ impl Daemon {
                 let _ = self.save();
                 self.change_state(CopyState::Syncing, MigrationCycle::Syncing)
                     .await;
-                self.set_activity("pass complete; waiting for SYNC");
+                self.schedule_sync();
             }
             Some(Ended::Failed(failure)) => {
                 let _ = self.publish();
                 self.pass_failed(&task_id, failure, attempt).await;
             }
+        }
+    }
+
+    /// After a completed pass: a continuous-sync task waits `sync_interval` for its next sync
+    /// pass, any other task for SYNC.
+    pub(super) fn schedule_sync(&mut self) {
+        let due = self.state.task.as_ref().is_some_and(|t| {
+            t.continuous && t.pass_done && t.phase == Phase::Syncing && t.error.is_none()
+        });
+        if due && matches!(self.activity, Activity::Idle) {
+            self.activity = Activity::SyncAt {
+                at: Instant::now() + self.sync_interval,
+            };
+            self.set_activity(&format!(
+                "pass complete; next sync in {} s",
+                self.sync_interval.as_secs()
+            ));
+        } else if self.state.task.as_ref().is_some_and(|t| t.pass_done) {
+            self.set_activity("pass complete; waiting for SYNC");
+        }
+    }
+
+    /// The next pass of a continuous-sync task, unless the task no longer asks for it
+    /// (`syncing` turned off, ref. §5.4.6 line 11779) or is being cut over. The reference does
+    /// not enumerate the task's `state` (§5.4.5: "任务状态", free string); the cutover states
+    /// checked are the copy states of §5.3.2 line 2756 (cutovering, finished), upper case.
+    pub(super) async fn continue_sync(&mut self) {
+        let Some(id) = self.state.task.as_ref().map(|t| t.id.clone()) else {
+            self.activity = Activity::Idle;
+            return;
+        };
+        let task: Task = match self.api.get(&format!("/v3/tasks/{id}"), &[]).await {
+            Ok(t) => t,
+            Err(e) => {
+                // Try again at the next round.
+                tracing::warn!(task_id = %id, error = %e, "cannot read the task for its next sync pass");
+                return;
+            }
+        };
+        let state = task.state.to_ascii_uppercase();
+        let cutover = ["CUTOVERING", "CUTOVERED", "FINISHED"].contains(&state.as_str());
+        if task.syncing != Some(true) || cutover {
+            tracing::info!(task_id = %id, state = %task.state, syncing = ?task.syncing, "continuous sync ends");
+            if let Some(t) = self.state.task.as_mut() {
+                t.continuous = false;
+            }
+            self.activity = Activity::Idle;
+            let _ = self.save();
+            self.set_activity("pass complete; waiting for SYNC");
+            return;
+        }
+        tracing::info!(task_id = %id, "continuous sync: next pass");
+        if let Err(f) = self.start("SYNC", &id).await {
+            tracing::error!(task_id = %id, code = %f.code, "continuous sync pass not started: {}", f.message);
         }
     }
 

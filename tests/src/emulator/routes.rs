@@ -71,6 +71,7 @@ fn route(s: &mut Store, method: &str, segs: &[&str], query: &str, v: Value) -> O
         ("POST", ["v3", "tasks", id, "speed-limit"]) => tasks::set_speed_limit(s, id, &v),
         ("POST", ["v3", "tasks", id, "log"]) => tasks::upload_log(s, id, &v),
         ("GET", ["v3", "tasks", id, "configuration-setting"]) => tasks::settings(s, id),
+        ("POST", ["v3", "tasks", id, "configuration-setting"]) => tasks::set_settings(s, id, &v),
         ("PUT", ["v3", "tasks", id, "progress"]) => reports::progress(s, id, &v),
         ("POST", ["v3", "tasks", id, "consistency-result"]) => reports::put_consistency(s, id, &v),
         ("GET", ["v3", "tasks", id, "consistency-result"]) => reports::consistency(s, id),

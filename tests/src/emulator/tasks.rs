@@ -184,13 +184,22 @@ pub(super) fn delete(s: &mut Store, id: &str) -> Reply {
 }
 
 /// `POST /v3/tasks/{id}/action`: `operation` becomes the agent's command (start and
-/// restart: START; stop, skip, sync); the service-side operations are accepted and ignored.
+/// restart: START; stop, skip); the service-side operations are accepted and ignored.
+/// The operations are those of ref. §5.4.7 line 12922; there is no `sync` among them
+/// although the section's introduction says it manages "同步任务". The emulator models a
+/// sync the way the reference allows: `start` of a task whose copy has completed
+/// (`MIGRATE_SUCCESS` or `SYNC_SUCCESS`) queues SYNC. Tests that want SYNC alone queue it
+/// with `POST /_emulator/sources/{id}/commands`.
 pub(super) fn action(s: &mut Store, id: &str, v: &Value) -> Reply {
     let Some(t) = s.db.tasks.get_mut(id) else {
         return no_task(id);
     };
     let op = str_field(v, "operation").unwrap_or("");
     let command = match op {
+        "start" if matches!(t.state.as_str(), "MIGRATE_SUCCESS" | "SYNC_SUCCESS") => {
+            t.state = "RUNNING".into();
+            Some("SYNC")
+        }
         "start" | "restart" => {
             t.state = "RUNNING".into();
             // A new run starts without the last one's error (an assumption: the reference does
@@ -200,7 +209,6 @@ pub(super) fn action(s: &mut Store, id: &str, v: &Value) -> Reply {
         }
         "stop" => Some("STOP"),
         "skip" => Some("SKIP"),
-        "sync" => Some("SYNC"),
         "test" | "clone_test" | "network_check" | "clear" | "migration_test" => None,
         other => return bad("SMS.6011", format!("operation {other:?} is not one of start, stop, test, clone_test, restart, network_check, clear, skip, migration_test")),
     };
@@ -275,6 +283,30 @@ pub(super) fn upload_log(s: &mut Store, id: &str, v: &Value) -> Reply {
         }
         None => no_task(id),
     }
+}
+
+/// `POST /v3/tasks/{id}/configuration-setting` (ref. §5.10.1 line 23112): the settings
+/// given replace those of the same `config_key` (at most 10 per call, ref. line 23141).
+pub(super) fn set_settings(s: &mut Store, id: &str, v: &Value) -> Reply {
+    let Some(t) = s.db.tasks.get_mut(id) else {
+        return no_task(id);
+    };
+    let Some(new) = v["configurations"].as_array().filter(|a| a.len() <= 10) else {
+        return bad(
+            "SMS.6013",
+            "configurations: an array of at most 10 settings is required",
+        );
+    };
+    let mut all: Vec<Value> = t.body["configurations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for c in new {
+        all.retain(|o| o["config_key"] != c["config_key"]);
+        all.push(c.clone());
+    }
+    t.body["configurations"] = Value::Array(all);
+    ok(json!({}))
 }
 
 /// `GET /v3/tasks/{id}/configuration-setting`: the `configurations` the task was created with.
