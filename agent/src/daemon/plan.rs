@@ -60,6 +60,28 @@ pub(super) async fn block(task: &Task) -> Result<Vec<transfer::block::SourceDisk
     .map_err(|msg| TaskFailure::new(Code::VolumeUnreadable, msg))
 }
 
+/// The directories a file task's consistency check compares: `CONSISTENCY_DIR` (our
+/// extension) when set; else, when the task asks for a check (`is_need_consistency_check`,
+/// ref. §5.4.1 line 9691 "是否进行一致性校验", §5.4.7 line 12927, default false), the migrated
+/// filesystems themselves, up to the 30 a result may carry; else none.
+fn check_dirs(
+    need: Option<bool>,
+    configured: &[std::path::PathBuf],
+    sources: &[std::path::PathBuf],
+) -> Vec<std::path::PathBuf> {
+    if !configured.is_empty() {
+        configured.to_vec()
+    } else if need == Some(true) {
+        sources
+            .iter()
+            .take(crate::fileplan::MAX_CHECK_DIRS)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
 /// The file pass of a `MIGRATE_FILE` task: its filesystems, the excludes of the task
 /// settings and the config, and the consistency check unless SKIP said otherwise.
 pub(super) async fn file(
@@ -93,16 +115,20 @@ pub(super) async fn file(
     let used_bytes = tokio::task::spawn_blocking(move || crate::fileplan::used_bytes(&for_used))
         .await
         .unwrap_or(0);
-    let check =
-        (!st.consistency_dirs.is_empty() && !skip_check).then(|| transfer::file::CheckOptions {
-            sources: sources.clone(),
-            map_to_root: false,
-            dirs: st.consistency_dirs.clone(),
-            excludes: excludes.clone(),
-            hash_mode: st.consistency_hash,
-            task_id: task.id.clone(),
-            peer_timeout: transfer::session::PEER_TIMEOUT,
-        });
+    let dirs = check_dirs(
+        task.is_need_consistency_check,
+        &st.consistency_dirs,
+        &sources,
+    );
+    let check = (!dirs.is_empty() && !skip_check).then(|| transfer::file::CheckOptions {
+        sources: sources.clone(),
+        map_to_root: false,
+        dirs,
+        excludes: excludes.clone(),
+        hash_mode: st.consistency_hash,
+        task_id: task.id.clone(),
+        peer_timeout: transfer::session::PEER_TIMEOUT,
+    });
     tracing::info!(task_id = %task.id, sources = ?sources, excludes = excludes.len(), used_bytes, check = check.is_some(), "file pass planned");
     Ok(FileJob {
         send: transfer::file::SendOptions {
@@ -118,4 +144,21 @@ pub(super) async fn file(
         check,
         used_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_dirs;
+    use std::path::PathBuf;
+
+    #[test]
+    fn the_check_covers_consistency_dir_else_the_migrated_filesystems_when_asked() {
+        let srcs = vec![PathBuf::from("/"), PathBuf::from("/srv")];
+        let conf = vec![PathBuf::from("/etc")];
+        assert_eq!(check_dirs(Some(true), &conf, &srcs), conf);
+        assert_eq!(check_dirs(None, &conf, &srcs), conf);
+        assert_eq!(check_dirs(Some(true), &[], &srcs), srcs);
+        assert!(check_dirs(Some(false), &[], &srcs).is_empty());
+        assert!(check_dirs(None, &[], &srcs).is_empty());
+    }
 }
