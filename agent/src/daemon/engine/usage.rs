@@ -121,7 +121,9 @@ impl Usage {
             if let Some(p) = self.pid.and_then(|pid| sys.process(pid)) {
                 // sysinfo gives % of one core; the report, like `total_cpu`, % of all cores.
                 let ncpu = sys.cpus().len().max(1) as f64;
-                s.agent_cpu = f64::from(p.cpu_usage()) / ncpu;
+                // The process's and the host's ticks are read at slightly different
+                // instants: a process busy on every core can come out a little over 100 %.
+                s.agent_cpu = (f64::from(p.cpu_usage()) / ncpu).min(100.0);
                 s.agent_mem_mb = p.memory() >> 20;
                 if self.last.is_some() {
                     let d = p.disk_usage();
@@ -268,7 +270,7 @@ mod tests {
                 let secs = now.duration_since(t).as_secs_f64().max(1e-3);
                 let dall = all.saturating_sub(a0).max(1) as f64;
                 s.total_cpu = busy.saturating_sub(b0) as f64 / dall * 100.0;
-                s.agent_cpu = ticks.saturating_sub(m0) as f64 / dall * 100.0;
+                s.agent_cpu = (ticks.saturating_sub(m0) as f64 / dall * 100.0).min(100.0);
                 s.agent_io_mbs = my_io.saturating_sub(i0) as f64 / secs / 1e6;
                 s.total_io_mbs = disk.saturating_sub(d0) as f64 / secs / 1e6;
             }
@@ -346,7 +348,9 @@ mod tests {
             };
             if let Some(p) = self.sys.process(self.pid) {
                 s.agent_mem_mb = p.memory() >> 20;
-                s.agent_cpu = f64::from(p.cpu_usage()) / ncpu;
+                // The process's and the host's ticks are read at slightly different
+                // instants: a process busy on every core can come out a little over 100 %.
+                s.agent_cpu = (f64::from(p.cpu_usage()) / ncpu).min(100.0);
                 if let Some(t) = self.last {
                     let secs = now.duration_since(t).as_secs_f64().max(1e-3);
                     let d = p.disk_usage();
