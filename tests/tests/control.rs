@@ -80,7 +80,7 @@ fn task(emu: &Emulator, source_id: &str, src: &LoopDisk, more: &Value) -> String
 }
 
 /// A receiver of task `tid` on `port` writing `src` to `dst`; `once`: one session only.
-fn receiver(kit: &Kit, emu: &Emulator, tid: &str, port: u16, src: &LoopDisk, dst: &Path) -> Child {
+fn receiver(kit: &Kit, emu: &Emulator, tid: &str, port: u16, dst: &Path) -> Child {
     let (ca, cert, key) = (
         kit.p(&format!("{tid}-ca.pem")),
         kit.p(&format!("{tid}-cert.pem")),
@@ -91,8 +91,10 @@ fn receiver(kit: &Kit, emu: &Emulator, tid: &str, port: u16, src: &LoopDisk, dst
         .args(["receive", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--ca", &ca, "--cert", &cert, "--key", &key])
         .args(["--state-dir", &kit.p("state")])
+        // The target ECS disk the emulator names the task's only disk (`relation_name`,
+        // ref. §5.4.5 table 5-148).
         .arg("--disk")
-        .arg(format!("{}={}", src.path(), dst.display()))
+        .arg(format!("/dev/vda={}", dst.display()))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -171,7 +173,7 @@ fn a_syncing_task_syncs_by_itself_at_its_priority_and_speed_until_stop() {
         &src,
         &json!({"syncing": true, "priority": 0, "speed_limit": 16}),
     );
-    let mut rx = receiver(&kit, &emu, &tid, port, &src, &dst);
+    let mut rx = receiver(&kit, &emu, &tid, port, &dst);
     action(&emu, &tid, "start");
 
     // While the copy runs, the transfer threads run at nice 19 (priority 0: low).
@@ -281,7 +283,7 @@ fn timed_copy(
         .unwrap()
         .set_len(size_of(&src.dev))
         .unwrap();
-    let mut rx = receiver(kit, emu, &tid, port, src, &dst);
+    let mut rx = receiver(kit, emu, &tid, port, &dst);
     let pid = agent.status()["pid"].as_u64().unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = std::sync::Arc::clone(&done);
