@@ -704,7 +704,16 @@ fn a_dropped_connection_resumes_without_resending_what_is_complete() {
     // (their chunks reused, not sent), and nothing more is sent than what was missing. How
     // much landed before the cut depends on the scheduling of the streams (data in socket
     // buffers is lost at the cut), so the bound is what landed, not a share of the total.
-    assert!(again.skipped > 0 && have > 0, "{again:?}");
+    // Whether small files reached their final names before the cut, or only the large
+    // files' partials had data, depends on the streams' scheduling (seen in CI under load:
+    // nothing under a final name, 6 MiB of partials): what landed either way is kept.
+    assert!(
+        have > 0 || partial > 0,
+        "nothing landed before the cut: {again:?}"
+    );
+    if have > 0 {
+        assert!(again.skipped > 0, "{again:?}");
+    }
     if partial >= 1 << 20 {
         assert!(
             again.bytes_reused > 0,

@@ -162,8 +162,15 @@ fn why(e: FileError, erx: &mpsc::Receiver<Event>) -> FileError {
     if !transport {
         return e;
     }
-    match erx.recv_timeout(Duration::from_secs(2)) {
-        Ok(Event::Failed(f)) => f,
-        _ => e,
+    // Other events may come first (the listing's end); a loaded host may take a while to
+    // deliver the target's error after our write failed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match erx.recv_timeout(left) {
+            Ok(Event::Failed(f)) => return f,
+            Ok(_) => {}
+            Err(_) => break,
+        }
     }
+    e
 }
