@@ -108,6 +108,10 @@ fn view(t: &TaskRec) -> Value {
     b["state"] = json!(t.state);
     b["error_json"] = json!(t.error_json);
     b["sub_tasks"] = Value::Array(t.sub_tasks.values().cloned().collect());
+    // `priority` defaults to 1, standard (§5.4.1 line 9682, §5.4.5 line 11252).
+    if b.get("priority").is_none_or(Value::is_null) {
+        b["priority"] = json!(1);
+    }
     b
 }
 
