@@ -131,7 +131,8 @@ struct Sess {
     written: AtomicU64,
     /// Cuts the control stream, so a failed data stream ends the session at once.
     cut: Mutex<Option<std::net::TcpStream>>,
-    /// The checkpoint file and the fixed part of what it records.
+    /// The checkpoint file and the fixed part of what it records (its lease and samples are
+    /// empty here: they change as the pass runs and live in `saved`).
     file: PathBuf,
     meta: Meta,
     saved: Mutex<Saved>,
@@ -860,6 +861,10 @@ fn prepare(
     };
     let lease_step = (LEASE_BYTES / chunk).max(16);
     let durable = maps.clone();
+    let (lease, samples) = (
+        std::mem::take(&mut meta.lease),
+        std::mem::take(&mut meta.samples),
+    );
     Ok((
         Arc::new(Sess {
             targets,
@@ -872,11 +877,11 @@ fn prepare(
             written: AtomicU64::new(0),
             cut: Mutex::new(None),
             file,
-            lease: meta.lease.iter().map(|&l| AtomicU64::new(l)).collect(),
+            lease: lease.iter().map(|&l| AtomicU64::new(l)).collect(),
             saved: Mutex::new(Saved {
                 durable,
-                samples: meta.samples.clone(),
-                lease: meta.lease.clone(),
+                samples,
+                lease,
             }),
             meta,
             lease_step,
