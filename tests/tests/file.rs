@@ -122,6 +122,7 @@ fn opts(src: &Path, sync: bool) -> SendOptions {
         hash_mode: false,
         task_id: "t-file".into(),
         peer_timeout: Duration::ZERO,
+        changes: None,
     }
 }
 
@@ -2020,4 +2021,261 @@ fn a_full_target_filesystem_fails_the_pass_clearly_and_the_next_resumes() {
     assert_eq!(final_digest(&src), final_digest(&dst));
     assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
     drop(rx);
+}
+
+/// A fresh ext4 filesystem on a loop device, mounted: the journal marks whole filesystems,
+/// and one of its own keeps the rest of the machine's activity out of the record.
+fn journal_fs(mib: u64) -> (sms_tests::LoopDisk, PathBuf) {
+    let mut disk = sms_tests::LoopDisk::new(mib);
+    let dev = disk.dev.clone();
+    sms_tests::run("mkfs.ext4", &["-q", "-F", dev.to_str().unwrap()]);
+    let mp = disk.mount(&dev, "src", None);
+    (disk, mp)
+}
+
+/// Entries below `s` that random changes may touch (never `lost+found`).
+fn touchable(s: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut files, mut dirs) = (Vec::new(), vec![s.to_path_buf()]);
+    for (p, t) in entries(s) {
+        if p.starts_with(s.join("lost+found")) {
+            continue;
+        }
+        if t.is_dir() {
+            dirs.push(p);
+        } else {
+            files.push(p);
+        }
+    }
+    files.sort();
+    dirs.sort();
+    (files, dirs)
+}
+
+/// One random change below `s`: creates, writes, appends, truncations, renames of files and
+/// directories, deletions, modes, owners, xattrs, times, symlinks, FIFOs; hard links only
+/// with `links`.
+fn random_change(s: &Path, rng: &mut impl rand::Rng, n: u64, links: bool) {
+    use std::fs::OpenOptions;
+    let (files, dirs) = touchable(s);
+    let dir = dirs[rng.gen_range(0..dirs.len())].clone();
+    let file = (!files.is_empty()).then(|| files[rng.gen_range(0..files.len())].clone());
+    let regular = file
+        .clone()
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file()));
+    let op = rng.gen_range(0..17);
+    match (op, file, regular) {
+        (0 | 1, _, _) => write(
+            &dir.join(format!("new{n}")),
+            &noise(rng.gen_range(0..9000), n),
+        ),
+        (2, _, Some(f)) => write(&f, &noise(rng.gen_range(0..9000), n + 1)),
+        (3, _, Some(f)) => {
+            let mut h = OpenOptions::new().append(true).open(&f).unwrap();
+            h.write_all(&noise(100, n)).unwrap();
+        }
+        (4, _, Some(f)) => {
+            let h = OpenOptions::new().write(true).open(&f).unwrap();
+            h.set_len(rng.gen_range(0..50)).unwrap();
+        }
+        (5, Some(f), _) => {
+            let to = if rng.gen_bool(0.3) && !files.is_empty() {
+                // Over another file (a rename that replaces).
+                files[rng.gen_range(0..files.len())].clone()
+            } else {
+                dir.join(format!("moved{n}"))
+            };
+            if to != f && std::fs::symlink_metadata(&to).map_or(true, |m| !m.is_dir()) {
+                std::fs::rename(&f, &to).unwrap();
+            }
+        }
+        (6, _, _) if dir != s => {
+            let (_, dirs2) = touchable(s);
+            let to = dirs2[rng.gen_range(0..dirs2.len())].join(format!("mdir{n}"));
+            if !to.starts_with(&dir) {
+                std::fs::rename(&dir, &to).unwrap();
+            }
+        }
+        (7, Some(f), _) => std::fs::remove_file(&f).unwrap(),
+        (8, _, _) if dir != s && rng.gen_bool(0.3) => std::fs::remove_dir_all(&dir).unwrap(),
+        (9, _, Some(f)) => {
+            std::fs::set_permissions(&f, PermissionsExt::from_mode(rng.gen_range(0o400..0o777)))
+                .unwrap()
+        }
+        (10, _, _) if dir != s => std::os::unix::fs::chown(
+            &dir,
+            Some(rng.gen_range(0..3000)),
+            Some(rng.gen_range(0..3000)),
+        )
+        .unwrap(),
+        (11, _, Some(f)) => run(
+            "setfattr",
+            &[
+                "-n".as_ref(),
+                "user.j".as_ref(),
+                "-v".as_ref(),
+                format!("v{n}").as_ref(),
+                f.as_os_str(),
+            ],
+        ),
+        (12, _, _) => {
+            std::os::unix::fs::symlink(format!("target{n}"), dir.join(format!("sl{n}"))).unwrap()
+        }
+        (13, _, _) => write(&dir.join(format!("d{n}/sub/f")), &noise(500, n)),
+        (14, _, Some(f)) => set_times(&f, (1_600_000_000, n as i64), (1_500_000_000 + n as i64, 7)),
+        (15, _, _) => nix::unistd::mkfifo(
+            &dir.join(format!("fifo{n}")),
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .unwrap(),
+        (16, _, Some(f)) if links => std::fs::hard_link(&f, dir.join(format!("hl{n}"))).unwrap(),
+        _ => write(&dir.join(format!("other{n}")), b"x"),
+    }
+}
+
+/// A tree of `dirs` × `files` small files below `s`.
+fn small_tree(s: &Path, dirs: usize, files: usize) {
+    for d in 0..dirs {
+        for f in 0..files {
+            write(
+                &s.join(format!("d{d}/s{}/f{f}", d % 3)),
+                &noise(100 + f * 37, (d * 1000 + f) as u64),
+            );
+        }
+    }
+}
+
+/// Journal passes after random changes between and during passes leave the target identical
+/// to the source; a take after a pass that did not complete, and a pass after hard links
+/// were made, walk everything.
+#[test]
+fn journal_passes_follow_random_changes_exactly() {
+    use rand::SeedableRng;
+    use transfer::file::journal::{Journal, Scope};
+    let (_disk, s) = journal_fs(256);
+    small_tree(&s, 30, 20);
+    let j = Journal::start(&[s.clone()]).unwrap();
+    let r = rig();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let pass = |scope: Scope, r: &Rig| -> SendReport {
+        let mut o = opts(&s, true);
+        if let Scope::Changes(c) = scope {
+            o.changes = Some(Arc::new(c));
+        }
+        let rep = r.send(&o);
+        j.completed();
+        rep
+    };
+    // The first pass walks everything: nothing is on the target yet.
+    let first = j.take();
+    assert!(
+        matches!(&first, Scope::Full(w) if w.contains("no pass")),
+        "{first:?}"
+    );
+    let full = pass(first, &r);
+    assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+    let (mut journal_passes, mut n) = (0, 0u64);
+    for round in 0..8 {
+        // Changes between passes, then changes during a pass, then a quiet pass.
+        for _ in 0..40 {
+            n += 1;
+            random_change(&s, &mut rng, n, round == 5);
+        }
+        let scope = j.take();
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let (s, stop) = (s.clone(), Arc::clone(&stop));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(round);
+            std::thread::spawn(move || {
+                let mut k = 1_000_000 * (round + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    k += 1;
+                    random_change(&s, &mut rng, k, false);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        if round == 5 {
+            assert!(
+                matches!(&scope, Scope::Full(w) if w.contains("hard links")),
+                "{scope:?}"
+            );
+        }
+        if let Scope::Changes(c) = &scope {
+            journal_passes += 1;
+            eprintln!("round {round}: {} changed names", c.len());
+        }
+        let rep = pass(scope, &r);
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        let quiet = j.take();
+        let journal = matches!(quiet, Scope::Changes(_));
+        let rep2 = pass(quiet, &r);
+        assert_eq!(
+            rsync_diff_checksum(&s, &r.root, &["/lost+found"]),
+            "",
+            "round {round} (journal pass: {journal}): {rep:?} {rep2:?}"
+        );
+        assert!(temps(&r.root).is_empty());
+        if journal {
+            journal_passes += 1;
+            assert!(rep2.entries < full.entries / 2, "{rep2:?} vs {full:?}");
+        }
+    }
+    assert!(journal_passes >= 12, "{journal_passes} journal passes");
+    // A take whose pass never completed: the next one walks everything.
+    write(&s.join("after"), b"x");
+    assert!(matches!(j.take(), Scope::Changes(_)));
+    let again = j.take();
+    assert!(
+        matches!(&again, Scope::Full(w) if w.contains("did not complete")),
+        "{again:?}"
+    );
+    pass(again, &r);
+    assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+}
+
+/// A flood of events past a tiny kernel queue: the take says the queue overflowed, the pass
+/// walks everything, and the target is still identical.
+#[test]
+fn a_journal_overflow_falls_back_to_the_full_walk_and_stays_exact() {
+    use transfer::file::journal::{Journal, Scope};
+    const KNOB: &str = "/proc/sys/fs/fanotify/max_queued_events";
+    let (_disk, s) = journal_fs(128);
+    small_tree(&s, 5, 10);
+    // A group takes the queue limit when it is created: a tiny one for this journal only.
+    let old = std::fs::read_to_string(KNOB).unwrap();
+    std::fs::write(KNOB, "32").unwrap();
+    let j = Journal::start(&[s.clone()]);
+    std::fs::write(KNOB, old.trim()).unwrap();
+    let j = j.unwrap();
+    let r = rig();
+    let mut o = opts(&s, true);
+    assert!(matches!(j.take(), Scope::Full(_)));
+    r.send(&o);
+    j.completed();
+    let mut overflowed = false;
+    for attempt in 0..5 {
+        for i in 0..4_000 {
+            write(&s.join(format!("d{}/flood{attempt}-{i}", i % 5)), b"f");
+        }
+        std::fs::remove_file(s.join("d1/s1/f3")).ok();
+        match j.take() {
+            Scope::Full(why) => {
+                assert!(why.contains("overflow"), "{why}");
+                o.changes = None;
+                overflowed = true;
+            }
+            Scope::Changes(c) => o.changes = Some(Arc::new(c)),
+        }
+        r.send(&o);
+        j.completed();
+        assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+        if overflowed {
+            break;
+        }
+    }
+    assert!(
+        overflowed,
+        "4,000 creates never overflowed a queue of 32 events"
+    );
 }

@@ -1,7 +1,7 @@
 //! The messages of file mode (wire types 64–127) and their bounded encoding.
 //!
 //! Streams: the control stream carries the source's listing (`Plan`, `Entry`, `Link`, `DirEnd`,
-//! `ListEnd`), the target's answers (`Need`, `Processed`, `Verdict`, `Extra`, `ListDone`) and the
+//! `Gone`, `ListEnd`), the target's answers (`Need`, `Processed`, `Verdict`, `Extra`, `ListDone`) and the
 //! final phase (`Finish`, `Link`, `Times`, then the common `Checkpoint`/`Ack`); each data stream
 //! carries whole files (`File`, then `Data`/`Copy` and `End` or `Abandon`) and ends with
 //! `StreamEnd`. Paths are relative byte strings (not necessarily UTF-8); every length is capped
@@ -36,6 +36,7 @@ mod kind {
     pub const LIST_END: u8 = 68;
     pub const FINISH: u8 = 69;
     pub const TIMES: u8 = 70;
+    pub const GONE: u8 = 71;
     pub const NEED: u8 = 80;
     pub const PROCESSED: u8 = 81;
     pub const LIST_DONE: u8 = 82;
@@ -170,6 +171,14 @@ pub enum FileMsg {
         /// Sequence number (shares the `Entry` sequence).
         id: u64,
         /// The directory.
+        path: Vec<u8>,
+    },
+    /// Journal pass: `path` changed and no longer exists on the source; the target deletes it
+    /// (with everything below it) when the plan deletes.
+    Gone {
+        /// Sequence number (shares the `Entry` sequence).
+        id: u64,
+        /// The name that vanished.
         path: Vec<u8>,
     },
     /// The listing is complete.
@@ -406,6 +415,7 @@ impl FileMsg {
             FileMsg::Entry { .. } => kind::ENTRY,
             FileMsg::Link { .. } => kind::LINK,
             FileMsg::DirEnd { .. } => kind::DIR_END,
+            FileMsg::Gone { .. } => kind::GONE,
             FileMsg::ListEnd => kind::LIST_END,
             FileMsg::Finish => kind::FINISH,
             FileMsg::Times { .. } => kind::TIMES,
@@ -432,6 +442,7 @@ impl FileMsg {
             FileMsg::Entry { .. } => "Entry",
             FileMsg::Link { .. } => "Link",
             FileMsg::DirEnd { .. } => "DirEnd",
+            FileMsg::Gone { .. } => "Gone",
             FileMsg::ListEnd => "ListEnd",
             FileMsg::Finish => "Finish",
             FileMsg::Times { .. } => "Times",
@@ -492,7 +503,7 @@ impl FileMsg {
                 put_bytes(&mut p, "path", path, MAX_PATH)?;
                 put_bytes(&mut p, "link target", target, MAX_PATH)?;
             }
-            FileMsg::DirEnd { id, path } => {
+            FileMsg::DirEnd { id, path } | FileMsg::Gone { id, path } => {
                 p.extend_from_slice(&id.to_be_bytes());
                 put_bytes(&mut p, "path", path, MAX_PATH)?;
             }
@@ -593,6 +604,10 @@ impl FileMsg {
                 target: get_bytes(&mut r, "link target", MAX_PATH)?,
             },
             kind::DIR_END => FileMsg::DirEnd {
+                id: r.u64("id")?,
+                path: get_bytes(&mut r, "path", MAX_PATH)?,
+            },
+            kind::GONE => FileMsg::Gone {
                 id: r.u64("id")?,
                 path: get_bytes(&mut r, "path", MAX_PATH)?,
             },
@@ -954,6 +969,10 @@ mod tests {
             FileMsg::DirEnd {
                 id: 3,
                 path: b"usr".to_vec(),
+            },
+            FileMsg::Gone {
+                id: 4,
+                path: b"usr/old".to_vec(),
             },
             FileMsg::ListEnd,
             FileMsg::Finish,
