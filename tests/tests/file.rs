@@ -2279,3 +2279,62 @@ fn a_journal_overflow_falls_back_to_the_full_walk_and_stays_exact() {
         "4,000 creates never overflowed a queue of 32 events"
     );
 }
+
+/// `migrate --mode file --sync --watch`: the process holds the journal from before its first
+/// pass; each SIGUSR1 runs a sync that visits what changed (and says so), one after hard
+/// links were made walks everything (and says why), and SIGTERM between passes ends it with
+/// exit status 0. After every pass the target equals the source.
+#[test]
+fn migrate_watch_syncs_what_changed_at_each_sigusr1() {
+    use rand::SeedableRng;
+    let kit = Kit::new();
+    let (_disk, s) = journal_fs(256);
+    small_tree(&s, 20, 20);
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let rx = Receiver::root(&kit, &dst);
+    let log = kit.dir.path().join("watch.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut tx = migrate_file(&kit, &rx.addr, &s, &["--sync", "--watch"])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap();
+    let passes = || text().matches("sync complete").count();
+    wait_for("the first pass", 60, || text().contains("watching"));
+    assert_eq!(passes(), 1, "{}", text());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let pid = nix::unistd::Pid::from_raw(tx.id() as i32);
+    for (round, links) in [(0, false), (1, true), (2, false)] {
+        if round == 2 {
+            // One name again: the journal vouches for the pass once more.
+            std::fs::remove_file(s.join("a-hard-link")).unwrap();
+        }
+        for n in 0..60 {
+            random_change(&s, &mut rng, round * 1000 + n, false);
+        }
+        if links {
+            let (files, _) = touchable(&s);
+            let f = files.iter().find(|f| f.is_file()).unwrap();
+            std::fs::hard_link(f, s.join("a-hard-link")).unwrap();
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+        wait_for("a sync pass", 60, || passes() == round as usize + 2);
+        assert_eq!(
+            rsync_diff_checksum(&s, &dst, &["/lost+found"]),
+            "",
+            "{}",
+            text()
+        );
+    }
+    let t = text();
+    assert_eq!(t.matches("the journal names").count(), 2, "{t}");
+    assert!(
+        t.contains("walking everything: a changed file has 2 hard links"),
+        "{t}"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = tx.wait().unwrap();
+    assert!(st.success(), "{st:?}: {}", text());
+}
