@@ -2153,7 +2153,7 @@ fn journal_passes_follow_random_changes_exactly() {
     use transfer::file::journal::{Journal, Scope};
     let (_disk, s) = journal_fs(256);
     small_tree(&s, 30, 20);
-    let j = Journal::start(&[s.clone()]).unwrap();
+    let j = Journal::start(std::slice::from_ref(&s)).unwrap();
     let r = rig();
     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
     let pass = |scope: Scope, r: &Rig| -> SendReport {
@@ -2245,7 +2245,7 @@ fn a_journal_overflow_falls_back_to_the_full_walk_and_stays_exact() {
     // A group takes the queue limit when it is created: a tiny one for this journal only.
     let old = std::fs::read_to_string(KNOB).unwrap();
     std::fs::write(KNOB, "32").unwrap();
-    let j = Journal::start(&[s.clone()]);
+    let j = Journal::start(std::slice::from_ref(&s));
     std::fs::write(KNOB, old.trim()).unwrap();
     let j = j.unwrap();
     let r = rig();

@@ -449,7 +449,10 @@ impl Inner {
         };
         // struct file_handle: handle_bytes u32, handle_type i32, f_handle[handle_bytes].
         let mut fh = Vec::with_capacity(8 + h.bytes.len());
-        fh.extend_from_slice(&(h.bytes.len() as u32).to_ne_bytes());
+        // At most MAX_HANDLE_SZ (128) bytes: the kernel wrote the length as a u32.
+        let len =
+            u32::try_from(h.bytes.len()).map_err(|_| "a file handle is too long".to_string())?;
+        fh.extend_from_slice(&len.to_ne_bytes());
         fh.extend_from_slice(&h.kind.to_ne_bytes());
         fh.extend_from_slice(&h.bytes);
         // Keep the buffer aligned for the kernel's struct.

@@ -386,7 +386,7 @@ where
         name: &[u8],
         gone: bool,
     ) -> Result<Option<(u64, u64)>, FileError> {
-        let crel = join(rel, &name);
+        let crel = join(rel, name);
         if self.opts.excludes.matches(&crel) {
             return Ok(None);
         }
@@ -397,7 +397,7 @@ where
             ));
             return Ok(None);
         }
-        let csrc = join(src_rel, &name);
+        let csrc = join(src_rel, name);
         let st = match nix::sys::stat::fstatat(
             Some(fd.as_raw_fd()),
             std::ffi::OsStr::from_bytes(name),
