@@ -2222,6 +2222,41 @@ fn journal_passes_follow_random_changes_exactly() {
         }
     }
     assert!(journal_passes >= 12, "{journal_passes} journal passes");
+    // Writes through a shared mapping raise no event while it stays: the take finds the
+    // mapping and the pass sends the file.
+    write(&s.join("mapped.db"), &noise(8192, 3));
+    assert!(matches!(j.take(), Scope::Changes(_)));
+    j.completed();
+    let mut py = Command::new("python3")
+        .args([
+            "-c",
+            "import mmap,sys,time\nf=open(sys.argv[1],'r+b')\nm=mmap.mmap(f.fileno(),0)\nf.close()\nm[0:5]=b'MMAP!'\nprint('written',flush=True)\ntime.sleep(60)",
+        ])
+        .arg(s.join("mapped.db"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 8];
+    py.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"written\n");
+    let scope = j.take();
+    let Scope::Changes(c) = &scope else {
+        panic!("{scope:?}")
+    };
+    assert!(
+        c.roots[0].1.dirs[&b""[..]]
+            .names
+            .contains_key(&b"mapped.db"[..]),
+        "{c:?}"
+    );
+    pass(scope, &r);
+    py.kill().unwrap();
+    py.wait().unwrap();
+    assert_eq!(
+        &std::fs::read(r.root.join("mapped.db")).unwrap()[..5],
+        b"MMAP!"
+    );
+    assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
     // A take whose pass never completed: the next one walks everything.
     write(&s.join("after"), b"x");
     assert!(matches!(j.take(), Scope::Changes(_)));

@@ -161,6 +161,8 @@ struct Pending {
 
 struct JRoot {
     src: PathBuf,
+    /// `src` without symlinks: what the kernel's paths start with.
+    real: PathBuf,
     fd: OwnedFd,
     fsid: [u8; 8],
     dev: u64,
@@ -246,7 +248,10 @@ impl Journal {
         let mut jroots = Vec::new();
         let mut marked: Vec<[u8; 8]> = Vec::new();
         for src in roots {
-            let dfd = sys::open(src, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+            let real = std::fs::canonicalize(src)
+                .map_err(|e| io_err(format!("resolving {}", src.display()), e))?;
+            whole_filesystem(&real)?;
+            let dfd = sys::open(&real, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
                 .map_err(|e| io_err(format!("opening {}", src.display()), e))?;
             let st = nix::sys::stat::fstat(dfd.as_raw_fd())
                 .map_err(|e| io_err(format!("stat {}", src.display()), e.into()))?;
@@ -284,6 +289,7 @@ impl Journal {
             }
             jroots.push(JRoot {
                 src: src.clone(),
+                real,
                 fd: dfd,
                 fsid,
                 dev: st.st_dev,
@@ -423,8 +429,12 @@ impl Inner {
                 // The directory is gone: its removal is an event in its parent.
                 continue;
             };
+            // Every directory of a marked filesystem is below its root, which is one of ours.
             let Some((i, rel)) = self.place(&path) else {
-                continue;
+                return Err(format!(
+                    "a changed directory ({}) lies outside the migrated roots",
+                    path.display()
+                ));
             };
             let rc = &mut out[i].1;
             rc.dirs.entry(rel.clone()).or_default().itself = true;
@@ -501,10 +511,10 @@ impl Inner {
         self.roots
             .iter()
             .enumerate()
-            .filter(|(_, r)| path.starts_with(&r.src))
-            .max_by_key(|(_, r)| r.src.as_os_str().len())
+            .filter(|(_, r)| path.starts_with(&r.real))
+            .max_by_key(|(_, r)| r.real.as_os_str().len())
             .map(|(i, r)| {
-                let rest = path.strip_prefix(&r.src).unwrap_or(Path::new(""));
+                let rest = path.strip_prefix(&r.real).unwrap_or(Path::new(""));
                 (i, rest.as_os_str().as_bytes().to_vec())
             })
     }
@@ -541,19 +551,74 @@ impl Inner {
                         root.src.display()
                     ));
                 }
-                if let Some((i, rel)) = self.place(path) {
-                    let (dir, file) = match rel.iter().rposition(|&b| b == b'/') {
-                        Some(k) => (rel[..k].to_vec(), rel[k + 1..].to_vec()),
-                        None => (Vec::new(), rel.clone()),
-                    };
-                    if !file.is_empty() {
-                        out[i].1.mark(&dir, Some(&file), false);
-                    }
+                let Some((i, rel)) = self.place(path) else {
+                    return Err(format!(
+                        "process {} maps {} writable, outside the migrated roots",
+                        name.to_string_lossy(),
+                        path.display()
+                    ));
+                };
+                let (dir, file) = match rel.iter().rposition(|&b| b == b'/') {
+                    Some(k) => (rel[..k].to_vec(), rel[k + 1..].to_vec()),
+                    None => (Vec::new(), rel.clone()),
+                };
+                if !file.is_empty() {
+                    out[i].1.mark(&dir, Some(&file), false);
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Refuses a root that is not the whole of its filesystem (the root of a mount that shows the
+/// filesystem's own root): a file in it may have another name elsewhere on the filesystem,
+/// and a change through that name would be an event the journal could not place in the tree.
+fn whole_filesystem(real: &Path) -> Result<(), JournalError> {
+    let info = std::fs::read("/proc/self/mountinfo")
+        .map_err(|e| io_err("reading /proc/self/mountinfo", e))?;
+    let want = real.as_os_str().as_bytes();
+    // The last mount on a path is the one seen there.
+    let fs_root = info
+        .split(|&b| b == b'\n')
+        .filter_map(|l| {
+            let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
+            (f.len() > 4 && unescape(f[4]) == want).then(|| unescape(f[3]))
+        })
+        .next_back();
+    match fs_root {
+        Some(r) if r == b"/" => Ok(()),
+        Some(_) => Err(JournalError::Unsupported {
+            what: format!("{} is a bind mount of part of a filesystem", real.display()),
+            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+        }),
+        None => Err(JournalError::Unsupported {
+            what: format!(
+                "{} is not a mount point: a file there may have another name elsewhere on its filesystem",
+                real.display()
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+        }),
+    }
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) undone.
+fn unescape(f: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.len());
+    let mut i = 0;
+    while i < f.len() {
+        if f[i] == b'\\'
+            && i + 4 <= f.len()
+            && f[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((f[i + 1] - b'0') * 64 + (f[i + 2] - b'0') * 8 + (f[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(f[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// One line of `/proc/PID/maps` that maps a file shared and writable.
@@ -800,6 +865,15 @@ mod tests {
         assert!(parse_map(b"7f00-7f10 rw-p 00000000 fd:01 1234 /x").is_none());
         assert!(parse_map(b"7f00-7f10 rw-s 00000000 00:00 0 ").is_none());
         assert!(parse_map(b"garbage").is_none());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(br"/mnt/a\040b"), b"/mnt/a b");
+        assert_eq!(unescape(br"/x\"), b"/x\\");
+        assert_eq!(unescape(b"/"), b"/");
+        assert!(whole_filesystem(Path::new("/proc")).is_ok());
+        assert!(whole_filesystem(Path::new("/proc/self")).is_err());
     }
 
     #[test]
