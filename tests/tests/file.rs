@@ -2373,3 +2373,96 @@ fn migrate_watch_syncs_what_changed_at_each_sigusr1() {
     let st = tx.wait().unwrap();
     assert!(st.success(), "{st:?}: {}", text());
 }
+
+/// The daemon holds a file task's change journal from its first pass: a SYNC visits only what
+/// changed (its log says so), a SYNC after hard links were made walks everything (and says
+/// why), and after each the target equals the source.
+#[test]
+fn the_daemon_syncs_a_file_task_through_its_change_journal() {
+    use serde_json::json;
+    use sms_tests::procs::{Agent, Emulator, AK, SK};
+    let kit = Kit::new();
+    let (_disk, src) = journal_fs(256);
+    small_tree(&src, 10, 20);
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emu = Emulator::start();
+    let agent = Agent::start_with(
+        &emu.url(),
+        &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
+        &format!("[transfer]\nport = {port}\nstreams = 2\n"),
+        &[],
+    );
+    let id = emu.source_id(&agent);
+    let (st, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "fj", "type": "MIGRATE_FILE", "os_type": "LINUX", "source_server": {"id": id},
+            "migration_ip": "127.0.0.1",
+            "target_server": {"disks": [{"name": "vda", "size": 1u64 << 30,
+                "physical_volumes": [{"name": "vda1", "mount_point": src.display().to_string(), "file_system": "ext4"}]}]}})),
+    );
+    assert_eq!(st, 200, "{task}");
+    let tid = task["id"].as_str().unwrap().to_string();
+    emu.save_target_certs(
+        &tid,
+        &kit.p("c/ca.pem"),
+        &kit.p("c/target.pem"),
+        &kit.p("c/target-key.pem"),
+    );
+    let _rx = Receiver::start(
+        &kit,
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--root".into(),
+            dst.display().to_string(),
+        ],
+    );
+    let start = || {
+        emu.operator(
+            "POST",
+            &format!("/v3/tasks/{tid}/action"),
+            Some(json!({ "operation": "start" })),
+        )
+    };
+    start();
+    emu.wait_task(&tid, "MIGRATE_SUCCESS", 120);
+    let on_target = dst.join(src.strip_prefix("/").unwrap());
+    assert_eq!(rsync_diff_checksum(&src, &on_target, &["/lost+found"]), "");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    use rand::SeedableRng;
+    for (round, links) in [(0u64, false), (1, true)] {
+        for n in 0..50 {
+            random_change(&src, &mut rng, round * 1000 + n, false);
+        }
+        if links {
+            let (files, _) = touchable(&src);
+            let f = files.iter().find(|f| f.is_file()).unwrap();
+            std::fs::hard_link(f, src.join("a-hard-link")).unwrap();
+        }
+        let want = if links {
+            "the file sync walks everything"
+        } else {
+            "the file sync visits what the change journal names"
+        };
+        let count = |what: &str| agent.log().matches(what).count();
+        let (passes, wanted) = (count("pass complete"), count(want));
+        start();
+        wait_for("the sync pass", 120, || {
+            count("pass complete") > passes && count(want) > wanted
+        });
+        emu.wait_task(&tid, "SYNC_SUCCESS", 120);
+        assert_eq!(
+            rsync_diff_checksum(&src, &on_target, &["/lost+found"]),
+            "",
+            "round {round}"
+        );
+    }
+    assert!(agent.log().contains("hard links"), "{}", agent.log());
+}

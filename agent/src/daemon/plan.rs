@@ -144,6 +144,7 @@ pub(super) async fn file(
         },
         check,
         used_bytes,
+        journal: None,
     })
 }
 
