@@ -996,6 +996,23 @@ fn a_hostile_sender_changes_nothing_outside_the_root() {
             let _ = Message::Bye.write_to(&mut h.ctl.writer);
             let _ = h.ctl.flush();
         }),
+        // Journal deletions of names outside the root, directly and through a symlink.
+        Box::new(|h| {
+            h.ctl(&FileMsg::Gone {
+                id: 0,
+                path: rel_up.clone(),
+            });
+            h.ctl(&FileMsg::Gone {
+                id: 1,
+                path: sentinel_abs.clone(),
+            });
+            h.ctl(&entry(2, b"evil3", S_IFLNK, &out_abs));
+            h.ctl(&FileMsg::Gone {
+                id: 3,
+                path: b"evil3/sentinel".to_vec(),
+            });
+            h.ctl(&FileMsg::ListEnd);
+        }),
         // A directory named like the root's parent in a listing end.
         Box::new(|h| {
             h.ctl(&FileMsg::DirEnd {
