@@ -60,9 +60,11 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
+        let t0 = std::time::Instant::now();
         let scope = journal
             .as_ref()
             .map_or_else(|| Scope::Full(no_journal.into()), Journal::take);
+        let ms = t0.elapsed().as_millis();
         match scope {
             Scope::Full(why) => {
                 tracing::info!(reason = %why, "journal sync: walking everything");
@@ -70,8 +72,11 @@ pub fn run(
                 opts.changes = None;
             }
             Scope::Changes(c) => {
-                tracing::info!(changed = c.len(), "journal sync: visiting what changed");
-                eprintln!("sync: the journal names {} changed entries", c.len());
+                tracing::info!(changed = c.len(), ms, "journal sync: visiting what changed");
+                eprintln!(
+                    "sync: the journal names {} changed entries (read in {ms} ms)",
+                    c.len()
+                );
                 opts.changes = Some(Arc::new(c));
             }
         }

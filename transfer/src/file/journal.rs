@@ -33,8 +33,8 @@ use nix::libc;
 use super::proto::{S_IFDIR, S_IFMT, S_IFREG};
 use super::sys;
 
-/// Most changed names the journal holds; past it a pass walks everything (the walk is then
-/// not much slower than visiting each name).
+/// Most changed names (and directories) the journal holds; past it a pass walks everything
+/// (the walk is then not much slower than visiting each name).
 const MAX_NAMES: usize = 2_000_000;
 /// Bytes read from the group at once.
 const READ_BUF: usize = 64 << 10;
@@ -829,7 +829,11 @@ fn record(mask: u64, mut info: &[u8], p: &mut Pending) {
             });
             return;
         }
-        let entry = p.dirs.entry(h).or_default();
+        // Directories count against the bound too (a flood of chmods names no new names).
+        let entry = p.dirs.entry(h).or_insert_with(|| {
+            p.names += 1;
+            Default::default()
+        });
         match name {
             // The directory itself (its metadata): its entry is listed.
             Some(b".") | Some(b"") => {}
