@@ -57,7 +57,7 @@ pub fn run(
             return Ok(());
         }
         if !wake.swap(false, Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
             continue;
         }
         let t0 = std::time::Instant::now();

@@ -2197,7 +2197,6 @@ fn journal_passes_follow_random_changes_exactly() {
             n += 1;
             random_change(&s, &mut rng, n, round == 5);
         }
-        let scope = j.take();
         let stop = Arc::new(AtomicBool::new(false));
         let busy = {
             let (s, stop) = (s.clone(), Arc::clone(&stop));
@@ -2211,9 +2210,11 @@ fn journal_passes_follow_random_changes_exactly() {
                 }
             })
         };
+        // Taken while the tree keeps changing: renames of directories race with placing.
+        let scope = j.take();
         if round == 5 {
             assert!(
-                matches!(&scope, Scope::Full(w) if w.contains("hard links")),
+                matches!(&scope, Scope::Full(w) if w.contains("hard links") || w.contains("moved")),
                 "{scope:?}"
             );
         }
@@ -2235,8 +2236,9 @@ fn journal_passes_follow_random_changes_exactly() {
         assert!(temps(&r.root).is_empty());
         if journal {
             journal_passes += 1;
-            assert!(rep2.entries < full.entries / 2, "{rep2:?} vs {full:?}");
         }
+        // Visiting what changed lists no more than walking everything would.
+        assert!(rep.entries <= full.entries * 2 && rep2.entries <= full.entries * 2);
     }
     assert!(journal_passes >= 12, "{journal_passes} journal passes");
     // Writes through a shared mapping raise no event while it stays: the take finds the
@@ -2373,6 +2375,15 @@ fn migrate_watch_syncs_what_changed_at_each_sigusr1() {
         }
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
         wait_for("a sync pass", 60, || passes() == round as usize + 2);
+        // A journal pass lists far fewer entries than the first pass's walk of everything.
+        let listed: Vec<u64> = text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("sync complete: "))
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        if !links {
+            assert!(listed[listed.len() - 1] < listed[0] / 2, "{listed:?}");
+        }
         assert_eq!(
             rsync_diff_checksum(&s, &dst, &["/lost+found"]),
             "",

@@ -155,6 +155,8 @@ struct Pending {
     /// Changed names by directory handle.
     dirs: HashMap<Handle, (bool, BTreeMap<Vec<u8>, bool>)>,
     names: usize,
+    /// Directories renamed (moves of a directory change the paths a take resolves).
+    dir_moves: u64,
     /// Why the record is incomplete since the last take.
     lost: Option<String>,
 }
@@ -340,7 +342,18 @@ impl Journal {
         if let Some(why) = pending.lost {
             return Scope::Full(why);
         }
-        match self.inner.resolve(pending.dirs) {
+        let resolved = self.inner.resolve(pending.dirs);
+        // A directory moved while the handles were resolved: a path may already be its new
+        // one, which the target gets only with the next pass's move.
+        let mut st = crate::lock(&self.inner.state);
+        self.inner.drain(&mut st.pending);
+        if st.pending.dir_moves > 0 {
+            return Scope::Full(
+                "a directory moved while the journal's changes were being placed".into(),
+            );
+        }
+        drop(st);
+        match resolved {
             Ok(c) => Scope::Changes(c),
             Err(why) => Scope::Full(why),
         }
@@ -788,6 +801,9 @@ fn record(mask: u64, mut info: &[u8], p: &mut Pending) {
         return;
     }
     let fresh = mask & libc::FAN_ONDIR != 0 && mask & (libc::FAN_CREATE | libc::FAN_MOVED_TO) != 0;
+    if mask & libc::FAN_ONDIR != 0 && mask & (libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO) != 0 {
+        p.dir_moves += 1;
+    }
     let mut placed = false;
     while info.len() >= 4 {
         let kind = info[0];
