@@ -2040,6 +2040,14 @@ fn a_full_target_filesystem_fails_the_pass_clearly_and_the_next_resumes() {
     drop(rx);
 }
 
+/// Held by every test that starts a journal: the overflow test lowers the kernel's queue
+/// limit for the groups created meanwhile, which must be its own only.
+fn journal_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A fresh ext4 filesystem on a loop device, mounted: the journal marks whole filesystems,
 /// and one of its own keeps the rest of the machine's activity out of the record.
 fn journal_fs(mib: u64) -> (sms_tests::LoopDisk, PathBuf) {
@@ -2168,6 +2176,7 @@ fn small_tree(s: &Path, dirs: usize, files: usize) {
 fn journal_passes_follow_random_changes_exactly() {
     use rand::SeedableRng;
     use transfer::file::journal::{Journal, Scope};
+    let _serial = journal_lock();
     let (_disk, s) = journal_fs(256);
     small_tree(&s, 30, 20);
     let j = Journal::start(std::slice::from_ref(&s)).unwrap();
@@ -2296,6 +2305,7 @@ fn journal_passes_follow_random_changes_exactly() {
 fn a_journal_overflow_falls_back_to_the_full_walk_and_stays_exact() {
     use transfer::file::journal::{Journal, Scope};
     const KNOB: &str = "/proc/sys/fs/fanotify/max_queued_events";
+    let _serial = journal_lock();
     let (_disk, s) = journal_fs(128);
     small_tree(&s, 5, 10);
     // A group takes the queue limit when it is created: a tiny one for this journal only.
@@ -2343,6 +2353,7 @@ fn a_journal_overflow_falls_back_to_the_full_walk_and_stays_exact() {
 #[test]
 fn migrate_watch_syncs_what_changed_at_each_sigusr1() {
     use rand::SeedableRng;
+    let _serial = journal_lock();
     let kit = Kit::new();
     let (_disk, s) = journal_fs(256);
     small_tree(&s, 20, 20);
@@ -2411,6 +2422,7 @@ fn migrate_watch_syncs_what_changed_at_each_sigusr1() {
 fn the_daemon_syncs_a_file_task_through_its_change_journal() {
     use serde_json::json;
     use sms_tests::procs::{Agent, Emulator, AK, SK};
+    let _serial = journal_lock();
     let kit = Kit::new();
     let (_disk, src) = journal_fs(256);
     small_tree(&src, 10, 20);
