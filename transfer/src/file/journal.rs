@@ -554,6 +554,10 @@ impl Inner {
                 }) else {
                     continue;
                 };
+                // A deleted file has no name in the tree: nothing of it is migrated.
+                if m.path.ends_with(b" (deleted)") {
+                    continue;
+                }
                 let path = Path::new(std::ffi::OsStr::from_bytes(m.path));
                 let ok = nix::sys::stat::lstat(path)
                     .is_ok_and(|st| st.st_ino == m.ino && st.st_dev == root.dev);
