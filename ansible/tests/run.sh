@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# The full test of the sms_agent.fleet collection, against real hosts: two minimal Debian
+# containers booted by systemd-nspawn (systemd as PID 1, sshd, each in a network namespace of its
+# own, joined to the host by a veth on a bridge), driven over ssh by ansible-core from PyPI,
+# against sms-emulator serving HTTPS on the host. One host gets the .deb (auto), the other the
+# tarball.
+#
+#   ansible/tests/run.sh          (as root; about 3 minutes once the caches exist)
+#
+# It checks: an honest --check --diff on fresh hosts (changes reported, none made); the rollout;
+# a second run and a --check with no change at all; both sources registered exactly once, with the
+# ids the role reported as facts; modes of the config, key and directory; the secret key never in
+# any output; a --check --diff of a changed setting that shows the diff and changes nothing; the
+# inventory report (JSON and table); state=absent removing everything, and again with no change.
+#
+# Caches (kept between runs): the Debian rootfs in $FLEET_CACHE (default /var/tmp/sms-agent-fleet;
+# debootstrap, about 80 s, once), the virtualenv in $FLEET_VENV (default /opt/sms-agent-ansible),
+# the packages in dist/ (packaging/build.sh when missing; FLEET_REBUILD=1 forces it).
+# FLEET_KEEP=1 leaves the scratch directory (logs, inventory, report) behind.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+ANS=$REPO/ansible
+CACHE=${FLEET_CACHE:-/var/tmp/sms-agent-fleet}
+VENV=${FLEET_VENV:-/opt/sms-agent-ansible}
+NET=${FLEET_NET:-10.231.77}
+PORT=${FLEET_PORT:-18443}
+P=smsfleet
+ROOTFS=$CACHE/rootfs-bookworm
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/Cargo.toml" | head -1)
+HOSTS=(h1 h2)
+
+fail() { echo "fleet test: FAIL: $*" >&2; exit 1; }
+step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%T)"; }
+[ "$(id -u)" = 0 ] || fail "run as root (network namespaces, containers)"
+for c in debootstrap systemd-nspawn ssh ssh-keygen ip curl jq python3; do
+  command -v "$c" >/dev/null || fail "$c is needed"
+done
+
+WORK=$(mktemp -d /tmp/smsfleet.XXXXXX)
+PIDS=()
+cleanup() {
+  set +e
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for _ in $(seq 1 30); do
+    alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 1
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  for h in "${HOSTS[@]}"; do ip netns del "$P-$h" 2>/dev/null; ip link del "$P-$h" 2>/dev/null; done
+  ip link del "$P-br0" 2>/dev/null
+  if [ "${FLEET_KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+# --- what the test drives ------------------------------------------------------------------
+step "packages, emulator, ansible"
+DEB=$REPO/dist/sms-agent_${VERSION}_amd64.deb
+TGZ=$REPO/dist/sms-agent-${VERSION}-x86_64-linux-musl.tar.gz
+if [ "${FLEET_REBUILD:-0}" = 1 ] || [ ! -e "$DEB" ] || [ ! -e "$TGZ" ]; then
+  "$REPO/packaging/build.sh"
+fi
+BIN=$REPO/target/x86_64-unknown-linux-musl/release/sms-agent
+EMU=$REPO/target/debug/sms-emulator
+[ -x "$EMU" ] || (cd "$REPO" && cargo build -p sms-tests --bin sms-emulator)
+if [ ! -x "$VENV/bin/ansible-playbook" ] || [ ! -x "$VENV/bin/ansible-lint" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r "$ANS/requirements.txt"
+fi
+export PATH=$VENV/bin:$PATH PYTHONWARNINGS=ignore ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0
+
+if [ ! -d "$ROOTFS" ]; then
+  step "debootstrap (once, cached in $ROOTFS)"
+  mkdir -p "$CACHE"
+  rm -rf "$ROOTFS.tmp"
+  debootstrap --variant=minbase --include=systemd-sysv,dbus,openssh-server,python3 bookworm \
+    "$ROOTFS.tmp" http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 \
+    || fail "debootstrap failed, see $CACHE/debootstrap.log"
+  # Each boot makes its own machine id and takes its hostname from --hostname.
+  : >"$ROOTFS.tmp/etc/machine-id"
+  rm -f "$ROOTFS.tmp/etc/hostname"
+  mv "$ROOTFS.tmp" "$ROOTFS"
+fi
+
+# --- the hosts -----------------------------------------------------------------------------
+step "network and containers"
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/id" -C fleet-test
+install -m 0600 "$WORK/id.pub" "$WORK/authorized_keys"
+ip link add "$P-br0" type bridge
+ip addr add "$NET.1/24" dev "$P-br0"
+ip link set "$P-br0" up
+i=10
+for h in "${HOSTS[@]}"; do
+  i=$((i + 1))
+  ip netns add "$P-$h"
+  ip link add "$P-$h" type veth peer name eth0 netns "$P-$h"
+  ip link set "$P-$h" master "$P-br0" up
+  ip -n "$P-$h" addr add "$NET.$i/24" dev eth0
+  ip -n "$P-$h" link set eth0 up
+  ip -n "$P-$h" link set lo up
+  ip -n "$P-$h" route add default via "$NET.1"
+  # --volatile=overlay: the cached rootfs stays untouched; each container writes to its own tmpfs.
+  systemd-nspawn --register=no --keep-unit -b -D "$ROOTFS" --volatile=overlay \
+    --machine="$P-$h" --hostname="fleet-$h" --network-namespace-path="/run/netns/$P-$h" \
+    --bind-ro="$WORK/authorized_keys:/root/.ssh/authorized_keys" \
+    >"$WORK/console-$h.log" 2>&1 </dev/null &
+  PIDS+=($!)
+done
+SSH=(ssh -i "$WORK/id" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=3 -o BatchMode=yes)
+on() { local h=$1; shift; "${SSH[@]}" "root@$NET.$((10 + ${h#h}))" "$@"; }
+for h in "${HOSTS[@]}"; do
+  ok=0
+  for _ in $(seq 1 60); do
+    if state=$(on "$h" systemctl is-system-running --wait 2>/dev/null) || [ "${state:-}" = degraded ]; then ok=1; break; fi
+    sleep 1
+  done
+  [ $ok = 1 ] || fail "container $h did not come up: $(tail -5 "$WORK/console-$h.log")"
+  echo "$h: systemd $(on "$h" cat /proc/1/comm) as PID 1, state ${state:-?}"
+done
+
+# --- SMS ------------------------------------------------------------------------------------
+step "sms-emulator over HTTPS on $NET.1:$PORT"
+"$BIN" certs --out "$WORK/pki" --target-name "$NET.1" >/dev/null
+AK=FLEETAK$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')
+SK=$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')
+"$EMU" --listen "$NET.1:$PORT" --ak "$AK" --sk "$SK" --state "$WORK/emu.json" \
+  --tls-cert "$WORK/pki/target.pem" --tls-key "$WORK/pki/target-key.pem" >"$WORK/emu.log" 2>&1 &
+PIDS+=($!)
+EMU_URL=https://$NET.1:$PORT
+emu() { curl -sS --fail --cacert "$WORK/pki/ca.pem" "$EMU_URL$1"; }
+for _ in $(seq 1 50); do emu /_emulator/state >/dev/null 2>&1 && break; sleep 0.2; done
+emu /_emulator/state >/dev/null || fail "the emulator did not start: $(cat "$WORK/emu.log")"
+
+# --- the operator's side: inventory, variables, vault ----------------------------------------
+step "inventory and vault"
+mkdir -p "$WORK/project/group_vars/sms_agents"
+cd "$WORK/project"
+cat >inventory.ini <<EOF
+[sms_agents]
+h1 ansible_host=$NET.11
+h2 ansible_host=$NET.12 sms_agent_install_method=tarball
+
+[sms_agents:vars]
+ansible_user=root
+ansible_become=false
+ansible_python_interpreter=/usr/bin/python3
+ansible_ssh_private_key_file=$WORK/id
+ansible_ssh_common_args=-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR
+EOF
+cat >group_vars/sms_agents/vars.yml <<EOF
+sms_agent_version: "$VERSION"
+sms_agent_package_dir: "$REPO/dist"
+sms_agent_endpoint: "$EMU_URL"
+sms_agent_ca_pem: "{{ lookup('ansible.builtin.file', '$WORK/pki/ca.pem') }}"
+sms_agent_access_key: "$AK"
+sms_agent_name: "fleet-{{ inventory_hostname }}"
+sms_agent_poll_interval: "2s"
+sms_agent_transfer_streams: 6
+sms_agent_transfer_exclude: ["/srv/cache"]
+EOF
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/vault-pass"
+printf 'sms_agent_secret_key: "%s"\n' "$SK" >group_vars/sms_agents/vault.yml
+ansible-vault encrypt --vault-password-file "$WORK/vault-pass" group_vars/sms_agents/vault.yml >/dev/null
+grep -q '^\$ANSIBLE_VAULT' group_vars/sms_agents/vault.yml || fail "vault.yml is not encrypted"
+cat >ansible.cfg <<EOF
+[defaults]
+collections_path = $ANS
+inventory = inventory.ini
+vault_password_file = $WORK/vault-pass
+fact_caching = jsonfile
+fact_caching_connection = $WORK/facts
+host_key_checking = False
+EOF
+
+N=0
+# play NAME ARGS...: runs a playbook, keeps its output in $WORK/NAME.log, prints the recap.
+play() {
+  local name=$1; shift
+  N=$((N + 1))
+  local t0; t0=$(date +%s.%N)
+  if ! ansible-playbook "$@" >"$WORK/$name.log" 2>&1; then
+    tail -40 "$WORK/$name.log" >&2
+    fail "ansible-playbook $name failed (log: $WORK/$name.log)"
+  fi
+  awk -v n="$name" -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%s: %.1f s\n", n, b - a }' 
+  sed -n '/^PLAY RECAP/,$p' "$WORK/$name.log" | grep -E '^h[0-9]' | sed 's/  */ /g'
+}
+# changed NAME HOST: the changed= count of HOST in the recap of run NAME.
+changed() { sed -n '/^PLAY RECAP/,$p' "$WORK/$1.log" | grep -E "^$2 " | sed -E 's/.*changed=([0-9]+).*/\1/'; }
+expect_changed() { # NAME: every host changed something
+  for h in "${HOSTS[@]}"; do [ "$(changed "$1" "$h")" -gt 0 ] || fail "$1: $h reports no change"; done
+}
+expect_unchanged() { # NAME: no host changed anything
+  for h in "${HOSTS[@]}"; do
+    [ "$(changed "$1" "$h")" = 0 ] || { grep -E '^changed:' "$WORK/$1.log" >&2; fail "$1: $h changed=$(changed "$1" "$h"), want 0"; }
+  done
+}
+
+# --- rollout ----------------------------------------------------------------------------------
+step "--check --diff on fresh hosts: reports the changes, makes none"
+play check-fresh sms_agent.fleet.deploy --check --diff
+expect_changed check-fresh
+for h in "${HOSTS[@]}"; do
+  on "$h" 'test ! -e /etc/sms-agent && test ! -e /usr/bin/sms-agent && test ! -e /usr/local/bin/sms-agent' \
+    || fail "--check changed $h"
+done
+[ "$(emu /_emulator/state | jq '.sources | length')" = 0 ] || fail "--check registered a source"
+
+step "rollout"
+play rollout sms_agent.fleet.deploy --diff
+expect_changed rollout
+step "second run: no change"
+play rerun sms_agent.fleet.deploy --diff
+expect_unchanged rerun
+step "--check --diff on converged hosts: no change"
+play check-converged sms_agent.fleet.deploy --check --diff
+expect_unchanged check-converged
+
+step "registered exactly once, with the ids the role reported"
+state=$(emu /_emulator/state)
+[ "$(jq '.sources | length' <<<"$state")" = 2 ] || fail "the emulator has $(jq '.sources | length' <<<"$state") sources, want 2"
+posts=$(emu /_emulator/journal | jq '[.[] | select(.method == "POST" and .path == "/v3/sources")] | length')
+[ "$posts" = 2 ] || fail "$posts registrations (POST /v3/sources), want 2"
+for h in "${HOSTS[@]}"; do
+  fact=$(jq -r '.sms_agent_source_id // empty' "$WORK/facts/$h")
+  [ -n "$fact" ] || fail "no sms_agent_source_id fact for $h"
+  st=$(on "$h" sms-agent status --json 2>/dev/null || on "$h" /usr/local/bin/sms-agent status --json)
+  [ "$(jq -r .source_id <<<"$st")" = "$fact" ] || fail "$h: status says $(jq -r .source_id <<<"$st"), the fact $fact"
+  [ "$(jq -r --arg id "$fact" '.sources[$id].body.name // empty' <<<"$state")" = "fleet-$h" ] \
+    || fail "$h: the emulator's source $fact is not named fleet-$h: $(jq -c --arg id "$fact" '.sources[$id]' <<<"$state" | head -c 300)"
+  echo "$h: source $fact, registered once, $(jq -r .activity <<<"$st")"
+done
+
+step "files, modes, the secret key"
+skhash=$(printf '%s' "$SK" | sha256sum | cut -d' ' -f1)
+for h in "${HOSTS[@]}"; do
+  modes=$(on "$h" stat -c '%a %U %n' /etc/sms-agent /etc/sms-agent/agent.toml /etc/sms-agent/sk /etc/sms-agent/api-ca.pem)
+  [ "$modes" = "$(printf '700 root /etc/sms-agent\n600 root /etc/sms-agent/agent.toml\n600 root /etc/sms-agent/sk\n644 root /etc/sms-agent/api-ca.pem')" ] \
+    || fail "$h: modes are $modes"
+  [ "$(on "$h" sha256sum /etc/sms-agent/sk | cut -d' ' -f1)" = "$skhash" ] || fail "$h: /etc/sms-agent/sk does not hold the vault's key"
+  on "$h" cat /etc/sms-agent/agent.toml >"$WORK/agent-$h.toml"
+  ! grep -qF "$SK" "$WORK/agent-$h.toml" || fail "$h: the secret key is in agent.toml"
+  grep -qx 'streams = 6' "$WORK/agent-$h.toml" && grep -qx 'exclude = \["/srv/cache"\]' "$WORK/agent-$h.toml" \
+    && grep -qx "name = \"fleet-$h\"" "$WORK/agent-$h.toml" || fail "$h: agent.toml lacks the settings: $(cat "$WORK/agent-$h.toml")"
+  on "$h" systemctl is-enabled sms-agent.service >/dev/null || fail "$h: sms-agent is not enabled"
+done
+on h1 'dpkg-query -W -f="\${Status} \${Version}" sms-agent' | grep -q "install ok installed $VERSION" || fail "h1: the .deb is not installed"
+on h2 'test -x /usr/local/bin/sms-agent && test -e /etc/systemd/system/sms-agent.service && ! dpkg-query -W sms-agent >/dev/null 2>&1' \
+  || fail "h2: not a tarball install"
+for log in "$WORK"/*.log; do ! grep -qF "$SK" "$log" || fail "the secret key is in $(basename "$log")"; done
+echo "modes 700/600/600, the key only in /etc/sms-agent/sk, in no output of $N runs"
+
+step "--check --diff of a changed setting: shows it, changes nothing"
+play check-change sms_agent.fleet.deploy --check --diff -e sms_agent_poll_interval=3s
+expect_changed check-change
+grep -q '^-poll_interval = "2s"' "$WORK/check-change.log" && grep -q '^+poll_interval = "3s"' "$WORK/check-change.log" \
+  || fail "the diff of agent.toml is not shown"
+for h in "${HOSTS[@]}"; do on "$h" grep -qx "'poll_interval = \"2s\"'" /etc/sms-agent/agent.toml || fail "--check changed $h's agent.toml"; done
+! grep -qF "$SK" "$WORK/check-change.log" || fail "the secret key is in the --check output"
+
+step "inventory report"
+play report sms_agent.fleet.inventory_report -e sms_agent_report_dir="$WORK/report"
+for h in "${HOSTS[@]}"; do
+  [ "$(jq -r --arg h "$h" '.hosts[$h].probe.name' "$WORK/report/inventory.json")" = "fleet-$h" ] || fail "report: no probe of $h"
+  [ "$(jq -r --arg h "$h" '.hosts[$h].status.source_id' "$WORK/report/inventory.json")" = "$(jq -r .sms_agent_source_id "$WORK/facts/$h")" ] \
+    || fail "report: wrong source id for $h"
+done
+cat "$WORK/report/inventory.txt"
+grep -q '^2 hosts, 2 probed, 0 not' "$WORK/report/inventory.txt" || fail "report: the table's count is wrong"
+
+# --- removal ----------------------------------------------------------------------------------
+step "state=absent"
+play remove sms_agent.fleet.deploy -e sms_agent_state=absent --diff
+expect_changed remove
+play remove-again sms_agent.fleet.deploy -e sms_agent_state=absent
+expect_unchanged remove-again
+play remove-check sms_agent.fleet.deploy -e sms_agent_state=absent --check
+expect_unchanged remove-check
+for h in "${HOSTS[@]}"; do
+  left=$(on "$h" 'ls -d /etc/sms-agent /var/lib/sms-agent /var/log/sms-agent /usr/bin/sms-agent /usr/local/bin/sms-agent \
+    /etc/systemd/system/sms-agent.service /usr/lib/systemd/system/sms-agent.service /usr/local/share/man/man1/sms-agent.1.gz 2>/dev/null; \
+    dpkg-query -W sms-agent 2>/dev/null; systemctl list-units --all --no-legend "sms-agent*"' || true)
+  [ -z "$left" ] || fail "$h: left after removal: $left"
+done
+echo "nothing of sms-agent left on either host"
+play report-after sms_agent.fleet.inventory_report -e sms_agent_report_dir="$WORK/report-after"
+grep -q '^2 hosts, 0 probed, 2 not' "$WORK/report-after/inventory.txt" || fail "report after removal: $(cat "$WORK/report-after/inventory.txt")"
+
+step "ok: $N playbook runs"
