@@ -38,16 +38,27 @@ done
 
 WORK=$(mktemp -d /tmp/smsfleet.XXXXXX)
 PIDS=()
+LEADERS=()
 cleanup() {
   set +e
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  for _ in $(seq 1 30); do
-    alive=0
-    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+  # Ansible's persistent ssh connections would keep sessions open in the containers.
+  for sock in "$WORK"/cp/*; do [ -S "$sock" ] && ssh -o ControlPath="$sock" -O exit x >/dev/null 2>&1; done
+  # SIGTERM: the container halts; a second SIGTERM makes systemd-nspawn end it at once (its halt
+  # can fail under a cgroup v1 host); SIGKILL of the container's init as the last resort.
+  local round pid alive=0
+  for round in TERM TERM; do
+    for pid in "${PIDS[@]}"; do kill -"$round" "$pid" 2>/dev/null; done
+    for _ in $(seq 1 20); do
+      alive=0
+      for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      [ $alive = 0 ] && break
+      sleep 1
+    done
     [ $alive = 0 ] && break
-    sleep 1
   done
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  if [ "$alive" = 1 ]; then
+    for pid in "${LEADERS[@]}" "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+  fi
   for h in "${HOSTS[@]}"; do ip netns del "$P-$h" 2>/dev/null; ip link del "$P-$h" 2>/dev/null; done
   ip link del "$P-br0" 2>/dev/null
   if [ "${FLEET_KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
@@ -116,6 +127,8 @@ for h in "${HOSTS[@]}"; do
     sleep 1
   done
   [ $ok = 1 ] || fail "container $h did not come up: $(tail -5 "$WORK/console-$h.log")"
+  # The container's init, to end it should systemd-nspawn fail to.
+  LEADERS+=($(ps -o pid= --ppid "${PIDS[$(( ${h#h} - 1 ))]}"))
   echo "$h: systemd $(on "$h" cat /proc/1/comm) as PID 1, state ${state:-?}"
 done
 
@@ -171,6 +184,9 @@ vault_password_file = $WORK/vault-pass
 fact_caching = jsonfile
 fact_caching_connection = $WORK/facts
 host_key_checking = False
+
+[ssh_connection]
+control_path_dir = $WORK/cp
 EOF
 
 N=0
@@ -190,6 +206,16 @@ play() {
 changed() { sed -n '/^PLAY RECAP/,$p' "$WORK/$1.log" | grep -E "^$2 " | sed -E 's/.*changed=([0-9]+).*/\1/'; }
 expect_changed() { # NAME: every host changed something
   for h in "${HOSTS[@]}"; do [ "$(changed "$1" "$h")" -gt 0 ] || fail "$1: $h reports no change"; done
+}
+# fact HOST: the sms_agent_source_id the role set, from the jsonfile fact cache (files named
+# HOST, or s1_HOST with a {"__payload__": "…"} wrapper as ansible-core 2.19 writes them).
+fact() {
+  local f
+  for f in "$WORK/facts/$1" "$WORK/facts/s1_$1"; do
+    # 2.19 also keeps each value's origin: {"value": …, "tags": […]}.
+    [ -e "$f" ] && jq -r '(if has("__payload__") then .__payload__ | fromjson else . end)
+      | .sms_agent_source_id // empty | if type == "object" then .value else . end' "$f" && return
+  done
 }
 expect_unchanged() { # NAME: no host changed anything
   for h in "${HOSTS[@]}"; do
@@ -223,7 +249,7 @@ state=$(emu /_emulator/state)
 posts=$(emu /_emulator/journal | jq '[.[] | select(.method == "POST" and .path == "/v3/sources")] | length')
 [ "$posts" = 2 ] || fail "$posts registrations (POST /v3/sources), want 2"
 for h in "${HOSTS[@]}"; do
-  fact=$(jq -r '.sms_agent_source_id // empty' "$WORK/facts/$h")
+  fact=$(fact "$h")
   [ -n "$fact" ] || fail "no sms_agent_source_id fact for $h"
   st=$(on "$h" sms-agent status --json 2>/dev/null || on "$h" /usr/local/bin/sms-agent status --json)
   [ "$(jq -r .source_id <<<"$st")" = "$fact" ] || fail "$h: status says $(jq -r .source_id <<<"$st"), the fact $fact"
@@ -235,7 +261,7 @@ done
 step "files, modes, the secret key"
 skhash=$(printf '%s' "$SK" | sha256sum | cut -d' ' -f1)
 for h in "${HOSTS[@]}"; do
-  modes=$(on "$h" stat -c '%a %U %n' /etc/sms-agent /etc/sms-agent/agent.toml /etc/sms-agent/sk /etc/sms-agent/api-ca.pem)
+  modes=$(on "$h" "stat -c '%a %U %n' /etc/sms-agent /etc/sms-agent/agent.toml /etc/sms-agent/sk /etc/sms-agent/api-ca.pem")
   [ "$modes" = "$(printf '700 root /etc/sms-agent\n600 root /etc/sms-agent/agent.toml\n600 root /etc/sms-agent/sk\n644 root /etc/sms-agent/api-ca.pem')" ] \
     || fail "$h: modes are $modes"
   [ "$(on "$h" sha256sum /etc/sms-agent/sk | cut -d' ' -f1)" = "$skhash" ] || fail "$h: /etc/sms-agent/sk does not hold the vault's key"
@@ -263,7 +289,7 @@ step "inventory report"
 play report sms_agent.fleet.inventory_report -e sms_agent_report_dir="$WORK/report"
 for h in "${HOSTS[@]}"; do
   [ "$(jq -r --arg h "$h" '.hosts[$h].probe.name' "$WORK/report/inventory.json")" = "fleet-$h" ] || fail "report: no probe of $h"
-  [ "$(jq -r --arg h "$h" '.hosts[$h].status.source_id' "$WORK/report/inventory.json")" = "$(jq -r .sms_agent_source_id "$WORK/facts/$h")" ] \
+  [ "$(jq -r --arg h "$h" '.hosts[$h].status.source_id' "$WORK/report/inventory.json")" = "$(fact "$h")" ] \
     || fail "report: wrong source id for $h"
 done
 cat "$WORK/report/inventory.txt"

@@ -39,6 +39,7 @@ class AgentToml(unittest.TestCase):
         self.assertEqual(back["extra"], {"flag": False, "ratio": 0.5})
         # Unset values are left out, so the agent's defaults apply.
         self.assertEqual(back["api"], {"endpoint": "https://sms.example"})
+        self.assertNotIn("probe", tomllib.loads(agent_toml({"probe": {"devices": []}, "api": {}})))
 
     def test_tables_inside_a_section_are_refused_by_name(self):
         with self.assertRaisesRegex(AnsibleFilterError, r"\[agent\] name is a dict"):

@@ -50,19 +50,21 @@ def _unset(v):
 
 
 def agent_toml(settings):
-    """{section: {key: value}} as TOML tables; unset values (None, "", []) are left out."""
+    """{section: {key: value}} as TOML tables; unset values (None, "", []) are left out, and so
+    are sections left empty."""
     if not isinstance(settings, dict):
         raise AnsibleFilterError("sms_agent: the settings must be a mapping of sections")
     lines = []
     for section, keys in settings.items():
         if not isinstance(keys, dict):
             raise AnsibleFilterError("sms_agent: section [%s] must be a mapping of keys" % section)
-        lines.append("")
-        lines.append("[%s]" % section)
-        for key, value in keys.items():
-            if _unset(value):
-                continue
-            lines.append("%s = %s" % (key, _value("[%s] %s" % (section, key), value)))
+        body = [
+            "%s = %s" % (key, _value("[%s] %s" % (section, key), value))
+            for key, value in keys.items()
+            if not _unset(value)
+        ]
+        if body:
+            lines += ["", "[%s]" % section] + body
     return "\n".join(lines) + "\n"
 
 
