@@ -186,6 +186,7 @@ fact_caching_connection = $WORK/facts
 host_key_checking = False
 
 [ssh_connection]
+pipelining = True
 control_path_dir = $WORK/cp
 EOF
 
@@ -201,6 +202,13 @@ play() {
   fi
   awk -v n="$name" -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%s: %.1f s\n", n, b - a }' 
   sed -n '/^PLAY RECAP/,$p' "$WORK/$name.log" | grep -E '^h[0-9]' | sed 's/  */ /g'
+}
+# play_fails NAME ARGS...: like play, for a run that must fail.
+play_fails() {
+  local name=$1; shift
+  N=$((N + 1))
+  if ansible-playbook "$@" >"$WORK/$name.log" 2>&1; then fail "ansible-playbook $name succeeded; it must fail"; fi
+  echo "$name: failed, as it must"
 }
 # changed NAME HOST: the changed= count of HOST in the recap of run NAME.
 changed() { sed -n '/^PLAY RECAP/,$p' "$WORK/$1.log" | grep -E "^$2 " | sed -E 's/.*changed=([0-9]+).*/\1/'; }
@@ -236,8 +244,8 @@ done
 step "rollout"
 play rollout sms_agent.fleet.deploy --diff
 expect_changed rollout
-step "second run: no change"
-play rerun sms_agent.fleet.deploy --diff
+step "second run (at -vvv, so that every module's arguments are printed): no change"
+play rerun sms_agent.fleet.deploy --diff -vvv
 expect_unchanged rerun
 step "--check --diff on converged hosts: no change"
 play check-converged sms_agent.fleet.deploy --check --diff
@@ -285,6 +293,14 @@ grep -q '^-poll_interval = "2s"' "$WORK/check-change.log" && grep -q '^+poll_int
 for h in "${HOSTS[@]}"; do on "$h" grep -qx "'poll_interval = \"2s\"'" /etc/sms-agent/agent.toml || fail "--check changed $h's agent.toml"; done
 ! grep -qF "$SK" "$WORK/check-change.log" || fail "the secret key is in the --check output"
 
+step "a setting the agent does not know: refused by the agent before agent.toml is replaced"
+sum_before=$(on h1 sha256sum /etc/sms-agent/agent.toml)
+play_fails bad-setting sms_agent.fleet.deploy -e '{"sms_agent_extra_config": {"agent": {"no_such_key": "1"}}}'
+grep -q 'no_such_key' "$WORK/bad-setting.log" || fail "the failure does not name the bad key: $(grep -m3 fatal "$WORK/bad-setting.log")"
+[ "$(on h1 sha256sum /etc/sms-agent/agent.toml)" = "$sum_before" ] || fail "a refused agent.toml replaced the old one"
+on h1 systemctl is-active sms-agent.service >/dev/null || fail "the agent stopped after a refused setting"
+grep -m1 -o 'unknown field `no_such_key`[^"\]*' "$WORK/bad-setting.log" | head -1 || true
+
 step "inventory report"
 play report sms_agent.fleet.inventory_report -e sms_agent_report_dir="$WORK/report"
 for h in "${HOSTS[@]}"; do
@@ -309,8 +325,10 @@ for h in "${HOSTS[@]}"; do
     dpkg-query -W sms-agent 2>/dev/null; systemctl list-units --all --no-legend "sms-agent*"' || true)
   [ -z "$left" ] || fail "$h: left after removal: $left"
 done
-echo "nothing of sms-agent left on either host"
+for h in "${HOSTS[@]}"; do [ -z "$(fact "$h")" ] || fail "$h: the fact cache still has source id $(fact "$h")"; done
+echo "nothing of sms-agent left on either host; the source id facts are cleared"
 play report-after sms_agent.fleet.inventory_report -e sms_agent_report_dir="$WORK/report-after"
 grep -q '^2 hosts, 0 probed, 2 not' "$WORK/report-after/inventory.txt" || fail "report after removal: $(cat "$WORK/report-after/inventory.txt")"
 
-step "ok: $N playbook runs"
+for log in "$WORK"/*.log; do ! grep -qF "$SK" "$log" || fail "the secret key is in $(basename "$log")"; done
+step "ok: $N playbook runs, the secret key in none of their outputs"
