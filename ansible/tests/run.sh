@@ -2,8 +2,8 @@
 # The full test of the sms_agent.fleet collection, against real hosts: two minimal Debian
 # containers booted by systemd-nspawn (systemd as PID 1, sshd, each in a network namespace of its
 # own, joined to the host by a veth on a bridge), driven over ssh by ansible-core from PyPI,
-# against sms-emulator serving HTTPS on the host. One host gets the .deb (auto), the other the
-# tarball.
+# against sms-emulator serving HTTPS on the host. h1 gets the .deb (auto) and AK/SK auth, h2 the
+# tarball and IAM token auth (user and password).
 #
 #   ansible/tests/run.sh          (as root; about 3 minutes once the caches exist)
 #
@@ -137,7 +137,8 @@ step "sms-emulator over HTTPS on $NET.1:$PORT"
 "$BIN" certs --out "$WORK/pki" --target-name "$NET.1" >/dev/null
 AK=FLEETAK$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')
 SK=$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')
-"$EMU" --listen "$NET.1:$PORT" --ak "$AK" --sk "$SK" --state "$WORK/emu.json" \
+PW=pw-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+"$EMU" --listen "$NET.1:$PORT" --ak "$AK" --sk "$SK" --iam-user fleet-op --iam-password "$PW" --state "$WORK/emu.json" \
   --tls-cert "$WORK/pki/target.pem" --tls-key "$WORK/pki/target-key.pem" >"$WORK/emu.log" 2>&1 &
 PIDS+=($!)
 EMU_URL=https://$NET.1:$PORT
@@ -147,7 +148,7 @@ emu /_emulator/state >/dev/null || fail "the emulator did not start: $(cat "$WOR
 
 # --- the operator's side: inventory, variables, vault ----------------------------------------
 step "inventory and vault"
-mkdir -p "$WORK/project/group_vars/sms_agents"
+mkdir -p "$WORK/project/group_vars/sms_agents" "$WORK/project/host_vars/h2"
 cd "$WORK/project"
 cat >inventory.ini <<EOF
 [sms_agents]
@@ -172,10 +173,20 @@ sms_agent_poll_interval: "2s"
 sms_agent_transfer_streams: 6
 sms_agent_transfer_exclude: ["/srv/cache"]
 EOF
+cat >host_vars/h2/vars.yml <<EOF
+sms_agent_auth_method: token
+sms_agent_iam_endpoint: "$EMU_URL"
+sms_agent_iam_username: fleet-op
+sms_agent_iam_domain_name: fleet-domain
+sms_agent_iam_project_name: cn-north-4
+EOF
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/vault-pass"
 printf 'sms_agent_secret_key: "%s"\n' "$SK" >group_vars/sms_agents/vault.yml
-ansible-vault encrypt --vault-password-file "$WORK/vault-pass" group_vars/sms_agents/vault.yml >/dev/null
-grep -q '^\$ANSIBLE_VAULT' group_vars/sms_agents/vault.yml || fail "vault.yml is not encrypted"
+printf 'sms_agent_iam_password: "%s"\n' "$PW" >host_vars/h2/vault.yml
+for v in group_vars/sms_agents/vault.yml host_vars/h2/vault.yml; do
+  ansible-vault encrypt --vault-password-file "$WORK/vault-pass" "$v" >/dev/null
+  grep -q '^\$ANSIBLE_VAULT' "$v" || fail "$v is not encrypted"
+done
 cat >ansible.cfg <<EOF
 [defaults]
 collections_path = $ANS
@@ -209,6 +220,10 @@ play_fails() {
   N=$((N + 1))
   if ansible-playbook "$@" >"$WORK/$name.log" 2>&1; then fail "ansible-playbook $name succeeded; it must fail"; fi
   echo "$name: failed, as it must"
+}
+no_secret_in_logs() {
+  local log
+  for log in "$WORK"/*.log; do ! grep -qF -e "$SK" -e "$PW" "$log" || fail "a secret is in $(basename "$log")"; done
 }
 # changed NAME HOST: the changed= count of HOST in the recap of run NAME.
 changed() { sed -n '/^PLAY RECAP/,$p' "$WORK/$1.log" | grep -E "^$2 " | sed -E 's/.*changed=([0-9]+).*/\1/'; }
@@ -266,24 +281,31 @@ for h in "${HOSTS[@]}"; do
   echo "$h: source $fact, registered once, $(jq -r .activity <<<"$st")"
 done
 
-step "files, modes, the secret key"
-skhash=$(printf '%s' "$SK" | sha256sum | cut -d' ' -f1)
+step "files, modes, the secrets"
+sha() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
 for h in "${HOSTS[@]}"; do
-  modes=$(on "$h" "stat -c '%a %U %n' /etc/sms-agent /etc/sms-agent/agent.toml /etc/sms-agent/sk /etc/sms-agent/api-ca.pem")
-  [ "$modes" = "$(printf '700 root /etc/sms-agent\n600 root /etc/sms-agent/agent.toml\n600 root /etc/sms-agent/sk\n644 root /etc/sms-agent/api-ca.pem')" ] \
-    || fail "$h: modes are $modes"
-  [ "$(on "$h" sha256sum /etc/sms-agent/sk | cut -d' ' -f1)" = "$skhash" ] || fail "$h: /etc/sms-agent/sk does not hold the vault's key"
+  secret=/etc/sms-agent/sk want=$(sha "$SK")
+  [ "$h" = h2 ] && secret=/etc/sms-agent/password want=$(sha "$PW")
+  modes=$(on "$h" "stat -c '%a %U %n' /etc/sms-agent /etc/sms-agent/agent.toml /etc/sms-agent/sk $secret /etc/sms-agent/api-ca.pem | sort -u -k3")
+  expect=$(printf '700 root /etc/sms-agent\n600 root /etc/sms-agent/agent.toml\n600 root /etc/sms-agent/sk\n600 root %s\n644 root /etc/sms-agent/api-ca.pem' "$secret" | sort -u -k3)
+  [ "$modes" = "$expect" ] || fail "$h: modes are $modes"
+  [ "$(on "$h" sha256sum "$secret" | cut -d' ' -f1)" = "$want" ] || fail "$h: $secret does not hold the vault's secret"
   on "$h" cat /etc/sms-agent/agent.toml >"$WORK/agent-$h.toml"
-  ! grep -qF "$SK" "$WORK/agent-$h.toml" || fail "$h: the secret key is in agent.toml"
+  ! grep -qF -e "$SK" -e "$PW" "$WORK/agent-$h.toml" || fail "$h: a secret is in agent.toml"
   grep -qx 'streams = 6' "$WORK/agent-$h.toml" && grep -qx 'exclude = \["/srv/cache"\]' "$WORK/agent-$h.toml" \
     && grep -qx "name = \"fleet-$h\"" "$WORK/agent-$h.toml" || fail "$h: agent.toml lacks the settings: $(cat "$WORK/agent-$h.toml")"
   on "$h" systemctl is-enabled sms-agent.service >/dev/null || fail "$h: sms-agent is not enabled"
 done
+grep -qx 'method = "token"' "$WORK/agent-h2.toml" && grep -qx 'password_file = "/etc/sms-agent/password"' "$WORK/agent-h2.toml" \
+  || fail "h2: agent.toml is not set up for token auth"
+[ "$(on h2 stat -c %s /etc/sms-agent/sk)" = 0 ] || fail "h2: /etc/sms-agent/sk is not empty under token auth"
+[ "$(emu /_emulator/journal | jq '[.[] | select(.method == "POST" and .path == "/v3/auth/tokens")] | length')" -ge 1 ] \
+  || fail "h2 registered without an IAM token"
 on h1 'dpkg-query -W -f="\${Status} \${Version}" sms-agent' | grep -q "install ok installed $VERSION" || fail "h1: the .deb is not installed"
 on h2 'test -x /usr/local/bin/sms-agent && test -e /etc/systemd/system/sms-agent.service && ! dpkg-query -W sms-agent >/dev/null 2>&1' \
   || fail "h2: not a tarball install"
-for log in "$WORK"/*.log; do ! grep -qF "$SK" "$log" || fail "the secret key is in $(basename "$log")"; done
-echo "modes 700/600/600, the key only in /etc/sms-agent/sk, in no output of $N runs"
+no_secret_in_logs
+echo "modes 700/600/600, the key and the password only in their files, in no output of $N runs"
 
 step "--check --diff of a changed setting: shows it, changes nothing"
 play check-change sms_agent.fleet.deploy --check --diff -e sms_agent_poll_interval=3s
@@ -291,7 +313,6 @@ expect_changed check-change
 grep -q '^-poll_interval = "2s"' "$WORK/check-change.log" && grep -q '^+poll_interval = "3s"' "$WORK/check-change.log" \
   || fail "the diff of agent.toml is not shown"
 for h in "${HOSTS[@]}"; do on "$h" grep -qx "'poll_interval = \"2s\"'" /etc/sms-agent/agent.toml || fail "--check changed $h's agent.toml"; done
-! grep -qF "$SK" "$WORK/check-change.log" || fail "the secret key is in the --check output"
 
 step "a setting the agent does not know: refused by the agent before agent.toml is replaced"
 sum_before=$(on h1 sha256sum /etc/sms-agent/agent.toml)
@@ -330,5 +351,5 @@ echo "nothing of sms-agent left on either host; the source id facts are cleared"
 play report-after sms_agent.fleet.inventory_report -e sms_agent_report_dir="$WORK/report-after"
 grep -q '^2 hosts, 0 probed, 2 not' "$WORK/report-after/inventory.txt" || fail "report after removal: $(cat "$WORK/report-after/inventory.txt")"
 
-for log in "$WORK"/*.log; do ! grep -qF "$SK" "$log" || fail "the secret key is in $(basename "$log")"; done
-step "ok: $N playbook runs, the secret key in none of their outputs"
+no_secret_in_logs
+step "ok: $N playbook runs, the secret key and the password in none of their outputs"
