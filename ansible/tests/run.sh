@@ -2,8 +2,9 @@
 # The full test of the sms_agent.fleet collection, against real hosts: two minimal Debian
 # containers booted by systemd-nspawn (systemd as PID 1, sshd, each in a network namespace of its
 # own, joined to the host by a veth on a bridge), driven over ssh by ansible-core from PyPI,
-# against sms-emulator serving HTTPS on the host. h1 gets the .deb (auto) and AK/SK auth, h2 the
-# tarball and IAM token auth (user and password).
+# against sms-emulator serving HTTPS on the host. h1 gets the .deb (auto) copied from the
+# controller and AK/SK auth; h2 the tarball, downloaded over HTTP with its checksum checked, and
+# IAM token auth (user and password).
 #
 #   ansible/tests/run.sh          (as root; about 3 minutes once the caches exist)
 #
@@ -145,6 +146,10 @@ EMU_URL=https://$NET.1:$PORT
 emu() { curl -sS --fail --cacert "$WORK/pki/ca.pem" "$EMU_URL$1"; }
 for _ in $(seq 1 50); do emu /_emulator/state >/dev/null 2>&1 && break; sleep 0.2; done
 emu /_emulator/state >/dev/null || fail "the emulator did not start: $(cat "$WORK/emu.log")"
+# The package server h2 downloads from.
+python3 -m http.server --bind "$NET.1" --directory "$REPO/dist" $((PORT + 1)) >"$WORK/http.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 50); do curl -sf "http://$NET.1:$((PORT + 1))/" >/dev/null && break; sleep 0.2; done
 
 # --- the operator's side: inventory, variables, vault ----------------------------------------
 step "inventory and vault"
@@ -174,6 +179,10 @@ sms_agent_transfer_streams: 6
 sms_agent_transfer_exclude: ["/srv/cache"]
 EOF
 cat >host_vars/h2/vars.yml <<EOF
+sms_agent_package_dir: ""
+sms_agent_package_url: "http://$NET.1:$((PORT + 1))/"
+sms_agent_package_checksums:
+  "$(basename "$TGZ")": "sha256:$(sha256sum "$TGZ" | cut -d' ' -f1)"
 sms_agent_auth_method: token
 sms_agent_iam_endpoint: "$EMU_URL"
 sms_agent_iam_username: fleet-op
@@ -304,6 +313,7 @@ grep -qx 'method = "token"' "$WORK/agent-h2.toml" && grep -qx 'password_file = "
 on h1 'dpkg-query -W -f="\${Status} \${Version}" sms-agent' | grep -q "install ok installed $VERSION" || fail "h1: the .deb is not installed"
 on h2 'test -x /usr/local/bin/sms-agent && test -e /etc/systemd/system/sms-agent.service && ! dpkg-query -W sms-agent >/dev/null 2>&1' \
   || fail "h2: not a tarball install"
+[ "$(grep -c "GET /$(basename "$TGZ")" "$WORK/http.log")" = 1 ] || fail "h2 did not download the tarball exactly once: $(cat "$WORK/http.log")"
 no_secret_in_logs
 echo "modes 700/600/600, the key and the password only in their files, in no output of $N runs"
 
