@@ -6,12 +6,12 @@
 # controller and AK/SK auth; h2 the tarball, downloaded over HTTP with its checksum checked, and
 # IAM token auth (user and password).
 #
-#   ansible/tests/run.sh          (as root; about 3 minutes once the caches exist)
+#   ansible/tests/run.sh          (as root; about 7 minutes once the caches exist)
 #
 # It checks: an honest --check --diff on fresh hosts (changes reported, none made); the rollout;
 # a second run and a --check with no change at all; both sources registered exactly once, with the
-# ids the role reported as facts; modes of the config, key and directory; the secret key never in
-# any output; a --check --diff of a changed setting that shows the diff and changes nothing; the
+# ids the role reported as facts; modes of the config, key and directory; the secret key and
+# password never in any output; an upgrade to a new pinned version and back; a --check --diff of a changed setting that shows the diff and changes nothing; the
 # inventory report (JSON and table); state=absent removing everything, and again with no change.
 #
 # Caches (kept between runs): the Debian rootfs in $FLEET_CACHE (default /var/tmp/sms-agent-fleet;
@@ -316,6 +316,28 @@ on h2 'test -x /usr/local/bin/sms-agent && test -e /etc/systemd/system/sms-agent
 [ "$(grep -c "GET /$(basename "$TGZ")" "$WORK/http.log")" = 1 ] || fail "h2 did not download the tarball exactly once: $(cat "$WORK/http.log")"
 no_secret_in_logs
 echo "modes 700/600/600, the key and the password only in their files, in no output of $N runs"
+
+step "a new pinned version: upgrade, then back down, the same source throughout"
+# The same package under a higher version number: only dpkg's version differs, which is what
+# the role compares for a .deb.
+NEXT=$VERSION.1
+dpkg-deb -R "$DEB" "$WORK/repack"
+sed -i "s/^Version: .*/Version: $NEXT/" "$WORK/repack/DEBIAN/control"
+mkdir -p "$WORK/dist-next"
+dpkg-deb --root-owner-group -Zxz -b "$WORK/repack" "$WORK/dist-next/sms-agent_${NEXT}_amd64.deb" >/dev/null
+id_before=$(fact h1)
+for run in upgrade upgrade-again downgrade; do
+  v=$NEXT dir=$WORK/dist-next
+  [ $run = downgrade ] && v=$VERSION dir=$REPO/dist
+  play $run sms_agent.fleet.deploy --limit h1 -e sms_agent_version="$v" -e sms_agent_package_dir="$dir"
+  if [ $run = upgrade-again ]; then [ "$(changed $run h1)" = 0 ] || fail "$run: h1 changed"
+  else [ "$(changed $run h1)" -gt 0 ] || fail "$run: h1 reports no change"; fi
+  [ "$(on h1 'dpkg-query -W -f="\${Version}" sms-agent')" = "$v" ] || fail "$run: h1 does not have $v installed"
+  on h1 systemctl is-active sms-agent.service >/dev/null || fail "$run: the agent is not running"
+  [ "$(fact h1)" = "$id_before" ] || fail "$run: h1's source id changed from $id_before to $(fact h1)"
+done
+[ "$(emu /_emulator/state | jq '.sources | length')" = 2 ] || fail "the upgrades registered new sources"
+echo "h1: $VERSION -> $NEXT -> $VERSION, source $id_before kept"
 
 step "--check --diff of a changed setting: shows it, changes nothing"
 play check-change sms_agent.fleet.deploy --check --diff -e sms_agent_poll_interval=3s
