@@ -11,8 +11,10 @@
 # It checks: an honest --check --diff on fresh hosts (changes reported, none made); the rollout;
 # a second run and a --check with no change at all; both sources registered exactly once, with the
 # ids the role reported as facts; modes of the config, key and directory; the secret key and
-# password never in any output; an upgrade to a new pinned version and back; a --check --diff of a changed setting that shows the diff and changes nothing; the
-# inventory report (JSON and table); state=absent removing everything, and again with no change.
+# password never in any output; an upgrade to a new pinned version and back; a --check --diff of a
+# changed setting that shows the diff and changes nothing; a setting the agent refuses leaving the
+# old file in place; the inventory report (JSON and table); state=absent removing everything, and
+# again with no change.
 #
 # Caches (kept between runs): the Debian rootfs in $FLEET_CACHE (default /var/tmp/sms-agent-fleet;
 # debootstrap, about 80 s, once), the virtualenv in $FLEET_VENV (default /opt/sms-agent-ansible),
