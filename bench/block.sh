@@ -2,10 +2,12 @@
 # Block-level migration benchmark: `sms-agent migrate --mode block` → `sms-agent receive` against
 # the tools an operator would use instead, all in one run, on the same loop-device sources, each
 # run starting with a cold page cache and ending when the target is flushed (`sync -f`):
-#   1. a disk of random data:             ours vs plain TCP (socat) vs dd | ssh dd
+#   1. a disk of random data:             ours vs a local dd (O_DIRECT both ends: the physical
+#                                         limit; goal ours ÷ dd <= 2) vs plain TCP (socat) vs
+#                                         dd | ssh dd
 #   2. a disk with one ext4, 10 % used:   ours vs dd | ssh dd vs partclone.ext4 | ssh partclone
 #   3. sync after 1 % of the data changed: ours --sync vs rsync --inplace --no-whole-file over ssh
-# plus CPU seconds (user+sys, both sides) and peak RSS of every run. Every copy is verified (cmp,
+# plus CPU seconds (user+sys, both sides, also per GiB) and peak RSS of every run. Every copy is verified (cmp,
 # or e2fsck -fn and a checksum of all files) before its figure counts.
 #
 # Usage: sudo bench/block.sh [--quick]
