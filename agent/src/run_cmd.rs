@@ -37,6 +37,7 @@ fn load(path: &std::path::Path, purpose: Purpose) -> anyhow::Result<Config> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let cfg = load(&args.config, Purpose::Daemon)?;
+    sms_agent::logs::start_files(&cfg, "agent");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -356,8 +356,9 @@ impl Agent {
     fn start_full(api: &str, auth: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "{api}[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
-            dir.path().join("state").display()
+            "{api}[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
+            dir.path().join("state").display(),
+            dir.path().join("logs").display()
         );
         let p = dir.path().join("agent.toml");
         std::fs::write(&p, cfg).unwrap();
@@ -521,6 +522,9 @@ impl Receiver {
             .args(["--key", &kit.p("c/target-key.pem")])
             .args(["--state-dir", &kit.p("state")])
             .args(args);
+        if !args.iter().any(|a| a == "--log-dir") {
+            cmd.args(["--log-dir", &kit.p("logs")]);
+        }
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let mut err = BufReader::new(child.stderr.take().unwrap());
         let mut addr = String::new();
