@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod fileplan;
 pub mod freeze;
 pub mod logs;
+pub mod obs;
 pub mod standalone;
 pub mod target_tls;

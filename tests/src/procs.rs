@@ -38,6 +38,15 @@ impl Emulator {
         e
     }
 
+    /// Starts an emulator with a fresh state file and extra command-line arguments.
+    pub fn start_args(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("emu.json");
+        let mut e = Self::spawn(&state, "127.0.0.1:0", extra);
+        e._dir = Some(dir);
+        e
+    }
+
     /// Starts an emulator on `listen` keeping its state in `state`.
     pub fn start_with(state: &Path, listen: &str) -> Self {
         Self::spawn(state, listen, &[])
@@ -90,7 +99,7 @@ impl Emulator {
             child,
             addr,
             state: state.to_path_buf(),
-            tls: !extra.is_empty(),
+            tls: line.starts_with("listening on https://"),
             _dir: None,
         }
     }

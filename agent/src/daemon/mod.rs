@@ -10,6 +10,7 @@
 mod activity;
 mod commands;
 pub mod engine;
+mod logs_cmd;
 mod material;
 mod plan;
 mod register;
@@ -66,6 +67,8 @@ pub struct Daemon {
     /// What `GET /v3/config` said at start-up (`register.rs`); `obs_domain` is for a later
     /// log upload.
     service_config: crate::api::models::ServiceConfig,
+    /// What UPLOAD_LOG / RSET_LOG_ACL need of the configuration.
+    log_upload: crate::logs::upload::Settings,
 }
 
 impl Daemon {
@@ -104,6 +107,7 @@ impl Daemon {
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
+            log_upload: crate::logs::upload_settings(cfg),
         })
     }
 

@@ -2,10 +2,12 @@
 //! (`file`), the global sink the `tracing` layers write into (`sink`), secret scrubbing
 //! (`redact`) and the `[logs]` settings (`settings`).
 
+pub mod bundle;
 pub mod file;
 pub mod redact;
 pub mod settings;
 pub mod sink;
+pub mod upload;
 
 pub use settings::{LogFormat, LogsSection};
 
@@ -28,5 +30,53 @@ pub fn start_files(cfg: &Config, name: &str) {
             error = %e,
             "cannot write log files; logging to stderr only"
         ),
+    }
+}
+
+/// What UPLOAD_LOG needs of `cfg`: directories, `[logs]`, the AK/SK, the extra CA, and the
+/// effective configuration as text with its secrets (and the access key id) masked.
+pub fn upload_settings(cfg: &Config) -> upload::Settings {
+    let (creds, ca, timeout) = match &cfg.access {
+        Some(a) => (
+            match &a.credentials {
+                crate::config::Credentials::Aksk {
+                    access_key,
+                    secret_key,
+                    security_token,
+                } => Some(crate::obs::Credentials {
+                    access_key: access_key.clone(),
+                    secret_key: secret_key.clone(),
+                    security_token: security_token.clone(),
+                }),
+                crate::config::Credentials::Token { .. } => None,
+            },
+            a.ca.clone(),
+            a.timeout,
+        ),
+        None => (None, None, cfg.api.timeout.0),
+    };
+    let mut auth = cfg.auth.clone();
+    if !auth.access_key.is_empty() {
+        auth.access_key = redact::MASK.into();
+    }
+    let mut api = cfg.api.clone();
+    // A proxy URL may carry a user and password.
+    if let Some((scheme, rest)) = api.proxy.split_once("://") {
+        if let Some((_, host)) = rest.rsplit_once('@') {
+            api.proxy = format!("{scheme}://{}@{host}", redact::MASK);
+        }
+    }
+    let config_text = format!(
+        "{api:#?}\n{auth:#?}\n{:#?}\n{:#?}\n{:#?}\n{:#?}\n",
+        cfg.agent, cfg.probe, cfg.transfer, cfg.logs
+    );
+    upload::Settings {
+        log_dir: cfg.agent.log_dir.clone(),
+        state_dir: cfg.agent.state_dir.clone(),
+        logs: cfg.logs.clone(),
+        creds,
+        ca,
+        timeout,
+        config_text: redact::scrub(&config_text).into_owned(),
     }
 }

@@ -29,7 +29,8 @@ pub fn register(secret: &str) {
     }
 }
 
-/// Registers every secret of `cfg`: SK, security token, IAM password.
+/// Registers every secret of `cfg`: SK, security token, IAM password, and the access key id
+/// (not a secret on its own, but nothing the agent writes needs it).
 pub fn register_config(cfg: &Config) {
     for s in [
         &cfg.auth.secret_key,
@@ -41,6 +42,7 @@ pub fn register_config(cfg: &Config) {
     {
         register(s.expose());
     }
+    register(&cfg.auth.access_key);
     if let Some(a) = &cfg.access {
         match &a.credentials {
             Credentials::Aksk {
@@ -71,6 +73,40 @@ pub fn scrub(text: &str) -> Cow<'_, str> {
     }
     if out.contains("PRIVATE KEY-----") {
         out = Cow::Owned(mask_pem_keys(&out));
+    }
+    out
+}
+
+/// `bytes` scrubbed as [`scrub`] does text; bytes that are not UTF-8 (a binary file in a log
+/// bundle) are searched for the secrets as byte strings.
+pub fn scrub_bytes(bytes: &[u8]) -> Cow<'_, [u8]> {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return match scrub(text) {
+            Cow::Borrowed(_) => Cow::Borrowed(bytes),
+            Cow::Owned(s) => Cow::Owned(s.into_bytes()),
+        };
+    }
+    let secrets = SECRETS
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out = Cow::Borrowed(bytes);
+    for s in secrets.iter() {
+        let finder = memchr::memmem::Finder::new(s.as_bytes());
+        if finder.find(&out).is_none() {
+            continue;
+        }
+        let mut v = Vec::with_capacity(out.len());
+        let mut rest: &[u8] = &out;
+        while let Some(i) = finder.find(rest) {
+            v.extend_from_slice(&rest[..i]);
+            v.extend_from_slice(MASK.as_bytes());
+            rest = &rest[i + s.len()..];
+        }
+        v.extend_from_slice(rest);
+        out = Cow::Owned(v);
+    }
+    if memchr::memmem::find(&out, b"PRIVATE KEY-----").is_some() {
+        out = Cow::Owned(mask_pem_keys(&String::from_utf8_lossy(&out)).into_bytes());
     }
     out
 }
@@ -121,5 +157,8 @@ mod tests {
         assert!(s.contains("BEGIN CERTIFICATE-----\nMIIB"), "{s}");
         let ec = "x -----BEGIN EC PRIVATE KEY-----\nAAAA";
         assert_eq!(scrub(ec), "x ***");
+        let mut bin = vec![0xff, 0xfe];
+        bin.extend_from_slice(b"k=sk-value-for-the-redact-test-0123456789;");
+        assert_eq!(&*scrub_bytes(&bin), b"\xff\xfek=***;");
     }
 }

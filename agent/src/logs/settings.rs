@@ -73,9 +73,16 @@ pub struct LogsSection {
     /// OBS endpoint (`https://obs.REGION.myhuaweicloud.com`) used when `GET /v3/config` gives
     /// no `obs_domain`; when both exist this one wins (a private OBS endpoint, a proxy).
     pub obs_endpoint: String,
-    /// Region of the OBS signature's credential scope (SigV4 needs one; OBS accepts its
-    /// region name, S3-compatible servers usually `us-east-1`).
+    /// Region of the OBS signature's credential scope (default: the `REGION` of
+    /// `obs.REGION.myhuaweicloud.com`, else `us-east-1`).
     pub obs_region: String,
+    /// Bundles larger than this go up in parts of this size (5 MiB to 5 GiB: S3's limits,
+    /// within OBS's 100 KiB to 5 GiB).
+    pub upload_part_size: ByteSize,
+    /// Canned ACL of an uploaded bundle until RSET_LOG_ACL makes it `private`.
+    pub upload_acl: String,
+    /// How long an upload retries through a network or OBS outage before it fails.
+    pub upload_retry_for: Interval,
 }
 
 impl Default for LogsSection {
@@ -87,6 +94,12 @@ impl Default for LogsSection {
             max_total: ByteSize(100 << 20),
             obs_endpoint: String::new(),
             obs_region: String::new(),
+            upload_part_size: ByteSize(8 << 20),
+            // The reference's log collection has the service collect the object
+            // (WAIT_SERVER_COLLECT) before it asks for the ACL reset (TELL_AGENT_RESET_ACL,
+            // §5.4.5 line 10293): the object is readable until then.
+            upload_acl: "public-read".into(),
+            upload_retry_for: Interval(Duration::from_secs(300)),
         }
     }
 }
@@ -106,6 +119,23 @@ impl LogsSection {
         }
         if self.max_age.0 < Duration::from_secs(1) {
             problems.push("[logs] max_age must be at least 1s".into());
+        }
+        // S3's part size limits (OBS's are wider: 100 KiB to 5 GiB).
+        if !(5 << 20..=5 << 30).contains(&self.upload_part_size.0) {
+            problems.push("[logs] upload_part_size must be 5MiB..5GiB".into());
+        }
+        const ACLS: [&str; 4] = [
+            "private",
+            "public-read",
+            "authenticated-read",
+            "bucket-owner-full-control",
+        ];
+        if !ACLS.contains(&self.upload_acl.as_str()) {
+            problems.push(format!(
+                "[logs] upload_acl {:?} must be one of {}",
+                self.upload_acl,
+                ACLS.join(", ")
+            ));
         }
         let e = self.obs_endpoint.trim();
         if !(e.is_empty() || e.starts_with("https://") || e.starts_with("http://")) {

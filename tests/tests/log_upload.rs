@@ -1,0 +1,389 @@
+//! UPLOAD_LOG and RSET_LOG_ACL end to end: the emulator's `POST /v3/tasks/{id}/log`, the
+//! daemon, and a real S3 server (`sms-s3`: s3s verifying signature V4, s3s-fs storing on
+//! disk) as the OBS endpoint the emulator's `GET /v3/config` names in `obs_domain`.
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sms_tests::bin;
+use sms_tests::procs::{summary, Agent, Emulator, AK, SK};
+
+const BUCKET: &str = "migration-logs";
+const TOKEN: &str = "TemporarySecurityToken-For-The-Upload-Test-0123456789";
+
+/// A running `sms-s3` over a directory; killed on drop.
+struct S3 {
+    child: Option<Child>,
+    addr: String,
+    root: tempfile::TempDir,
+}
+
+impl S3 {
+    /// Starts a store accepting `AK`/`sk` with bucket [`BUCKET`].
+    fn start(sk: &str, extra: &[&str]) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let mut s = Self {
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            root,
+        };
+        s.spawn(sk, extra);
+        s
+    }
+
+    fn spawn(&mut self, sk: &str, extra: &[&str]) {
+        let mut child = Command::new(bin("sms-s3"))
+            .args([
+                "--listen", &self.addr, "--ak", AK, "--sk", sk, "--bucket", BUCKET,
+            ])
+            .args(extra)
+            .arg(self.root.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        self.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("sms-s3 did not start: {line:?}"))
+            .to_string();
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The stored object.
+    fn object(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+
+    /// The canned ACL PutObjectAcl set on `key`.
+    fn acl(&self, key: &str) -> Option<String> {
+        std::fs::read_to_string(self.root.path().join(".acl").join(BUCKET).join(key)).ok()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn results(emu: &Emulator) -> Vec<Value> {
+    emu.db()["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r[1].clone())
+        .collect()
+}
+
+/// Waits for the result of command `name`.
+fn result_of(emu: &Emulator, name: &str, secs: u64) -> Value {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(r) = results(emu).into_iter().find(|r| r["command_name"] == name) {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {name} result: {}",
+            summary(&emu.journal())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts the emulator naming `s3` as `obs_domain`, a daemon with `extra` config, and a task
+/// of its source; returns the task id.
+fn setup(s3: &S3, extra: &str) -> (Emulator, Agent, String) {
+    let emu = Emulator::start_args(&["--obs-domain", &s3.url()]);
+    let auth =
+        format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\nsecurity_token = \"{TOKEN}\"\n");
+    let agent = Agent::start_with(&emu.url(), &auth, extra, &[]);
+    let id = emu.source_id(&agent);
+    let (st, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "t1", "type": "MIGRATE_FILE", "os_type": "LINUX", "source_server": {"id": id},
+                    "target_server": {"disks": []}, "migration_ip": "127.0.0.1"})),
+    );
+    assert_eq!(st, 200, "{task}");
+    (emu, agent, task["id"].as_str().unwrap().to_string())
+}
+
+fn ask_for_logs(emu: &Emulator, tid: &str, bucket: &str) {
+    let (st, body) = emu.operator(
+        "POST",
+        &format!("/v3/tasks/{tid}/log"),
+        Some(json!({"log_bucket": bucket})),
+    );
+    assert_eq!(st, 200, "{body}");
+}
+
+fn log_status(emu: &Emulator, tid: &str) -> String {
+    let (_, t) = emu.operator("GET", &format!("/v3/tasks/{tid}"), None);
+    t["log_collect_status"].as_str().unwrap_or("").to_string()
+}
+
+fn sha256_file(p: &Path) -> String {
+    let b = std::fs::read(p).unwrap();
+    Sha256::digest(&b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Every file of the unpacked bundle, with its content.
+fn unpack(bundle: &Path) -> Vec<(String, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("tar")
+        .arg("-xzf")
+        .arg(bundle)
+        .arg("-C")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files = Vec::new();
+    let mut stack = vec![dir.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir.path()).unwrap().display().to_string();
+                files.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn upload_and_acl_reset_end_to_end_with_a_bundle_free_of_secrets() {
+    let s3 = S3::start(SK, &[]);
+    let (emu, agent, tid) = setup(&s3, "");
+    // Secrets that reached files the bundle takes: a key pasted into the log directory and the
+    // SK in a state file. The bundle must carry neither.
+    let logs = agent.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let key_body = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQDtestkeybody";
+    std::fs::write(
+        logs.join("debug.txt"),
+        format!(
+            "dump\n-----BEGIN PRIVATE KEY-----\n{key_body}\n-----END PRIVATE KEY-----\nsk={SK}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        agent.dir.path().join("state").join("leak.json"),
+        format!("{{\"sk\": \"{SK}\", \"ak\": \"{AK}\", \"token\": \"{TOKEN}\"}}"),
+    )
+    .unwrap();
+    assert_eq!(log_status(&emu, &tid), "INIT");
+    ask_for_logs(&emu, &tid, BUCKET);
+    let r = result_of(&emu, "UPLOAD_LOG", 60);
+    assert_eq!(r["result"], "success", "{r}");
+    let d = &r["result_detail"];
+    assert_eq!(d["bucket"], BUCKET);
+    let object = d["object"].as_str().unwrap();
+    assert!(
+        object.starts_with("sms-agent-logs/") && object.ends_with(".tar.gz"),
+        "{object}"
+    );
+    let stored = s3.object(object);
+    assert_eq!(
+        std::fs::metadata(&stored).unwrap().len(),
+        d["size"].as_u64().unwrap()
+    );
+    assert_eq!(sha256_file(&stored), d["sha256"].as_str().unwrap());
+
+    let files = unpack(&stored);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "sms-agent-logs/manifest.json",
+        "sms-agent-logs/probe.json",
+        "sms-agent-logs/config.txt",
+        "sms-agent-logs/logs/agent.log",
+        "sms-agent-logs/logs/debug.txt",
+        "sms-agent-logs/state/state.json",
+        "sms-agent-logs/state/leak.json",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for (name, data) in &files {
+        for secret in [SK, AK, TOKEN, key_body, "PRIVATE KEY-----\n"] {
+            assert!(!contains(data, secret), "{name} holds {secret:?}");
+        }
+    }
+    let probe = &files
+        .iter()
+        .find(|(n, _)| n.ends_with("probe.json"))
+        .unwrap()
+        .1;
+    let probe: Value = serde_json::from_slice(probe).unwrap();
+    assert!(probe["os_type"].is_string(), "{probe}");
+
+    // The emulator then asks for the ACL reset, and the object becomes private.
+    let r = result_of(&emu, "RSET_LOG_ACL", 30);
+    assert_eq!(r["result"], "success", "{r}");
+    assert_eq!(r["result_detail"]["object"], object);
+    assert_eq!(s3.acl(object).as_deref(), Some("private"));
+    assert_eq!(log_status(&emu, &tid), "SERVER_COLLECT_SUCCESS");
+    // Every OBS call was signed and accepted: the agent says so in its own log file.
+    let log = std::fs::read_to_string(logs.join("agent.log")).unwrap();
+    assert!(
+        log.contains("log bundle uploaded") && log.contains("log bundle made private"),
+        "{log}"
+    );
+    assert!(!log.contains(SK) && !log.contains(TOKEN));
+}
+
+#[test]
+fn a_wrong_secret_key_fails_with_sms_0503_and_the_reason() {
+    let s3 = S3::start("NotTheSecretKeyOfTheAgent0000000000000000", &[]);
+    let (emu, _agent, tid) = setup(&s3, "[logs]\nupload_retry_for = \"5s\"\n");
+    ask_for_logs(&emu, &tid, BUCKET);
+    let r = result_of(&emu, "UPLOAD_LOG", 60);
+    assert_eq!(r["result"], "fail", "{r}");
+    assert_eq!(r["result_detail"]["error_code"], "SMS.0503");
+    let msg = r["result_detail"]["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("SignatureDoesNotMatch") && msg.contains("403"),
+        "{msg}"
+    );
+    assert!(!msg.contains(SK));
+    assert_eq!(log_status(&emu, &tid), "AGENT_COLLECT_FAIL");
+    // Nothing stored, and no ACL reset asked for.
+    assert!(!results(&emu)
+        .iter()
+        .any(|r| r["command_name"] == "RSET_LOG_ACL"));
+}
+
+#[test]
+fn a_missing_bucket_fails_with_sms_0503_naming_it() {
+    let s3 = S3::start(SK, &[]);
+    let (emu, _agent, tid) = setup(&s3, "[logs]\nupload_retry_for = \"5s\"\n");
+    ask_for_logs(&emu, &tid, "no-such-bucket");
+    let r = result_of(&emu, "UPLOAD_LOG", 60);
+    assert_eq!(r["result"], "fail", "{r}");
+    assert_eq!(r["result_detail"]["error_code"], "SMS.0503");
+    let msg = r["result_detail"]["error_msg"].as_str().unwrap();
+    assert!(
+        msg.contains("NoSuchBucket") && msg.contains("no-such-bucket"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn multipart_upload_resumes_after_the_store_stops_mid_upload() {
+    // The store exits when the third part arrives (parts 1 and 2 are stored), and comes back
+    // on the same address two seconds later, with what it had on disk.
+    let mut s3 = S3::start(SK, &["--exit-at-part", "3"]);
+    let (emu, agent, tid) = setup(
+        &s3,
+        "[logs]\nupload_part_size = \"5MiB\"\nupload_retry_for = \"90s\"\n",
+    );
+    // 16 MiB that does not compress (xorshift64): the bundle takes 4 parts of 5 MiB.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let data: Vec<u8> = (0..16u64 << 17)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::create_dir_all(agent.dir.path().join("logs")).unwrap();
+    std::fs::write(
+        agent
+            .dir
+            .path()
+            .join("logs")
+            .join("agent.log.00000000000000000001"),
+        &data,
+    )
+    .unwrap();
+    ask_for_logs(&emu, &tid, BUCKET);
+    let child = s3.child.as_mut().unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "the store never reached part 3: {}\n{:?}",
+            agent.log(),
+            results(&emu)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(3));
+    s3.child = None;
+    std::thread::sleep(Duration::from_secs(2));
+    s3.spawn(SK, &[]);
+
+    let r = result_of(&emu, "UPLOAD_LOG", 120);
+    assert_eq!(r["result"], "success", "{r}");
+    let d = &r["result_detail"];
+    let object = d["object"].as_str().unwrap();
+    let stored = s3.object(object);
+    assert_eq!(sha256_file(&stored), d["sha256"].as_str().unwrap());
+    assert_eq!(
+        std::fs::metadata(&stored).unwrap().len(),
+        d["size"].as_u64().unwrap()
+    );
+    assert!(d["size"].as_u64().unwrap() > 15 << 20, "{d}");
+    // One object in the bucket, no multipart upload left behind.
+    let mut left: Vec<String> = std::fs::read_dir(s3.root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload"))
+        .collect();
+    left.sort();
+    assert!(left.is_empty(), "{left:?}");
+    let log = std::fs::read_to_string(agent.dir.path().join("logs").join("agent.log")).unwrap();
+    // Parts 1 and 2 were found on the store after the restart, not sent again.
+    assert!(
+        log.contains("parts_resumed=2") && log.contains("parts=4"),
+        "{log}"
+    );
+    let files = unpack(&stored);
+    let big = files
+        .iter()
+        .find(|(n, _)| n.ends_with("agent.log.00000000000000000001"))
+        .unwrap();
+    assert_eq!(big.1, data);
+}
