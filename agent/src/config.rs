@@ -278,6 +278,7 @@ struct RawConfig {
     probe: ProbeSection,
     transfer: RawTransferSection,
     logs: crate::logs::LogsSection,
+    log_transfer: Option<crate::logs::transfer::RawLogTransfer>,
 }
 
 /// What the configuration is loaded for: the daemon needs the API settings, `probe` and
@@ -440,6 +441,8 @@ pub struct Config {
     pub transfer: TransferSection,
     /// `[logs]`: log file rotation and the OBS endpoint of log uploads.
     pub logs: crate::logs::LogsSection,
+    /// `[log_transfer]`, when present and switched on: periodic shipping to OBS.
+    pub log_transfer: Option<crate::logs::transfer::LogTransfer>,
     /// `[api]` and `[auth]` as the client uses them; set when loaded for [`Purpose::Daemon`].
     pub access: Option<ApiAccess>,
 }
@@ -500,7 +503,15 @@ fn list(problems: &[String]) -> String {
 }
 
 /// Sections and keys, for mapping `SMS_AGENT_<SECTION>_<KEY>` (keys may contain `_`).
-const SECTIONS: &[&str] = &["api", "auth", "agent", "probe", "transfer", "logs"];
+const SECTIONS: &[&str] = &[
+    "api",
+    "auth",
+    "agent",
+    "probe",
+    "transfer",
+    "logs",
+    "log_transfer",
+];
 
 impl Config {
     /// Reads `path` (a missing file is an empty config only when `optional`), applies the
@@ -543,6 +554,10 @@ impl Config {
         let transfer = transfer_section(&raw.transfer, &mut problems);
         agent_section(&raw.agent, &mut problems);
         raw.logs.check(&mut problems);
+        let log_transfer = raw
+            .log_transfer
+            .as_ref()
+            .and_then(|t| t.check(&mut problems));
         let mut cfg = Config {
             api: raw.api,
             auth: raw.auth,
@@ -550,6 +565,7 @@ impl Config {
             probe: raw.probe,
             transfer,
             logs: raw.logs,
+            log_transfer,
             access: None,
         };
         if purpose == Purpose::Daemon {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod interrupt;
+mod logs_cmd;
 mod probe_cmd;
 mod run_cmd;
 mod term;
@@ -65,6 +66,12 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Show what the daemon is doing: source id, task, phase, bytes, rate, ETA.
     Status(run_cmd::StatusArgs),
+    /// The agent's logs: ship the [log_transfer] windows to OBS now.
+    Logs {
+        /// What to do.
+        #[command(subcommand)]
+        command: logs_cmd::LogsCommand,
+    },
     /// Target side of a standalone migration: receive disks (--disk) or files (--root).
     ///
     /// Serves sessions over mutual TLS until stopped (--once: until one pass completes).
@@ -188,6 +195,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Run(args) => run_cmd::run(&args),
         Command::Status(args) => run_cmd::status(&args),
+        Command::Logs { command } => logs_cmd::run(&command),
         Command::Receive(args) => transfer_cmd::receive(&args),
         Command::Migrate(args) => transfer_cmd::migrate(&args),
         Command::ThawGuard { within_ms, mounts } => {

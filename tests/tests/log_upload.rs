@@ -387,3 +387,249 @@ fn multipart_upload_resumes_after_the_store_stops_mid_upload() {
         .unwrap();
     assert_eq!(big.1, data);
 }
+
+/// `YYYY-MM-DDTHH:MM:SS.000000Z` of second `t`, as the agent's log lines start.
+fn iso(t: u64) -> String {
+    let s = sms_agent::api::time::sdk_date(std::time::UNIX_EPOCH + Duration::from_secs(t));
+    format!(
+        "{}-{}-{}T{}:{}:{}.000000Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..15]
+    )
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Every stored object under `dir`, by key.
+fn objects(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let key = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((key, std::fs::read_to_string(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn bad_log_transfer_values_are_refused_with_lts_codes_and_exit_64() {
+    let s3 = S3::start(SK, &[]);
+    let emu = Emulator::start_args(&["--obs-domain", &s3.url()]);
+    let dir = tempfile::tempdir().unwrap();
+    let base = "obs_bucket_name = \"migration-logs\"\n";
+    for (body, want) in [
+        (
+            "period = 5\nperiod_unit = \"min\"\nstorage_format = \"CSV\"\n",
+            "LTS.1901: storage_format is not in the list [RAW, JSON]",
+        ),
+        (
+            "period = 10\nperiod_unit = \"min\"\n",
+            "LTS.1901: period+period_unit is not in the list [2min, 5min, 30min, 1hour, 3hour, 6hour, 12hour]",
+        ),
+        (
+            "period = 1\nperiod_unit = \"day\"\n",
+            "LTS.1901: period_unit is not in the list [min, hour]",
+        ),
+        (
+            "period = 2\nperiod_unit = \"min\"\nprefix_name = \"bad prefix!\"\n",
+            "LTS.1902: prefix_name is invalid, please verify if it's provided as required",
+        ),
+        (
+            "period = 2\nperiod_unit = \"min\"\ndir_prefix_name = \"/abs\"\n",
+            "LTS.1902: dir_prefix_name is invalid, please verify if it's provided as required",
+        ),
+    ] {
+        let cfg = dir.path().join("agent.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[api]\nendpoint = \"{}\"\n[auth]\naccess_key = \"{AK}\"\nsecret_key = \"{SK}\"\n[agent]\nstate_dir = \"{}\"\nlog_dir = \"{}\"\n[log_transfer]\n{base}{body}",
+                emu.url(),
+                dir.path().join("state").display(),
+                dir.path().join("logs").display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for args in [&["run"][..], &["logs", "ship"][..]] {
+            let out = Command::new(sms_tests::sms_agent())
+                .args(args)
+                .arg("--config")
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{args:?} {body}: {err}");
+            assert!(err.contains(&format!("[log_transfer] {want}")), "{err}");
+        }
+    }
+    // Nothing registered: the daemon stopped before its first call.
+    assert!(emu.db()["sources"].as_object().unwrap().is_empty());
+}
+
+#[test]
+fn periodic_windows_are_shipped_once_across_kill_9() {
+    let s3 = S3::start(SK, &[]);
+    let emu = Emulator::start_args(&["--obs-domain", &s3.url()]);
+    let auth = format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n");
+    let mut agent = Agent::start_with(
+        &emu.url(),
+        &auth,
+        &format!("[log_transfer]\nobs_bucket_name = \"{BUCKET}\"\nperiod = 2\nperiod_unit = \"min\"\nprefix_name = \"agent\"\ndir_prefix_name = \"sms/logs\"\n"),
+        &[],
+    );
+    let _ = emu.source_id(&agent);
+    agent.kill9();
+    // An agent that was down for half an hour: the offset is 15 windows back and the log holds
+    // a line every 7 seconds since then.
+    let t0 = (now() - 1800) / 120 * 120;
+    let mut synthetic = String::new();
+    let mut t = t0;
+    let mut n = 0u64;
+    while t + 5 < now() {
+        synthetic.push_str(&format!("{}  INFO test::synthetic: line {n}\n", iso(t)));
+        n += 1;
+        t += 7;
+    }
+    let logs = agent.dir.path().join("logs");
+    std::fs::write(logs.join("agent.log.00000000000000000001"), &synthetic).unwrap();
+    let state = agent.dir.path().join("state").join("log-transfer.json");
+    std::fs::write(&state, format!("{{\"next_start\": {t0}}}")).unwrap();
+    // kill -9 at points spread over the daemon's start and its first shipments.
+    for delay_ms in [150u64, 400, 700, 1000, 1400] {
+        agent.restart();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        agent.kill9();
+    }
+    let before: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    // What is left, `sms-agent logs ship` ships now.
+    let out = Command::new(sms_tests::sms_agent())
+        .args(["logs", "ship", "--config"])
+        .arg(agent.dir.path().join("agent.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let after: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let end = after["next_start"].as_u64().unwrap();
+    assert!(end + 120 + 5 >= now(), "not caught up: {after}\n{printed}");
+    assert!(
+        before["next_start"].as_u64().unwrap() > t0,
+        "the daemon shipped nothing before the kills: {before}"
+    );
+
+    // Every line of [t0, end) is in exactly one object, in the object of its window.
+    let mut expected: Vec<String> = Vec::new();
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort_by_key(|p| {
+        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+        (n == "agent.log", n)
+    });
+    for p in names {
+        let mut last = None;
+        for line in std::fs::read_to_string(&p).unwrap().lines() {
+            if let Some(t) = sms_agent::logs::transfer::window::line_time(line) {
+                last = Some(t);
+            }
+            if last.is_some_and(|t| (t0..end).contains(&t)) {
+                expected.push(line.to_string());
+            }
+        }
+    }
+    let stored = objects(&s3.root.path().join(BUCKET));
+    let mut shipped: Vec<String> = Vec::new();
+    let mut windows = Vec::new();
+    for (key, text) in &stored {
+        assert!(key.starts_with("sms/logs/LogTanks/"), "{key}");
+        let file = key.rsplit('/').next().unwrap();
+        let w = file
+            .strip_prefix("agent_")
+            .and_then(|f| f.strip_suffix(".log"))
+            .unwrap_or_else(|| panic!("{key}"));
+        windows.push(w.to_string());
+        for line in text.lines() {
+            let t = sms_agent::logs::transfer::window::line_time(line);
+            let (ws, we) = w.split_once('_').unwrap();
+            let start = sms_agent::api::time::parse_sdk_date(ws).unwrap();
+            let stop = sms_agent::api::time::parse_sdk_date(we).unwrap();
+            if let Some(t) = t {
+                let at = std::time::UNIX_EPOCH + Duration::from_secs(t);
+                assert!(start <= at && at < stop, "{line} in {key}");
+            }
+            shipped.push(line.to_string());
+        }
+    }
+    // One object per window: the synthetic lines fill all 15 windows, each shipped once.
+    let mut uniq = windows.clone();
+    uniq.dedup();
+    assert_eq!(uniq, windows);
+    assert!(windows.len() >= 15, "{windows:?}");
+    let mut a = expected.clone();
+    let mut b = shipped.clone();
+    a.sort();
+    b.sort();
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "lines expected {} shipped {}",
+        a.len(),
+        b.len()
+    );
+    assert!(a == b, "shipped lines differ from the log's");
+    // The synthetic lines of the complete windows, all of them (the current window's wait).
+    let due = (0..n).filter(|i| t0 + 7 * i < end).count();
+    assert!(due > 200, "{due}");
+    assert_eq!(
+        shipped
+            .iter()
+            .filter(|l| l.contains("test::synthetic"))
+            .count(),
+        due
+    );
+
+    // `sms-agent status` names the last shipped window.
+    let st = agent.status();
+    assert_eq!(st["log_transfer"]["next_start"].as_u64(), Some(end));
+    let last = st["log_transfer"]["last"]["window"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = Command::new(sms_tests::sms_agent())
+        .args(["status", "--config"])
+        .arg(agent.dir.path().join("agent.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("log transfer: window {last} shipped")),
+        "{text}"
+    );
+}

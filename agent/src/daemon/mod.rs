@@ -10,6 +10,7 @@
 mod activity;
 mod commands;
 pub mod engine;
+mod log_transfer;
 mod logs_cmd;
 mod material;
 mod plan;
@@ -69,6 +70,12 @@ pub struct Daemon {
     service_config: crate::api::models::ServiceConfig,
     /// What UPLOAD_LOG / RSET_LOG_ACL need of the configuration.
     log_upload: crate::logs::upload::Settings,
+    /// `[log_transfer]` when switched on (`log_transfer.rs`).
+    log_transfer: Option<crate::logs::transfer::LogTransfer>,
+    /// The shipment under way.
+    log_ship: Option<tokio::task::JoinHandle<()>>,
+    /// When the next window is due (seconds since 1970).
+    log_ship_next: u64,
 }
 
 impl Daemon {
@@ -108,6 +115,9 @@ impl Daemon {
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
             log_upload: crate::logs::upload_settings(cfg),
+            log_transfer: cfg.log_transfer.clone(),
+            log_ship: None,
+            log_ship_next: 0,
         })
     }
 
@@ -162,6 +172,7 @@ impl Daemon {
             self.schedule_sync();
         }
         loop {
+            self.tick_log_transfer();
             self.flush_results().await?;
             self.send_final_report().await;
             self.tick_runner().await;

@@ -7,6 +7,7 @@ pub mod file;
 pub mod redact;
 pub mod settings;
 pub mod sink;
+pub mod transfer;
 pub mod upload;
 
 pub use settings::{LogFormat, LogsSection};
@@ -79,4 +80,42 @@ pub fn upload_settings(cfg: &Config) -> upload::Settings {
         timeout,
         config_text: redact::scrub(&config_text).into_owned(),
     }
+}
+
+/// The shipper of `[log_transfer]` `lt`, with the OBS client and region of `s` (`[logs]
+/// obs_region`, else the endpoint's, else the service's `mainRegion`).
+pub fn shipper(
+    s: &upload::Settings,
+    lt: &transfer::LogTransfer,
+    obs_domain: Option<&str>,
+    main_region: Option<&str>,
+    source: &str,
+    task: &str,
+) -> Result<transfer::ship::Shipper, upload::UploadError> {
+    let client = s.client(obs_domain)?;
+    let endpoint = Some(s.logs.obs_endpoint.as_str())
+        .filter(|e| !e.trim().is_empty())
+        .or(obs_domain)
+        .unwrap_or_default();
+    let region = Some(s.logs.obs_region.clone())
+        .filter(|r| !r.is_empty())
+        .or_else(|| crate::obs::ObsClient::region_of(endpoint))
+        .or_else(|| main_region.map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    let name = |v: &str, none: &str| {
+        if v.is_empty() {
+            none.to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    Ok(transfer::ship::Shipper {
+        cfg: lt.clone(),
+        log_dir: s.log_dir.clone(),
+        state_dir: s.state_dir.clone(),
+        client,
+        region,
+        source: name(source, "unregistered"),
+        task: name(task, "agent"),
+    })
 }

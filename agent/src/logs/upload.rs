@@ -102,7 +102,8 @@ fn local(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UploadError 
 }
 
 impl Settings {
-    fn client(&self, obs_domain: Option<&str>) -> Result<ObsClient, UploadError> {
+    /// The OBS client of these settings: `[logs] obs_endpoint`, else `obs_domain`.
+    pub fn client(&self, obs_domain: Option<&str>) -> Result<ObsClient, UploadError> {
         let endpoint = Some(self.logs.obs_endpoint.trim())
             .filter(|e| !e.is_empty())
             .or(obs_domain.map(str::trim).filter(|e| !e.is_empty()))

@@ -256,6 +256,29 @@ impl ObsClient {
         }
     }
 
+    /// Puts `body` as `bucket/key` with canned ACL `acl`, retrying through an outage of up to
+    /// [`ObsClient::retry_for`].
+    pub async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Vec<u8>,
+        acl: &str,
+        content_type: &str,
+    ) -> Result<(), ObsError> {
+        let extra = [
+            ("x-amz-acl", acl.to_string()),
+            ("content-md5", content_md5(&body)),
+            ("content-type", content_type.to_string()),
+        ];
+        let deadline = Instant::now() + self.retry_for;
+        self.retrying(deadline, "PUT object", || {
+            self.call(Method::PUT, bucket, key, &[], &extra, body.clone())
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Sets the object's canned ACL (`private`, `public-read`, …).
     pub async fn put_object_acl(&self, bucket: &str, key: &str, acl: &str) -> Result<(), ObsError> {
         self.call(
