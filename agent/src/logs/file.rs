@@ -32,11 +32,15 @@ pub struct Rotating {
 }
 
 impl Rotating {
-    /// Opens (appending) `dir/NAME.log`, creating `dir` (mode 0750) and the file (0640).
+    /// Opens (appending) `dir/NAME.log`, creating `dir` (mode 0750) when missing and the file
+    /// (0640).
     pub fn open(dir: &Path, name: &str, limits: Limits) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        // Logs name hosts, disks and paths: not for every local user.
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o750));
+        if !dir.is_dir() {
+            fs::create_dir_all(dir)?;
+            // Logs name hosts, disks and paths: not for every local user. An existing
+            // directory keeps its mode (systemd's LogsDirectoryMode=, the administrator's).
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o750));
+        }
         let (file, size) = open_current(&dir.join(format!("{name}.log")))?;
         let mut r = Self {
             dir: dir.to_path_buf(),
