@@ -64,9 +64,11 @@ impl Daemon {
             "STOP" => self.stop().await,
             "DELETE" => self.delete().await,
             "SKIP" => self.skip(),
-            // Log bundles to the command's OBS bucket (daemon/logs_cmd.rs).
-            "UPLOAD_LOG" => self.upload_log(&param).await,
-            "RSET_LOG_ACL" => self.reset_log_acl(&param).await,
+            // Log bundles to the command's OBS bucket, answered when done (daemon/logs_cmd.rs).
+            "UPLOAD_LOG" | "RSET_LOG_ACL" => {
+                self.start_log_command(name, param).await;
+                return Ok(());
+            }
             _ => {
                 tracing::warn!(command = %name, "unknown command ignored");
                 // §6.1 has no "unknown command" code; SMS.6021 "The command from the Agent is

@@ -70,6 +70,8 @@ pub struct Daemon {
     service_config: crate::api::models::ServiceConfig,
     /// What UPLOAD_LOG / RSET_LOG_ACL need of the configuration.
     log_upload: crate::logs::upload::Settings,
+    /// The log command under way (`logs_cmd.rs`).
+    log_commands: logs_cmd::LogCommands,
     /// `[log_transfer]` when switched on (`log_transfer.rs`).
     log_transfer: Option<crate::logs::transfer::LogTransfer>,
     /// The shipment under way.
@@ -115,6 +117,7 @@ impl Daemon {
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
             log_upload: crate::logs::upload_settings(cfg),
+            log_commands: logs_cmd::LogCommands::default(),
             log_transfer: cfg.log_transfer.clone(),
             log_ship: None,
             log_ship_next: 0,
@@ -173,6 +176,7 @@ impl Daemon {
         }
         loop {
             self.tick_log_transfer();
+            self.finish_log_command().await?;
             self.flush_results().await?;
             self.send_final_report().await;
             self.tick_runner().await;
