@@ -306,6 +306,87 @@ fn a_missing_bucket_fails_with_sms_0503_naming_it() {
     );
 }
 
+/// 16 MiB that does not compress (xorshift64): a bundle of 4 parts of 5 MiB.
+fn noise() -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..16u64 << 17)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+/// Waits for `child` to exit; its exit code.
+fn exited(child: &mut Child, what: &str) -> Option<i32> {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(Instant::now() < end, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn multipart_upload_resumes_in_a_restarted_agent() {
+    // The store goes down at part 3; while the agent retries, it is killed (-9). Both come
+    // back: SMS hands the unanswered UPLOAD_LOG out again, and the new agent continues the
+    // same multipart upload of the same bundle (state_dir/log-upload.json).
+    let mut s3 = S3::start(SK, &["--exit-at-part", "3"]);
+    let (emu, mut agent, tid) = setup(
+        &s3,
+        "[logs]\nupload_part_size = \"5MiB\"\nupload_retry_for = \"90s\"\n",
+    );
+    std::fs::create_dir_all(agent.dir.path().join("logs")).unwrap();
+    std::fs::write(
+        agent
+            .dir
+            .path()
+            .join("logs")
+            .join("agent.log.00000000000000000001"),
+        noise(),
+    )
+    .unwrap();
+    ask_for_logs(&emu, &tid, BUCKET);
+    assert_eq!(
+        exited(s3.child.as_mut().unwrap(), "the store never reached part 3"),
+        Some(3)
+    );
+    s3.child = None;
+    let record = agent.dir.path().join("state").join("log-upload.json");
+    let rec: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(rec["upload_id"].is_string(), "{rec}");
+    agent.kill9();
+    s3.spawn(SK, &[]);
+    agent.restart();
+    let r = result_of(&emu, "UPLOAD_LOG", 120);
+    assert_eq!(r["result"], "success", "{r}");
+    let d = &r["result_detail"];
+    assert_eq!(d["object"], rec["object"]);
+    assert_eq!(d["sha256"], rec["sha256"]);
+    assert_eq!(
+        sha256_file(&s3.object(d["object"].as_str().unwrap())),
+        d["sha256"].as_str().unwrap()
+    );
+    let log = std::fs::read_to_string(agent.dir.path().join("logs").join("agent.log")).unwrap();
+    assert!(
+        log.contains("resuming the unfinished log upload") && log.contains("parts_resumed=2"),
+        "{log}"
+    );
+    // Exactly one result for the one command.
+    assert_eq!(
+        results(&emu)
+            .iter()
+            .filter(|r| r["command_name"] == "UPLOAD_LOG")
+            .count(),
+        1
+    );
+}
+
 #[test]
 fn multipart_upload_resumes_after_the_store_stops_mid_upload() {
     // The store exits when the third part arrives (parts 1 and 2 are stored), and comes back
@@ -315,16 +396,7 @@ fn multipart_upload_resumes_after_the_store_stops_mid_upload() {
         &s3,
         "[logs]\nupload_part_size = \"5MiB\"\nupload_retry_for = \"90s\"\n",
     );
-    // 16 MiB that does not compress (xorshift64): the bundle takes 4 parts of 5 MiB.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let data: Vec<u8> = (0..16u64 << 17)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = noise();
     std::fs::create_dir_all(agent.dir.path().join("logs")).unwrap();
     std::fs::write(
         agent

@@ -160,9 +160,15 @@ pub async fn upload(
         return Err(UploadError::NoBucket);
     }
     let client = s.client(obs_domain)?;
-    let unfinished = s
-        .record()
-        .filter(|r| !r.done && r.task_id == task_id && r.bucket == bucket && r.bundle.is_file());
+    // Only a multipart upload under way is continued (with the bundle it started); anything
+    // else gets a fresh bundle with the logs written since.
+    let unfinished = s.record().filter(|r| {
+        !r.done
+            && r.upload_id.is_some()
+            && r.task_id == task_id
+            && r.bucket == bucket
+            && r.bundle.is_file()
+    });
     let mut rec = match unfinished {
         Some(r) => {
             tracing::info!(object = %r.object, upload_id = ?r.upload_id, "resuming the unfinished log upload");
@@ -170,6 +176,8 @@ pub async fn upload(
         }
         None => {
             let dir = s.state_dir.join("log-bundles");
+            // Bundles of earlier attempts that will not be continued.
+            let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).map_err(local(format!("creating {}", dir.display())))?;
             let stamp = crate::api::time::sdk_date(SystemTime::now());
             let name = format!("sms-agent-logs-{stamp}.tar.gz");
@@ -204,23 +212,30 @@ pub async fn upload(
             r
         }
     };
-    let mut new_id = None;
-    let up = client
-        .upload_file(
-            &UploadSpec {
-                bucket,
-                key: &rec.object,
-                path: &rec.bundle,
-                part_size: s.logs.upload_part_size.0,
-                acl: &s.logs.upload_acl,
-                resume: rec.upload_id.clone(),
-            },
-            &mut |id: &str| new_id = Some(id.to_string()),
-        )
-        .await;
-    if let Some(id) = new_id.take() {
-        rec.upload_id = Some(id);
-        let _ = s.save(&rec);
+    // Kept the moment OBS names it, before any part goes up: a killed agent continues it.
+    let mut saved = rec.clone();
+    let mut keep = |id: &str| {
+        saved.upload_id = Some(id.to_string());
+        if let Err(e) = s.save(&saved) {
+            tracing::warn!(error = %e, "the upload id is not kept; a restart starts the upload over");
+        }
+    };
+    let mut spec = UploadSpec {
+        bucket,
+        key: &rec.object,
+        path: &rec.bundle,
+        part_size: s.logs.upload_part_size.0,
+        acl: &s.logs.upload_acl,
+        resume: rec.upload_id.clone(),
+    };
+    let mut up = client.upload_file(&spec, &mut keep).await;
+    // OBS forgets unfinished uploads after a while (lifecycle rules): start the same one over.
+    if spec.resume.is_some()
+        && matches!(&up, Err(ObsError::Refused { code, .. }) if code == "NoSuchUpload")
+    {
+        tracing::warn!(object = %rec.object, "the unfinished upload is gone from OBS; starting it over");
+        spec.resume = None;
+        up = client.upload_file(&spec, &mut keep).await;
     }
     let up = up.map_err(|err| UploadError::Obs {
         bucket: bucket.to_string(),
