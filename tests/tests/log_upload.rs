@@ -705,3 +705,86 @@ fn periodic_windows_are_shipped_once_across_kill_9() {
         "{text}"
     );
 }
+
+#[test]
+fn a_store_outage_leaves_the_window_for_the_next_run_in_json() {
+    let mut s3 = S3::start(SK, &[]);
+    let emu = Emulator::start_args(&["--obs-domain", &s3.url()]);
+    let auth = format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n");
+    let mut agent = Agent::start_with(
+        &emu.url(),
+        &auth,
+        &format!("log_format = \"json\"\n[logs]\nupload_retry_for = \"2s\"\n[log_transfer]\nobs_bucket_name = \"{BUCKET}\"\nperiod = 2\nperiod_unit = \"min\"\nstorage_format = \"JSON\"\n"),
+        &[],
+    );
+    let _ = emu.source_id(&agent);
+    agent.kill9();
+    // Three windows due, written as the daemon writes JSON lines, and a text line that is
+    // not JSON (a foreign file's) that JSON storage wraps.
+    let t0 = (now() - 420) / 120 * 120;
+    let mut lines = String::new();
+    for i in 0..36u64 {
+        lines.push_str(&format!(
+            "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"fields\":{{\"message\":\"line {i}\"}},\"target\":\"test\"}}\n",
+            iso(t0 + i * 10)
+        ));
+    }
+    lines.push_str(&format!("{}  INFO plain text line\n", iso(t0 + 5)));
+    let logs = agent.dir.path().join("logs");
+    std::fs::write(logs.join("agent.log.00000000000000000001"), &lines).unwrap();
+    let state = agent.dir.path().join("state").join("log-transfer.json");
+    std::fs::write(&state, format!("{{\"next_start\": {t0}}}")).unwrap();
+    // The store is down: the shipment fails, naming the window, and the offset stays.
+    let mut c = s3.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let ship = || {
+        Command::new(sms_tests::sms_agent())
+            .args(["logs", "ship", "--config"])
+            .arg(agent.dir.path().join("agent.toml"))
+            .output()
+            .unwrap()
+    };
+    let out = ship();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("shipping window") && err.contains("cannot reach OBS"),
+        "{err}"
+    );
+    let st: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(st["next_start"].as_u64(), Some(t0));
+    // Back: everything from t0 on goes up, each line once, as JSON objects.
+    s3.spawn(SK, &[]);
+    let out = ship();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = objects(&s3.root.path().join(BUCKET));
+    let all: Vec<Value> = stored
+        .iter()
+        .inspect(|(k, _)| assert!(k.starts_with("LogTanks/") && k.ends_with(".json"), "{k}"))
+        .flat_map(|(_, t)| {
+            t.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for i in 0..36u64 {
+        let n = all
+            .iter()
+            .filter(|v| v["fields"]["message"] == format!("line {i}"))
+            .count();
+        assert_eq!(n, 1, "line {i}");
+    }
+    assert_eq!(
+        all.iter()
+            .filter(|v| v["message"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("plain text line")))
+            .count(),
+        1
+    );
+}
