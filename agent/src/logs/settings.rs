@@ -76,6 +76,9 @@ pub struct LogsSection {
     /// Region of the OBS signature's credential scope (default: the `REGION` of
     /// `obs.REGION.myhuaweicloud.com`, else `us-east-1`).
     pub obs_region: String,
+    /// Name the bucket in the path (`endpoint/bucket/key`) instead of the host name
+    /// (`bucket.endpoint/key`, OBS's documented form); IP-address endpoints always do.
+    pub obs_path_style: bool,
     /// Bundles larger than this go up in parts of this size (5 MiB to 5 GiB: S3's limits,
     /// within OBS's 100 KiB to 5 GiB).
     pub upload_part_size: ByteSize,
@@ -94,6 +97,7 @@ impl Default for LogsSection {
             max_total: ByteSize(100 << 20),
             obs_endpoint: String::new(),
             obs_region: String::new(),
+            obs_path_style: false,
             upload_part_size: ByteSize(8 << 20),
             // The reference's log collection has the service collect the object
             // (WAIT_SERVER_COLLECT) before it asks for the ACL reset (TELL_AGENT_RESET_ACL,

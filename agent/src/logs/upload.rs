@@ -113,11 +113,18 @@ impl Settings {
             .filter(|r| !r.is_empty())
             .or_else(|| ObsClient::region_of(endpoint))
             .unwrap_or_else(|| "us-east-1".into());
-        let mut c = ObsClient::new(endpoint, &region, creds, self.ca.clone(), self.timeout)
-            .map_err(|err| UploadError::Obs {
-                bucket: String::new(),
-                err,
-            })?;
+        let mut c = ObsClient::new(
+            endpoint,
+            &region,
+            creds,
+            self.ca.clone(),
+            self.timeout,
+            self.logs.obs_path_style,
+        )
+        .map_err(|err| UploadError::Obs {
+            bucket: String::new(),
+            err,
+        })?;
         c.retry_for = self.logs.upload_retry_for.0;
         Ok(c)
     }

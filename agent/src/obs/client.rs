@@ -96,10 +96,13 @@ pub struct Uploaded {
 #[derive(Debug, Clone)]
 pub struct ObsClient {
     http: reqwest::Client,
-    /// `scheme://host[:port]`, no trailing `/`.
-    base: String,
+    /// `http` or `https`.
+    scheme: String,
     /// `Host` as reqwest sends it (the port only when not the scheme's default).
     host: String,
+    /// Bucket in the path (`host/bucket/key`) rather than in the host name
+    /// (`bucket.host/key`, OBS's documented form).
+    path_style: bool,
     region: String,
     creds: Credentials,
     /// How long an upload keeps retrying through an outage.
@@ -108,13 +111,16 @@ pub struct ObsClient {
 
 impl ObsClient {
     /// A client of `endpoint` (`https://obs.REGION.myhuaweicloud.com`; a bare domain gets
-    /// `https://`), signing for `region`.
+    /// `https://`), signing for `region`. Requests name the bucket in the host name
+    /// (virtual-hosted style) unless `path_style` is asked for or the endpoint is an IP
+    /// address or `localhost`, which no bucket name can be prefixed to.
     pub fn new(
         endpoint: &str,
         region: &str,
         creds: Credentials,
         ca: Option<reqwest::Certificate>,
         timeout: Duration,
+        path_style: bool,
     ) -> Result<Self, ObsError> {
         let e = endpoint.trim().trim_end_matches('/');
         let full = if e.contains("://") {
@@ -133,6 +139,8 @@ impl ObsClient {
             Some(p) => format!("{h}:{p}"),
             None => h.to_string(),
         };
+        let literal =
+            h == "localhost" || h.starts_with('[') || h.parse::<std::net::IpAddr>().is_ok();
         let mut b = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
@@ -145,8 +153,9 @@ impl ObsClient {
             .map_err(|err| ObsError::Local(format!("cannot build the HTTP client: {err}")))?;
         Ok(Self {
             http,
-            base: format!("{}://{host}", url.scheme()),
+            scheme: url.scheme().to_string(),
             host,
+            path_style: path_style || literal,
             region: region.to_string(),
             creds,
             retry_for: Duration::from_secs(120),
@@ -173,11 +182,20 @@ impl ObsClient {
         extra: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<(HeaderMap, String), ObsError> {
-        let path = if key.is_empty() {
-            format!("/{}", escape(bucket))
+        // A bucket name with dots cannot be a host label under the endpoint's certificate.
+        let in_path = self.path_style || bucket.contains('.');
+        let host = if in_path {
+            self.host.clone()
         } else {
-            format!("/{}/{}", escape(bucket), encode_key(key))
+            format!("{bucket}.{}", self.host)
         };
+        let path = match (in_path, key.is_empty()) {
+            (true, true) => format!("/{}", escape(bucket)),
+            (true, false) => format!("/{}/{}", escape(bucket), encode_key(key)),
+            (false, true) => "/".to_string(),
+            (false, false) => format!("/{}", encode_key(key)),
+        };
+        let base = format!("{}://{host}", self.scheme);
         let qs = query
             .iter()
             .map(|(k, v)| {
@@ -190,13 +208,13 @@ impl ObsClient {
             .collect::<Vec<_>>()
             .join("&");
         let url = if qs.is_empty() {
-            format!("{}{path}", self.base)
+            format!("{base}{path}")
         } else {
-            format!("{}{path}?{qs}", self.base)
+            format!("{base}{path}?{qs}")
         };
         let amz_date = crate::api::time::sdk_date(SystemTime::now());
         let mut headers: Vec<(String, String)> = vec![
-            ("host".into(), self.host.clone()),
+            ("host".into(), host.clone()),
             ("x-amz-content-sha256".into(), UNSIGNED_PAYLOAD.into()),
             ("x-amz-date".into(), amz_date.clone()),
         ];
@@ -251,7 +269,7 @@ impl ObsClient {
             src = s.source();
         }
         ObsError::Transport {
-            endpoint: self.base.clone(),
+            endpoint: format!("{}://{}", self.scheme, self.host),
             detail,
         }
     }
@@ -544,6 +562,29 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_go_in_the_host_name_of_a_domain_endpoint_only() {
+        let creds = Credentials {
+            access_key: "AK".into(),
+            secret_key: Secret::new("SK"),
+            security_token: None,
+        };
+        let t = Duration::from_secs(5);
+        let c = |e: &str, p: bool| ObsClient::new(e, "r", creds.clone(), None, t, p).unwrap();
+        let obs = c("obs.cn-north-4.myhuaweicloud.com", false);
+        assert!(
+            !obs.path_style
+                && obs.scheme == "https"
+                && obs.host == "obs.cn-north-4.myhuaweicloud.com"
+        );
+        assert!(c("obs.cn-north-4.myhuaweicloud.com", true).path_style);
+        assert!(c("http://127.0.0.1:9000", false).path_style);
+        assert_eq!(c("http://127.0.0.1:9000", false).host, "127.0.0.1:9000");
+        assert!(c("http://localhost:9000", false).path_style);
+        assert!(c("http://[::1]:9000", false).path_style);
+        assert!(ObsClient::new("https://:9000", "r", creds.clone(), None, t, false).is_err());
+    }
 
     #[test]
     fn region_from_obs_domain() {
