@@ -54,6 +54,10 @@ impl TlsArgs {
             Some(p) => Some(read(p)?.trim_end_matches(['\n', '\r']).to_string()),
             None => None,
         };
+        // Masked in the log lines (and log files) from now on.
+        if let Some(p) = &pass {
+            sms_agent::logs::redact::register(p);
+        }
         let id = transfer::tls::Identity::from_pem(
             &read(&self.cert)?,
             &read(&self.key)?,
@@ -137,6 +141,7 @@ impl ReceiveTlsArgs {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
         let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
         let cfg = Config::load(&path, false, &env, Purpose::Daemon)?;
+        sms_agent::logs::redact::register_config(&cfg);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -148,6 +153,9 @@ impl ReceiveTlsArgs {
                 .await
                 .map_err(anyhow::Error::from)
         })?;
+        if let Some(p) = &tls.passphrase {
+            sms_agent::logs::redact::register(p.expose());
+        }
         if let Some(dir) = &self.save_tls {
             let files = tls.save(dir)?;
             tracing::info!(dir = %dir.display(), files = files.len(), "target TLS material saved");
