@@ -13,6 +13,10 @@ use super::redact;
 /// State files larger than this are not bundled (checkpoints of a large task, not
 /// diagnostics).
 const MAX_STATE_FILE: u64 = 4 << 20;
+/// Files of the log directory larger than this are left out (and named in the manifest):
+/// each file is read whole to be scrubbed, and the host being migrated keeps its memory.
+/// The agent's own files stay far below it (`[logs] max_file_size`).
+const MAX_LOG_FILE: u64 = 256 << 20;
 
 /// What goes into a bundle besides the files of the two directories.
 #[derive(Debug, Clone)]
@@ -76,35 +80,39 @@ pub fn build(out: &Path, c: &Contents<'_>) -> io::Result<Bundle> {
     };
     let gz = flate2::write::GzEncoder::new(hashing, flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
-    let manifest = serde_json::to_vec_pretty(&c.manifest).map_err(io::Error::other)?;
+    let mut chosen = Vec::new();
+    let mut skipped = Vec::new();
+    for (path, len) in files(c.log_dir)? {
+        if len <= MAX_LOG_FILE {
+            chosen.push((path, "logs"));
+        } else {
+            skipped.push(format!("{} ({len} bytes)", path.display()));
+        }
+    }
+    for (path, len) in files(c.state_dir)? {
+        if path.extension().is_some_and(|e| e == "json") && len <= MAX_STATE_FILE {
+            chosen.push((path, "state"));
+        }
+    }
+    let mut manifest = c.manifest.clone();
+    if let Some(m) = manifest.as_object_mut() {
+        m.insert("skipped".into(), serde_json::json!(skipped));
+    }
+    let manifest = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
     add(&mut tar, "manifest.json", &manifest)?;
     add(&mut tar, "probe.json", c.probe_json.as_bytes())?;
     add(&mut tar, "config.txt", c.config_text.as_bytes())?;
-    for (dir, prefix, keep) in [
-        (
-            c.log_dir,
-            "logs",
-            &(|_: &Path, _: u64| true) as &dyn Fn(&Path, u64) -> bool,
-        ),
-        (c.state_dir, "state", &|p: &Path, len: u64| {
-            p.extension().is_some_and(|e| e == "json") && len <= MAX_STATE_FILE
-        }),
-    ] {
-        for (path, len) in files(dir)? {
-            if !keep(&path, len) {
-                continue;
-            }
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            // A file rotated or rewritten meanwhile is skipped, not a failed bundle.
-            let Ok(bytes) = fs::read(&path) else { continue };
-            add(
-                &mut tar,
-                &format!("{prefix}/{name}"),
-                &redact::scrub_bytes(&bytes),
-            )?;
-        }
+    for (path, prefix) in chosen {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        // A file rotated or rewritten meanwhile is skipped, not a failed bundle.
+        let Ok(bytes) = fs::read(&path) else { continue };
+        add(
+            &mut tar,
+            &format!("{prefix}/{name}"),
+            &redact::scrub_bytes(&bytes),
+        )?;
     }
     let gz = tar.into_inner()?;
     let mut hashing = gz.finish()?;
