@@ -29,6 +29,8 @@ pub(super) fn poll(s: &mut Store, id: &str) -> Reply {
     };
     c.delivered += 1;
     let answer = json!({"command_name": c.command_name, "command_param": c.command_param});
+    // Handing out a log command waits for the agent's answer (`log_collect_status`, ref.
+    // §5.4.5 line 10293; the order of its values is assumed, see `log_collection_step`).
     let waiting = match c.command_name.as_str() {
         "UPLOAD_LOG" => Some("WAIT_AGENT_COLLECT_ACK"),
         "RSET_LOG_ACL" => Some("WAIT_AGENT_RESET_ACL_ACK"),

@@ -279,6 +279,7 @@ pub(super) fn upload_log(s: &mut Store, id: &str, v: &Value) -> Reply {
                 );
             }
             let bucket = str_field(v, "log_bucket").unwrap_or("").to_string();
+            // ref. §5.4.5 line 10293: the first value after INIT.
             if let Some(t) = s.db.tasks.get_mut(id) {
                 t.log_collect_status = Some("TELL_AGENT_TO_COLLECT".into());
             }
