@@ -7,5 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod fileplan;
 pub mod freeze;
+pub mod logs;
+pub mod obs;
 pub mod standalone;
 pub mod target_tls;
