@@ -5,6 +5,12 @@
 //! multi-user.target was reached. One boot case runs with the suite; the others are
 //! `#[ignore]`d and run by `bench/boot.sh` (they need minutes each under TCG).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::tests_outside_test_module
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
