@@ -79,9 +79,9 @@ fn sys_u64(path: &str) -> Result<u64, LayoutReadError> {
     t.trim().parse().map_err(|_| read(path, format!("{t:?}")))
 }
 
-/// Describes the disks holding `base` and the filesystems mounted below it (not crossing
-/// into bind mounts or pseudo filesystems); `rename` maps a source disk (`/dev/sda`) to the
-/// name the target knows it by. Returns the layout and the mount points it covers (on this
+/// Describes the disk holding `base` and the filesystems mounted below it on that disk or on
+/// the disks `rename` names (bind mounts and pseudo filesystems left out); `rename` maps a
+/// source disk (`/dev/sda`) to the name the target knows it by. Returns the layout and the mount points it covers (on this
 /// host), parents first.
 pub fn read_layout(
     base: &Path,
@@ -110,9 +110,14 @@ pub fn read_layout(
             }
         }
     }
-    if !mounts.contains_key(base) {
+    let Some(((base_disk, _), _)) = mounts.get(base).cloned() else {
         return Err(LayoutReadError::NotMountPoint(base.to_path_buf()));
-    }
+    };
+    // Only the disk of the root and the disks `rename` names go along: a USB stick or an
+    // image mounted somewhere below the root is not part of the system.
+    mounts.retain(|_, ((d, _), _)| {
+        *d == base_disk || rename.iter().any(|(s, _)| *s == format!("/dev/{d}"))
+    });
     // In the migrated system: `/` for base, `/boot` for base/boot.
     let inside = |mp: &Path| -> String {
         let rest = mp.strip_prefix(base).unwrap_or(Path::new(""));
