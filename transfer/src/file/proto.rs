@@ -676,6 +676,11 @@ fn decode_plan(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
         let json = r.take(n, "layout")?;
         let l: super::layout::Layout =
             serde_json::from_slice(json).map_err(|_| WireError::Invalid("layout"))?;
+        // One encoding per message: only the JSON this build writes (no spaces, fields in
+        // order, none missing or unknown) is taken.
+        if serde_json::to_vec(&l).ok().as_deref() != Some(json) {
+            return Err(WireError::Invalid("layout"));
+        }
         Some(Box::new(l))
     } else {
         None
@@ -1076,6 +1081,36 @@ mod tests {
         assert!(r.is_empty());
         for m in samples() {
             assert!(wire::FILE_TYPES.contains(&m.kind()), "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn a_plan_layout_has_one_encoding() {
+        let plan = |json: &[u8]| {
+            let mut p = vec![0, 0, 0, 0, 0, 1];
+            p.extend_from_slice(&u32::try_from(json.len()).unwrap().to_be_bytes());
+            p.extend_from_slice(json);
+            FileMsg::decode(kind::PLAN, &p)
+        };
+        let good = br#"{"disks":[]}"#;
+        assert!(matches!(
+            plan(good),
+            Ok(FileMsg::Plan {
+                layout: Some(_),
+                ..
+            })
+        ));
+        for bad in [
+            &br#"{ "disks": [] }"#[..],
+            br#"{"disks":[],"x":1}"#,
+            b"{}",
+            b"[1",
+        ] {
+            assert!(
+                matches!(plan(bad), Err(WireError::Invalid("layout"))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
