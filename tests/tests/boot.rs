@@ -60,10 +60,11 @@ impl RoSource {
         for (n, at, fstype) in parts {
             let mp = s.root().join(at.trim_start_matches('/'));
             std::fs::create_dir_all(&mp).ok();
-            let opts = if *fstype == "xfs" {
-                "ro,norecovery"
-            } else {
-                "ro,noload"
+            // Never replay a journal: the cached image stays as it was built.
+            let opts = match *fstype {
+                "xfs" => "ro,norecovery",
+                "vfat" => "ro",
+                _ => "ro,noload",
             };
             run(
                 "mount",
@@ -162,9 +163,10 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 /// Boots `img` in qemu; the marker line, or a panic with where the console got to.
-fn boot(img: &Path) -> String {
+fn boot(img: &Path, uefi: bool) -> String {
     let log = img.with_extension("console.log");
     let out = Command::new(repo("tests/boot/boot.sh"))
+        .env("SMS_BOOT_UEFI", if uefi { "1" } else { "0" })
         .arg(img)
         .arg("900")
         .arg(&log)
@@ -184,6 +186,16 @@ fn boot(img: &Path) -> String {
 /// File-level migration of the cached `variant` onto a blank image of `mib` MiB with
 /// `--prepare`, then a boot; the marker line.
 fn file_migration_boots(variant: &str, parts: &[(u32, &str, &str)], mib: u64) -> String {
+    file_migration_boots_with(variant, parts, mib, false)
+}
+
+/// As [`file_migration_boots`], booting with UEFI firmware when `uefi`.
+fn file_migration_boots_with(
+    variant: &str,
+    parts: &[(u32, &str, &str)],
+    mib: u64,
+    uefi: bool,
+) -> String {
     let img = source_image(variant);
     let src = RoSource::mount(&img, parts);
     let mut target = BlankTarget::new(mib);
@@ -213,7 +225,7 @@ fn file_migration_boots(variant: &str, parts: &[(u32, &str, &str)], mib: u64) ->
     }
     target.detach();
     drop(src);
-    boot(&target.img())
+    boot(&target.img(), uefi)
 }
 
 #[test]
@@ -240,6 +252,18 @@ fn file_migration_of_an_xfs_root_boots() {
 }
 
 #[test]
+#[ignore = "minutes under TCG, and OVMF: run by bench/boot.sh"]
+fn file_migration_of_a_uefi_system_boots_with_ovmf() {
+    let m = file_migration_boots_with(
+        "uefi",
+        &[(2, "/", "ext4"), (1, "/boot/efi", "vfat")],
+        2048,
+        true,
+    );
+    assert!(m.contains("root=/dev/vda2"), "{m}");
+}
+
+#[test]
 #[ignore = "minutes under TCG: run by bench/boot.sh"]
 fn block_migration_onto_a_blank_disk_boots_in_qemu() {
     let img = source_image("plain");
@@ -262,7 +286,7 @@ fn block_migration_onto_a_blank_disk_boots_in_qemu() {
     assert!(rx.wait());
     target.detach();
     drop(src);
-    let m = boot(&target.img());
+    let m = boot(&target.img(), false);
     assert!(m.contains("root=/dev/vda1"), "{m}");
 }
 

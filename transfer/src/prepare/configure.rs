@@ -1,7 +1,7 @@
 //! Post-copy configuration of the migrated system, in a chroot of the target with its own
 //! tools: fstab and crypttab checked (and fstab rewritten where UUIDs changed), machine-id
-//! cleared on request, the initramfs regenerated, GRUB 2 installed for BIOS and its
-//! configuration regenerated.
+//! cleared on request, the initramfs regenerated, GRUB 2 installed for BIOS and/or UEFI and
+//! its configuration regenerated.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -10,11 +10,15 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use crate::code::Code;
+use crate::file::layout::Table;
 
 use super::cmd::run;
 use super::disk::{Made, Staged};
 use super::fstab::{check_crypttab, check_fstab, Have};
 use super::{PrepareError, PrepareOptions};
+
+/// GPT type of a BIOS boot partition (where GRUB embeds its core image on a GPT disk).
+const BIOS_BOOT: &str = "21686148-6449-6e6f-744e-656564454649";
 
 /// The chroot's `/proc`, `/sys`, `/dev` and `/run`, unmounted when dropped.
 struct Chroot {
@@ -223,39 +227,77 @@ fn grub(root: &Path, staged: &Staged) -> Result<(), PrepareError> {
                 "the migrated system has no GRUB 2 (grub-install or grub2-install)".into(),
             ));
         };
-    if exists_in(root, &["usr/lib/grub/i386-pc"]).is_none() {
+    // BIOS where the target's GRUB has its i386-pc modules (and, on GPT, a BIOS boot
+    // partition to embed into); UEFI where it has x86_64-efi and the layout an EFI system
+    // partition mounted at /boot/efi or /efi. At least one of them.
+    let esp = staged
+        .made
+        .iter()
+        .find(|m| m.fs.fs_type == "vfat" && (m.fs.mount == "/boot/efi" || m.fs.mount == "/efi"))
+        .map(|m| m.fs.mount.clone());
+    let efi = esp
+        .clone()
+        .filter(|_| exists_in(root, &["usr/lib/grub/x86_64-efi"]).is_some());
+    let disk_of = |mount: &str| {
+        staged
+            .layout
+            .disks
+            .iter()
+            .zip(&staged.disks)
+            .find(|(d, _)| {
+                d.parts
+                    .iter()
+                    .filter_map(|p| p.fs.as_ref())
+                    .chain(d.whole.iter())
+                    .any(|f| f.mount == mount)
+            })
+    };
+    // The disk holding /boot, else the one holding /.
+    let (boot_disk, dev) = disk_of("/boot").or_else(|| disk_of("/")).ok_or_else(|| {
+        cfg_err(
+            Code::BootloaderFailed,
+            "no target disk holds /boot or /".into(),
+        )
+    })?;
+    let has_bios_part = boot_disk.table != Table::Gpt
+        || boot_disk
+            .parts
+            .iter()
+            .any(|p| p.type_id.eq_ignore_ascii_case(BIOS_BOOT));
+    let bios = exists_in(root, &["usr/lib/grub/i386-pc"]).is_some() && has_bios_part;
+    if !bios && efi.is_none() {
         return Err(cfg_err(
             Code::BootloaderFailed,
-            "the migrated system has no /usr/lib/grub/i386-pc (install grub-pc / grub2-pc on the source and sync again)".into(),
+            match esp {
+                Some(e) => format!("the migrated system has neither /usr/lib/grub/i386-pc (with a BIOS boot partition on a GPT disk) nor /usr/lib/grub/x86_64-efi for its EFI system partition {e}"),
+                None => "the migrated system has no /usr/lib/grub/i386-pc (install grub-pc / grub2-pc on the source and sync again), or its GPT boot disk no BIOS boot partition".into(),
+            },
         ));
     }
-    // The disk holding /boot, else the one holding /.
-    let disk = ["/boot", "/"]
-        .iter()
-        .find_map(|m| {
-            staged
-                .layout
-                .disks
-                .iter()
-                .zip(&staged.disks)
-                .find(|(d, _)| {
-                    d.parts
-                        .iter()
-                        .filter_map(|p| p.fs.as_ref())
-                        .chain(d.whole.iter())
-                        .any(|f| f.mount == *m)
-                })
-        })
-        .map(|(_, dev)| dev.clone())
-        .ok_or_else(|| {
-            cfg_err(
-                Code::BootloaderFailed,
-                "no target disk holds /boot or /".into(),
-            )
-        })?;
-    let disk = disk.to_string_lossy().into_owned();
-    chroot(root, &[install, "--target=i386-pc", &disk])
+    let disk = dev.to_string_lossy().into_owned();
+    if bios {
+        chroot(root, &[install, "--target=i386-pc", &disk])
+            .map_err(|e| cfg_err(Code::BootloaderFailed, e))?;
+        tracing::info!(disk = %disk, "GRUB installed for BIOS");
+    }
+    if let Some(esp) = &efi {
+        // --removable: the firmware of a new machine has no boot entry for it, and
+        // EFI/BOOT/BOOTX64.EFI is what it looks for; --no-nvram: this host's NVRAM is not
+        // the target's.
+        let dir = format!("--efi-directory={esp}");
+        chroot(
+            root,
+            &[
+                install,
+                "--target=x86_64-efi",
+                &dir,
+                "--removable",
+                "--no-nvram",
+            ],
+        )
         .map_err(|e| cfg_err(Code::BootloaderFailed, e))?;
+        tracing::info!(esp = %esp, "GRUB installed for UEFI");
+    }
     chroot(root, &[mkconfig, "-o", cfg]).map_err(|e| cfg_err(Code::TargetConfigFailed, e))?;
     // grub-mkconfig falls back to the device path when it cannot name the root by UUID; that
     // path is the staging host's and does not exist when the target boots.
@@ -273,6 +315,6 @@ fn grub(root: &Path, staged: &Staged) -> Result<(), PrepareError> {
             ),
         ));
     }
-    tracing::info!(disk = %disk, config = cfg, "GRUB installed and its configuration regenerated");
+    tracing::info!(config = cfg, "GRUB configuration regenerated");
     Ok(())
 }
