@@ -4,7 +4,6 @@
 #
 #   tests/boot/boot.sh IMAGE [TIMEOUT_SECS] [LOG]
 #
-# SMS_BOOT_UEFI=1 boots with OVMF (package ovmf) instead of SeaBIOS.
 # Exit 0 and the marker line on stdout when it appears; 1 when the VM ended or the time ran
 # out without it (the console log says how far it got). The image is not written
 # (-snapshot).
@@ -13,12 +12,7 @@ img=${1:?usage: boot.sh IMAGE [TIMEOUT] [LOG]}
 timeout=${2:-300}
 log=${3:-$(mktemp /tmp/sms-boot-XXXXXX.log)}
 : >"$log"
-fw=()
-if [ "${SMS_BOOT_UEFI:-0}" = 1 ]; then
-  [ -r /usr/share/ovmf/OVMF.fd ] || { echo "boot.sh: UEFI boot needs /usr/share/ovmf/OVMF.fd (apt-get install ovmf)" >&2; exit 1; }
-  fw=(-bios /usr/share/ovmf/OVMF.fd)
-fi
-qemu-system-x86_64 "${fw[@]}" -machine pc,accel=tcg -m 768 -smp 1 -nographic -no-reboot -snapshot \
+qemu-system-x86_64 -machine pc,accel=tcg -m 768 -smp 1 -nographic -no-reboot -snapshot \
   -drive "file=$img,format=raw,if=virtio" -nic none -serial "file:$log" -monitor none \
   -display none </dev/null >/dev/null 2>&1 &
 pid=$!

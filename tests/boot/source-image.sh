@@ -6,8 +6,6 @@
 # VARIANT: plain   MBR, one ext4 root
 #          sepboot GPT: BIOS boot partition, /boot ext4, swap, / ext4
 #          xfs     MBR, one XFS root
-#          uefi    GPT: EFI system partition at /boot/efi, / ext4; GRUB for x86_64-efi only
-#                  (grub-efi-amd64-bin added to the tree); boots with OVMF
 #
 # The root tree (debootstrap minbase + kernel + GRUB, modules not needed under qemu pruned)
 # is built once as a tarball in $SMS_TEST_CACHE (default /var/cache/sms-agent-tests); each
@@ -15,7 +13,7 @@
 # "SMS-BOOT-OK root=<device of />" on the serial console once the login prompts are up,
 # then powers off.
 set -euo pipefail
-variant=${1:?usage: source-image.sh plain|sepboot|xfs|uefi}
+variant=${1:?usage: source-image.sh plain|sepboot|xfs}
 cache=${SMS_TEST_CACHE:-/var/cache/sms-agent-tests}
 mirror=${SMS_TEST_MIRROR:-http://deb.debian.org/debian}
 mkdir -p "$cache"
@@ -89,24 +87,20 @@ chroot_boot() {
     u=$(blkid -s UUID -o value "$p" || true)
     [ -n "$u" ] && ln -sf "../../$(basename "$p")" "$mnt/dev/disk/by-uuid/$u"
   done
-  if [ -d "$mnt/usr/lib/grub/x86_64-efi" ]; then
-    chroot "$mnt" grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable --no-nvram >&2
-  else
-    chroot "$mnt" grub-install --target=i386-pc "$loop" >&2
-  fi
+  chroot "$mnt" grub-install --target=i386-pc "$loop" >&2
   chroot "$mnt" update-initramfs -u -k all >&2
   chroot "$mnt" update-grub >&2
   umount "$mnt/dev" "$mnt/sys" "$mnt/proc"
 }
 
 build_image() {
-  local loop mnt root_dev boot_dev swap_dev
+  # Globals, not locals: the EXIT trap that cleans up runs after this function returned.
+  loop="" mnt="" root_dev="" boot_dev="" swap_dev=""
   truncate -s 0 "$img.tmp"
   truncate -s 2G "$img.tmp"
   case $variant in
     plain|xfs) printf 'label: dos\nstart=2048, type=83, bootable\n' | sfdisk -q "$img.tmp" ;;
     sepboot) printf 'label: gpt\nstart=2048, size=1MiB, type=21686148-6449-6E6F-744E-656564454649\nsize=300MiB\nsize=64MiB, type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n' | sfdisk -q "$img.tmp" ;;
-    uefi) printf 'label: gpt\nstart=2048, size=100MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n' | sfdisk -q "$img.tmp" ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
   loop=$(losetup -f --show "$img.tmp")
@@ -117,7 +111,6 @@ build_image() {
   case $variant in
     plain) root_dev=${loop}p1; mkfs.ext4 -q -L smsroot "$root_dev" ;;
     xfs) root_dev=${loop}p1; mkfs.xfs -q -L smsroot "$root_dev" ;;
-    uefi) esp_dev=${loop}p1; root_dev=${loop}p2; mkfs.vfat -n SMSESP "$esp_dev" >/dev/null; mkfs.ext4 -q -L smsroot "$root_dev" ;;
     sepboot) boot_dev=${loop}p2; swap_dev=${loop}p3; root_dev=${loop}p4
       mkfs.ext4 -q -L smsboot "$boot_dev"; mkswap -L smsswap "$swap_dev" >/dev/null; mkfs.ext4 -q -L smsroot "$root_dev" ;;
   esac
@@ -149,20 +142,7 @@ UNIT
       echo "UUID=$(blkid -s UUID -o value "$boot_dev") /boot ext4 defaults 0 2"
     fi
     [ -n "${swap_dev:-}" ] && echo "UUID=$(blkid -s UUID -o value "$swap_dev") none swap sw 0 0"
-    if [ -n "${esp_dev:-}" ]; then
-      mkdir -p "$mnt/boot/efi"; mount "$esp_dev" "$mnt/boot/efi"
-      echo "UUID=$(blkid -s UUID -o value "$esp_dev") /boot/efi vfat umask=0077 0 1"
-    fi
   } >"$mnt/etc/fstab"
-  if [ "$variant" = uefi ]; then
-    cp /etc/resolv.conf "$mnt/etc/resolv.conf"
-    chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get -q update >>"$cache/debootstrap.log" 2>&1
-    # Only the EFI GRUB: the target must boot through the ESP, nothing else.
-    chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get -q install -y --no-install-recommends \
-      grub-efi-amd64-bin >>"$cache/debootstrap.log" 2>&1 || { tail -20 "$cache/debootstrap.log" >&2; exit 1; }
-    chroot "$mnt" apt-get clean
-    rm -rf "$mnt/usr/lib/grub/i386-pc" "$mnt/etc/resolv.conf"
-  fi
   chroot_boot "$mnt" "$loop"
   sync
   cleanup

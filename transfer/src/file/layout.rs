@@ -234,6 +234,26 @@ impl Layout {
         Ok(())
     }
 
+    /// Whether `other` describes the same disks, partitions and filesystems (the used bytes,
+    /// which change between passes, aside).
+    pub fn same_shape(&self, other: &Layout) -> bool {
+        let shape = |l: &Layout| {
+            let mut l = l.clone();
+            for d in &mut l.disks {
+                for f in d
+                    .parts
+                    .iter_mut()
+                    .filter_map(|p| p.fs.as_mut())
+                    .chain(d.whole.as_mut())
+                {
+                    f.used = 0;
+                }
+            }
+            l
+        };
+        shape(self) == shape(other)
+    }
+
     /// Every filesystem of the layout with the disk and partition (0: whole disk) it is on.
     pub fn filesystems(&self) -> impl Iterator<Item = (&Disk, u32, &Fs)> {
         self.disks.iter().flat_map(|d| {
@@ -302,6 +322,11 @@ mod tests {
         let l = sample();
         l.validate().unwrap();
         assert_eq!(l.filesystems().count(), 2);
+        let mut later = l.clone();
+        later.disks[0].parts[2].fs.as_mut().unwrap().used += 4096;
+        assert!(later.same_shape(&l) && later != l);
+        later.disks[0].parts[2].fs.as_mut().unwrap().label = "x".into();
+        assert!(!later.same_shape(&l));
         let mut bad = l.clone();
         bad.disks[0].parts[2].fs.as_mut().unwrap().fs_type = "zfs".into();
         assert!(bad.validate().unwrap_err().0.contains("\"zfs\""));

@@ -108,6 +108,24 @@ fn contents(dev: &Path) -> Result<Vec<String>, PrepareError> {
     Ok(found)
 }
 
+/// Whether `name` (a node under `/dev`) is disk `disk` or one of its partitions
+/// (`vdb`, `vdb1`; `loop1`, `loop1p2`, but not `loop10`).
+fn is_disk_or_part(name: &str, disk: &str) -> bool {
+    let Some(rest) = name.strip_prefix(disk) else {
+        return false;
+    };
+    let digits = if disk.ends_with(|c: char| c.is_ascii_digit()) {
+        match rest.strip_prefix('p') {
+            Some(d) => d,
+            None => return rest.is_empty(),
+        }
+    } else {
+        rest
+    };
+    digits.is_empty() && rest.is_empty()
+        || !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+}
+
 /// Whether `dev` or a partition of it is mounted or used as swap.
 fn in_use(dev: &Path) -> Option<String> {
     let name = dev.file_name()?.to_string_lossy().into_owned();
@@ -116,14 +134,8 @@ fn in_use(dev: &Path) -> Option<String> {
         if let Ok(t) = std::fs::read_to_string(f) {
             for l in t.lines() {
                 if l.split_whitespace().any(|w| {
-                    w.strip_prefix("/dev/").is_some_and(|n| {
-                        n == name
-                            || n.strip_prefix(name.as_str()).is_some_and(|r| {
-                                r.trim_start_matches('p')
-                                    .chars()
-                                    .all(|c| c.is_ascii_digit())
-                            })
-                    })
+                    w.strip_prefix("/dev/")
+                        .is_some_and(|n| is_disk_or_part(n, &name))
                 }) {
                     users.push(l.to_string());
                 }
@@ -322,7 +334,9 @@ pub(super) fn stage(
             &dir,
             Some(m.fs.fs_type.as_str()),
             nix::mount::MsFlags::empty(),
-            None::<&str>,
+            // The staging host may have the source's XFS itself mounted (a copy of its own
+            // disk, a test): XFS refuses a second filesystem with the same UUID otherwise.
+            (m.fs.fs_type == "xfs").then_some("nouuid"),
         )
         .map_err(|e| {
             err(
@@ -479,6 +493,18 @@ fn prepare_disk(d: &Disk, dev: &Path, opts: &PrepareOptions) -> Result<Vec<Made>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_is_told_from_its_neighbours() {
+        assert!(is_disk_or_part("loop1", "loop1"));
+        assert!(is_disk_or_part("loop1p2", "loop1"));
+        assert!(!is_disk_or_part("loop10", "loop1"));
+        assert!(!is_disk_or_part("loop10p1", "loop1"));
+        assert!(is_disk_or_part("vdb", "vdb"));
+        assert!(is_disk_or_part("vdb12", "vdb"));
+        assert!(!is_disk_or_part("vdba", "vdb"));
+        assert!(!is_disk_or_part("loop1p", "loop1"));
+    }
 
     #[test]
     fn partition_nodes_follow_the_kernel_names() {

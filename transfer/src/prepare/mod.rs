@@ -83,7 +83,7 @@ impl Target {
             .map_err(|e| PrepareError::new(Code::PartitionFailed, e.to_string()))?;
         let mut staged = lock(&self.staged);
         if let Some(s) = staged.as_ref() {
-            if s.layout == *layout {
+            if s.layout.same_shape(layout) {
                 return Ok(());
             }
             return Err(PrepareError::new(
