@@ -175,6 +175,8 @@ pub struct ReceiveArgs {
     /// Block mode: write target disk NAME to PATH (a device or an image file, created sparse
     /// when missing). Repeatable. Nothing else is ever written. For an SMS task NAME is the
     /// target ECS disk of the task's `relation_name` (e.g. /dev/vdb), not the source's disk.
+    /// With --prepare (file mode): the blank block device for disk NAME of the source's
+    /// layout (`migrate --disk SRC=NAME`, default the source's device path).
     #[arg(long = "disk", value_name = "NAME=PATH")]
     disks: Vec<String>,
     /// File mode: write the migrated files under DIR, and nowhere else.
