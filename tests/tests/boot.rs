@@ -436,3 +436,23 @@ fn configuration_refuses_an_fstab_record_naming_a_missing_filesystem() {
         "{err}"
     );
 }
+
+#[test]
+fn prepare_refuses_a_source_that_sends_no_layout() {
+    // A directory that is not a mounted filesystem has no disk layout to send.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("f"), "x").unwrap();
+    let target = LoopDisk::new(64);
+    let kit = Kit::new();
+    let staging = kit.dir.path().join("staging");
+    let rx = prepare_receiver(&kit, &staging, target.path(), &["--once"]);
+    let (ok, err) = migrate_file(&kit, &rx.addr, src.path(), target.path());
+    assert!(!ok);
+    assert!(
+        err.contains("SMS.1312") && err.contains("no disk layout"),
+        "{err}"
+    );
+    // Nothing was written to the target disk.
+    assert_eq!(blkid(&target.dev, "TYPE"), "");
+    assert!(!staging.join("f").exists());
+}
