@@ -137,8 +137,16 @@ pub(super) async fn file(
         .iter()
         .filter_map(|d| d.relation_name.clone().map(|r| (d.name.clone(), r)))
         .collect();
-    let layout = match crate::disklayout::read_layout(std::path::Path::new("/"), &rename) {
-        Ok((l, _)) => Some(l),
+    // It reads partition tables and superblocks: blocking I/O, off the runtime's threads.
+    let read = tokio::task::spawn_blocking(move || {
+        crate::disklayout::read_layout(std::path::Path::new("/"), &rename)
+            .map(|(l, _)| l)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let layout = match read {
+        Ok(l) => Some(l),
         Err(e) => {
             tracing::info!(task_id = %task.id, reason = %e, "no disk layout goes with the plan");
             None
