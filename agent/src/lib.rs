@@ -5,6 +5,7 @@ pub mod api;
 pub mod blockplan;
 pub mod config;
 pub mod daemon;
+pub mod disklayout;
 pub mod fileplan;
 pub mod freeze;
 pub mod logs;

@@ -183,11 +183,36 @@ pub struct ReceiveArgs {
     /// Block mode: write target disk NAME to PATH (a device or an image file, created sparse
     /// when missing). Repeatable. Nothing else is ever written. For an SMS task NAME is the
     /// target ECS disk of the task's `relation_name` (e.g. /dev/vdb), not the source's disk.
+    /// With --prepare (file mode): the blank block device for disk NAME of the source's
+    /// layout (`migrate --disk SRC=NAME`, default the source's device path).
     #[arg(long = "disk", value_name = "NAME=PATH")]
     disks: Vec<String>,
     /// File mode: write the migrated files under DIR, and nowhere else.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// File mode onto blank disks: with --root DIR and --disk NAME=DEVICE for each disk of
+    /// the source's layout, make on the devices the source's partition table, partitions
+    /// (at least the used size, the last one grown to the end of a larger disk) and
+    /// filesystems with the source's UUIDs and labels, and swap; mount them under DIR;
+    /// receive the files; then configure the migrated system to boot (fstab and crypttab
+    /// checked, UUIDs rewritten where they changed, initramfs regenerated, GRUB 2 installed
+    /// for BIOS and grub.cfg regenerated, in a chroot with the target's own tools) before
+    /// the pass counts as complete. A device holding a partition table or filesystem is
+    /// refused unless --wipe. The filesystems stay mounted until the receiver exits.
+    #[arg(long, requires = "root")]
+    prepare: bool,
+    /// With --prepare: erase target disks that hold a partition table or a filesystem
+    /// (disks already holding the layout an earlier receiver prepared are kept as they are).
+    #[arg(long, requires = "prepare")]
+    wipe: bool,
+    /// With --prepare: empty /etc/machine-id of the migrated system, so it makes a new one
+    /// at first boot (a clone that runs beside its source must not share the id).
+    #[arg(long, requires = "prepare")]
+    clear_machine_id: bool,
+    /// With --prepare: only lay out, format and mount the disks; configure nothing (disks
+    /// that hold data, not an operating system).
+    #[arg(long, requires = "prepare")]
+    no_configure: bool,
     /// Where checkpoints are kept, so an interrupted pass resumes.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/sms-agent/receive")]
     state_dir: PathBuf,
@@ -231,7 +256,9 @@ pub struct MigrateArgs {
     target: String,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Block mode: send source device SRC as target disk NAME. Repeatable.
+    /// Block mode: send source device SRC as target disk NAME. Repeatable. File mode: name
+    /// the source disk SRC NAME in the disk layout sent to a `receive --prepare` (default:
+    /// its device path).
     #[arg(long = "disk", value_name = "SRC=NAME")]
     disks: Vec<String>,
     /// File mode: the directory tree to migrate (to the receiver's --root).
@@ -324,6 +351,28 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
             path: PathBuf::from(path),
         });
     }
+    if a.prepare && disks.is_empty() {
+        return Err(BadConfig(
+            "--prepare needs --disk NAME=DEVICE for each disk of the source's layout".into(),
+        )
+        .into());
+    }
+    let target = match (&a.root, a.prepare) {
+        (Some(root), true) => Some(Arc::new(transfer::prepare::Target::new(
+            transfer::prepare::PrepareOptions {
+                // With --prepare the disks are the file pass's; no block pass may write them.
+                disks: std::mem::take(&mut disks)
+                    .into_iter()
+                    .map(|m| (m.name, m.path))
+                    .collect(),
+                wipe: a.wipe,
+                clear_machine_id: a.clear_machine_id,
+                configure: !a.no_configure,
+            },
+            root.clone(),
+        ))),
+        _ => None,
+    };
     let (id, ca) = a.tls.load()?;
     let cfg = transfer::tls::server_config(id, &ca)
         .with_context(|| format!("{}: TLS setup", Code::SslCertNotLoaded))?;
@@ -348,6 +397,7 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         root,
         state_dir: a.state_dir.clone(),
         peer_timeout,
+        prepare: target.clone(),
     });
     let once = a.once;
     let state = Arc::new(Served::default());
@@ -397,6 +447,11 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    if let Some(t) = &target {
+        // The prepared filesystems are unmounted (after a sync) before the receiver exits,
+        // so the disks can be booted or attached elsewhere.
+        t.release();
+    }
     if a.json {
         let sessions = std::mem::take(&mut *lock(&state.reports));
         let verdict = match &result {
@@ -987,9 +1042,31 @@ fn migrate_file(
     }
     // One pass does it all: a sync pass copies what is missing or changed, as a first copy
     // would, and also deletes what vanished from the source.
+    // A root that is a mounted filesystem carries its disks' layout (for a target that
+    // prepares blank disks), and the filesystems mounted below it on those disks go along.
+    let mut rename = Vec::new();
+    for d in &a.disks {
+        rename.push(split_pair(d, "SRC=NAME")?);
+    }
+    let (sources, base, layout) = match sms_agent::disklayout::read_layout(root, &rename) {
+        Ok((layout, sources)) => {
+            tracing::info!(
+                disks = layout.disks.len(),
+                filesystems = sources.len(),
+                "disk layout read; it goes with the plan"
+            );
+            (sources, Some(root.clone()), Some(layout))
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "no disk layout goes with the plan (only a receiver with --prepare needs one)");
+            (vec![root.clone()], None, None)
+        }
+    };
     let opts = transfer::file::SendOptions {
-        sources: vec![root.clone()],
+        sources,
         map_to_root: true,
+        base,
+        layout,
         excludes: a.exclude.clone(),
         streams: a.streams.unwrap_or(transfer::file::STREAMS),
         sync: a.sync,
