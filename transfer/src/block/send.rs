@@ -211,6 +211,17 @@ impl Ctx<'_> {
             .filter(|i| i.chunk == chunk)
     }
 
+    /// The ranges of an item to read and send: on a tracked disk exactly the changed bytes
+    /// (the walk reads small gaps along, which there would be unchanged data).
+    fn ranges_of<'i>(&self, item: &'i Item) -> std::borrow::Cow<'i, [Range<u64>]> {
+        match self.disks.get(usize::from(item.disk)) {
+            Some(d) if self.tracked.get(usize::from(item.disk)) == Some(&true) => {
+                std::borrow::Cow::Owned(intersect(&item.ranges, &d.used))
+            }
+            _ => std::borrow::Cow::Borrowed(&item.ranges),
+        }
+    }
+
     /// Reads the item's chunk into `buf` with every byte outside the used ranges zero: the
     /// view of the disk the target must end up with.
     fn read_masked(&self, item: &Item, buf: &mut Vec<u8>) -> Result<u64, BlockError> {
@@ -226,7 +237,7 @@ impl Ctx<'_> {
             drop_cached(&disk.file, &cr);
         }
         let mut read = 0;
-        for r in &item.ranges {
+        for r in self.ranges_of(item).iter() {
             let a = usize::try_from(r.start - cr.start).unwrap_or(0);
             let b = usize::try_from(r.end - cr.start).unwrap_or(0);
             let Some(dst) = buf.get_mut(a..b) else {
@@ -915,7 +926,7 @@ fn send_whole(
     ctx.read_masked(item, buf)?;
     let data = std::mem::take(buf);
     let base = item.chunk * ctx.chunk;
-    for r in &item.ranges {
+    for r in ctx.ranges_of(item).iter() {
         let a = usize::try_from(r.start - base).unwrap_or(0);
         let b = usize::try_from(r.end - base).unwrap_or(0);
         out.send_span(ctx, item.disk, r.start, &data[a..b])?;
