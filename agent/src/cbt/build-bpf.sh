@@ -12,7 +12,7 @@ fi
 clang -O2 -g -target bpf -D__TARGET_ARCH_x86 -I/usr/include/x86_64-linux-gnu -fdebug-prefix-map="$PWD"=. \
   -fno-ident -c tracker.bpf.c -o "$out"
 # Debug line info and source text are not needed at load time; BTF (maps, types) is.
-llvm-strip -g "$out" 2>/dev/null || true
+llvm-strip -g "$out"
 if [[ ${1:-} == --check ]]; then
   cmp -s "$out" tracker.bpf.o || {
     echo "agent/src/cbt/tracker.bpf.o is not what tracker.bpf.c builds to: run agent/src/cbt/build-bpf.sh and commit it" >&2

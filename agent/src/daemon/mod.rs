@@ -8,6 +8,7 @@
 //! daemon is doing with its task right now).
 
 mod activity;
+mod cbt;
 mod commands;
 pub mod engine;
 mod material;
@@ -66,6 +67,8 @@ pub struct Daemon {
     /// What `GET /v3/config` said at start-up (`register.rs`); `obs_domain` is for a later
     /// log upload.
     service_config: crate::api::models::ServiceConfig,
+    /// The changed-block tracker of the current block task.
+    cbt: cbt::Cbt,
 }
 
 impl Daemon {
@@ -104,6 +107,7 @@ impl Daemon {
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
+            cbt: cbt::Cbt::default(),
         })
     }
 
@@ -220,6 +224,7 @@ impl Daemon {
     }
 
     fn publish(&mut self) -> Result<(), StateError> {
+        self.status.replication_lag_secs = self.cbt.lag().map(|l| l.as_secs_f64());
         self.status.updated_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
