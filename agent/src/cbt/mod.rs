@@ -121,9 +121,10 @@ fn direct_read(path: &Path) -> std::io::Result<()> {
         .read(true)
         .custom_flags(nix::libc::O_DIRECT)
         .open(path)?;
-    let mut buf = vec![0u8; 3 * dirty::BLOCK as usize];
-    let skip = buf.as_ptr().align_offset(dirty::BLOCK as usize);
-    let block = &mut buf[skip..skip + dirty::BLOCK as usize];
+    const B: usize = 4096;
+    let mut buf = vec![0u8; 3 * B];
+    let skip = buf.as_ptr().align_offset(B);
+    let block = &mut buf[skip..skip + B];
     let n = std::os::unix::fs::FileExt::read_at(&f, block, 0)?;
     if n == 0 {
         return Err(std::io::Error::other("empty device"));
