@@ -659,7 +659,7 @@ impl Summary {
             return;
         }
         println!(
-            "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
+            "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.3} s, {:.1} MB/s",
             r.chunks, r.chunks_resumed, r.verified, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate / 1e6
         );
         if tracked > 0 {
@@ -1053,7 +1053,7 @@ impl BlockRun<'_> {
             let within = f.thaw();
             let secs = at.elapsed().as_secs_f64();
             window = Some(secs);
-            summary.say(&format!("thawed after {secs:.1} s"));
+            summary.say(&format!("thawed after {secs:.3} s"));
             anyhow::ensure!(
                 within,
                 "--freeze: the frozen pass took {:.1} s, longer than the window; the filesystems were thawed at the deadline, so the target is complete but not crash-consistent. Run `migrate --sync --freeze` again: it sends only what changed ({} bytes this time)",
