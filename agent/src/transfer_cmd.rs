@@ -923,7 +923,7 @@ impl BlockRun<'_> {
 
     /// Takes what changed since the last pass began, after flushing each disk's own page
     /// cache (buffered writes to the device reach the tracker only as they are written back).
-    fn changes(&self, pass: u32) -> Option<Vec<sms_agent::cbt::Changes>> {
+    fn changes(&self, pass: u32, sync: bool) -> Option<Vec<sms_agent::cbt::Changes>> {
         let t = self.tracker?;
         for (p, _) in self.sources {
             if let Ok(f) = std::fs::File::open(p) {
@@ -931,7 +931,9 @@ impl BlockRun<'_> {
             }
         }
         let changes = t.take();
-        for ((p, _), c) in self.sources.iter().zip(&changes) {
+        // A copy reads everything anyway.
+        let shown = if sync { changes.as_slice() } else { &[] };
+        for ((p, _), c) in self.sources.iter().zip(shown) {
             match c {
                 sms_agent::cbt::Changes::Known(d) => {
                     tracing::info!(pass, disk = %p.display(), changed_bytes = d.bytes(), "changed-block tracking: this pass reads only the changed blocks");
@@ -991,7 +993,7 @@ impl BlockRun<'_> {
             None
         };
         // Frozen, every write to the filesystems has completed: the tracker holds them all.
-        let changes = self.changes(pass);
+        let changes = self.changes(pass, sync);
         if sync {
             if let Some(c) = &changes {
                 opts.changed = c.iter().map(sms_agent::cbt::Changes::ranges).collect();

@@ -75,7 +75,9 @@ impl Cbt {
             }
         }
         let changes = t.tracker.take();
-        for (p, c) in paths.iter().zip(&changes) {
+        // A copy reads everything anyway.
+        let shown = if sync { changes.as_slice() } else { &[] };
+        for (p, c) in paths.iter().zip(shown) {
             match c {
                 Changes::Known(d) => {
                     tracing::info!(task_id, disk = %p.display(), changed_bytes = d.bytes(), "changed-block tracking: this pass reads only the changed blocks")
