@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod blockplan;
+pub mod cbt;
+pub mod changes;
 pub mod config;
 pub mod daemon;
 pub mod disklayout;

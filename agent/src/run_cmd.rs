@@ -131,6 +131,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             st.rate / 1e6,
             st.eta_secs.map_or("-".to_string(), |s| format!("{s} s"))
         );
+        if let Some(l) = st.replication_lag_secs {
+            println!("lag:       {l:.1} s (oldest change not yet on the target)");
+        }
     }
     if let Some(e) = &st.last_error {
         println!("last error: {e}");

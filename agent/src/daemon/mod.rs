@@ -8,6 +8,7 @@
 //! daemon is doing with its task right now).
 
 mod activity;
+mod cbt;
 mod commands;
 pub mod engine;
 mod log_transfer;
@@ -78,6 +79,8 @@ pub struct Daemon {
     log_ship: Option<tokio::task::JoinHandle<()>>,
     /// When the next window is due (seconds since 1970).
     log_ship_next: u64,
+    /// The changed-block tracker of the current block task.
+    cbt: cbt::Cbt,
 }
 
 impl Daemon {
@@ -121,6 +124,7 @@ impl Daemon {
             log_transfer: cfg.log_transfer.clone(),
             log_ship: None,
             log_ship_next: 0,
+            cbt: cbt::Cbt::default(),
         })
     }
 
@@ -239,6 +243,7 @@ impl Daemon {
     }
 
     fn publish(&mut self) -> Result<(), StateError> {
+        self.status.replication_lag_secs = self.cbt.lag().map(|l| l.as_secs_f64());
         self.status.updated_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

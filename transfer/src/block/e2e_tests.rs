@@ -229,6 +229,57 @@ fn unaligned_ranges_and_a_ragged_disk_end_arrive_exact_and_nothing_else() {
     );
 }
 
+#[test]
+fn a_tracked_sync_reads_and_sends_only_the_changed_blocks() {
+    let rig = rig(&["d0"]);
+    let (src, used) = source(rig.dir.path());
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: used.clone(),
+    }];
+    run(&rig, &disks, 0, false);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(4096, 9), 8192).unwrap();
+    f.write_all_at(&noise(8192, 10), (5 << 20) + 40960).unwrap();
+    // A change in free space (outside the used ranges) is neither read nor sent.
+    f.write_all_at(&noise(4096, 12), 12 << 20).unwrap();
+    let changed = vec![
+        8192..12288,
+        (5 << 20) + 40960..(5 << 20) + 49152,
+        (12 << 20)..(12 << 20) + 4096,
+    ];
+    let opts = SendOptions {
+        task_id: "task-1".into(),
+        pass: 1,
+        sync: true,
+        streams: 2,
+        changed: vec![Some(changed)],
+        ..SendOptions::default()
+    };
+    let r = send(
+        &rig.connector,
+        &disks,
+        &opts,
+        &Progress::default(),
+        &Control::default(),
+    )
+    .unwrap();
+    assert!(
+        rig.stop
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap()
+            .complete
+    );
+    assert_eq!(r.bytes_read, 3 * 4096, "{r:?}");
+    assert_eq!(r.chunks, 2, "{r:?}");
+    assert!(same_in(&src, &rig.dir.path().join("tgt-d0.img"), &used));
+    // The hash sync after it finds nothing left to send.
+    let r = run(&rig, &disks, 2, true);
+    assert_eq!(r.plain_sent, 0, "{r:?}");
+}
+
 /// Whether the target holds the source's bytes in every used range.
 fn same_in(src: &Path, tgt: &Path, used: &[std::ops::Range<u64>]) -> bool {
     let (s, t) = (read(src), read(tgt));

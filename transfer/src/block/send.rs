@@ -54,6 +54,10 @@ pub struct SendOptions {
     /// How long the receiver may stay silent or take no data on any stream, checkpoint
     /// acknowledgements included (zero: [`crate::session::PEER_TIMEOUT`]).
     pub peer_timeout: Duration,
+    /// Per disk in plan order, for a sync pass: the only bytes that can differ from the target
+    /// since the last pass began, as a change tracker recorded them. Only those are read and
+    /// sent, without comparing hashes. `None` (or no entry): compare every used chunk.
+    pub changed: Vec<Option<Vec<Range<u64>>>>,
 }
 
 /// Data streams of a block pass unless told otherwise: enough for wire speed on big chunks.
@@ -70,6 +74,7 @@ impl Default for SendOptions {
             chunk_size: DEFAULT_CHUNK,
             checkpoint_every: Duration::from_secs(2),
             peer_timeout: crate::session::PEER_TIMEOUT,
+            changed: Vec::new(),
         }
     }
 }
@@ -126,6 +131,9 @@ struct Ctx<'a> {
     sync: bool,
     /// Per disk, chunks to compare by hash even in a full pass (the receiver's `VerifyMap`).
     verify: Vec<Bitmap>,
+    /// Per disk: its used ranges are cut down to what a change tracker recorded, and its
+    /// items are sent whole, trusted like a full pass's.
+    tracked: Vec<bool>,
     verified: AtomicU64,
     work: Mutex<Work>,
     progress: &'a Progress,
@@ -160,6 +168,9 @@ impl Ctx<'_> {
 
     /// Whether an item goes by hash compare (`SumReq`) rather than as a whole.
     fn compares(&self, item: &Item) -> bool {
+        if self.tracked.get(usize::from(item.disk)) == Some(&true) {
+            return false;
+        }
         self.sync
             || self
                 .verify
@@ -205,6 +216,17 @@ impl Ctx<'_> {
             .filter(|i| i.chunk == chunk)
     }
 
+    /// The ranges of an item to read and send: on a tracked disk exactly the changed bytes
+    /// (the walk reads small gaps along, which there would be unchanged data).
+    fn ranges_of<'i>(&self, item: &'i Item) -> std::borrow::Cow<'i, [Range<u64>]> {
+        match self.disks.get(usize::from(item.disk)) {
+            Some(d) if self.tracked.get(usize::from(item.disk)) == Some(&true) => {
+                std::borrow::Cow::Owned(intersect(&item.ranges, &d.used))
+            }
+            _ => std::borrow::Cow::Borrowed(&item.ranges),
+        }
+    }
+
     /// Reads the item's chunk into `buf` with every byte outside the used ranges zero: the
     /// view of the disk the target must end up with. Returns its length: the chunk is
     /// `buf.view(len)`.
@@ -221,7 +243,7 @@ impl Ctx<'_> {
         let mut at = 0;
         let mut read = 0;
         let mut cached = false;
-        for r in &item.ranges {
+        for r in self.ranges_of(item).iter() {
             let a = usize::try_from(r.start - cr.start).unwrap_or(0);
             let b = usize::try_from(r.end - cr.start).unwrap_or(0);
             if a < at || b > len || a > b {
@@ -292,7 +314,7 @@ pub fn send(
     let started = Instant::now();
     let chunk = u64::from(opts.chunk_size);
     let streams = opts.streams.max(1);
-    let open = open_disks(disks)?;
+    let mut open = open_disks(disks)?;
     let (mut ctl, session) = connector.open(&opts.task_id, Mode::Block, 0, streams, 0)?;
     let timeout = crate::session::peer_timeout(opts.peer_timeout);
     let (sync, held) = propose(&mut ctl, connector, disks, &open, opts, timeout)?;
@@ -310,6 +332,11 @@ pub fn send(
     }
     let done = read_maps(&mut ctl, &open, chunk, "DoneMap")?;
     let verify = read_maps(&mut ctl, &open, chunk, "VerifyMap")?;
+    let tracked = if opts.sync {
+        track(&mut open, &opts.changed, &verify)
+    } else {
+        vec![false; open.len()]
+    };
     ctl.set_timeouts(timeout);
     expect(&mut ctl, &Message::Ready)?;
     let mut report = PassReport {
@@ -341,6 +368,7 @@ pub fn send(
         chunk,
         sync,
         verify,
+        tracked,
         verified: AtomicU64::new(0),
         work: Mutex::new(Work {
             disk: 0,
@@ -427,6 +455,42 @@ fn open_disks(disks: &[SourceDisk]) -> Result<Vec<Disk>, BlockError> {
         });
     }
     Ok(open)
+}
+
+/// Cuts the used ranges of each disk with known changes down to them; returns which disks
+/// are tracked. A disk the receiver wants verified (an interrupted session may have written
+/// chunks of it after its last checkpoint) is compared in full instead.
+fn track(open: &mut [Disk], changed: &[Option<Vec<Range<u64>>>], verify: &[Bitmap]) -> Vec<bool> {
+    let mut tracked = vec![false; open.len()];
+    for (i, d) in open.iter_mut().enumerate() {
+        let Some(Some(ch)) = changed.get(i) else {
+            continue;
+        };
+        if verify.get(i).is_some_and(|m| m.count() > 0) {
+            tracing::info!(disk = %d.path.display(), "the target may hold unrecorded writes of an interrupted session; this disk is compared in full");
+            continue;
+        }
+        d.used = intersect(&d.used, &normalize(ch.clone(), d.size));
+        tracked[i] = true;
+    }
+    tracked
+}
+
+/// The bytes in both of two sorted, merged range lists.
+fn intersect(a: &[Range<u64>], b: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+        if s < e {
+            out.push(s..e);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 /// Sends the disk plan and waits for the target to take up the pass; returns whether it runs
@@ -897,7 +961,7 @@ fn send_whole(
     let len = ctx.read_masked(item, buf)?;
     let data = buf.view(len);
     let base = item.chunk * ctx.chunk;
-    for r in &item.ranges {
+    for r in ctx.ranges_of(item).iter() {
         let a = usize::try_from(r.start - base).unwrap_or(0);
         let b = usize::try_from(r.end - base).unwrap_or(0);
         if let Some(span) = data.get(a..b) {
