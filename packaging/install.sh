@@ -103,6 +103,25 @@ if [ "$NETCHECK" = 1 ]; then
   fi
 fi
 
+# Changed-block tracking (BPF on the block tracepoints, CAP_BPF and CAP_PERFMON): optional, so
+# only notes. Without it every sync pass compares hashes of all used blocks.
+if [ "$P" = "" ]; then
+  KREL=$(uname -r)
+  KMAJ=${KREL%%.*}; KMIN=${KREL#*.}; KMIN=${KMIN%%.*}
+  if [ "$KMAJ" -lt 5 ] || { [ "$KMAJ" -eq 5 ] && [ "$KMIN" -lt 8 ]; }; then
+    echo "install.sh: note: kernel $KREL has no BPF ring buffer or CAP_BPF (5.8+): no changed-block tracking; block syncs compare hashes of every used block" >&2
+  fi
+  if grep -q '\[confidentiality\]' /sys/kernel/security/lockdown 2>/dev/null; then
+    echo "install.sh: note: kernel lockdown (confidentiality) forbids BPF tracing: no changed-block tracking; block syncs compare hashes of every used block" >&2
+  fi
+  if [ ! -d /sys/kernel/tracing/events/block ] && [ ! -d /sys/kernel/debug/tracing/events/block ] && ! grep -qw tracefs /proc/filesystems; then
+    echo "install.sh: note: no block tracepoints (tracefs): no changed-block tracking; block syncs compare hashes of every used block" >&2
+  fi
+  if command -v capsh >/dev/null && ! capsh --supports=cap_bpf 2>/dev/null; then
+    echo "install.sh: note: this system does not know CAP_BPF: no changed-block tracking" >&2
+  fi
+fi
+
 # --- install ----------------------------------------------------------------------------------
 umask 077
 install -d -m 0755 "$P/usr/local/bin" "$UNIT_DIR" "$P/usr/local/share/man/man1"

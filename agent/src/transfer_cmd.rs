@@ -54,6 +54,10 @@ impl TlsArgs {
             Some(p) => Some(read(p)?.trim_end_matches(['\n', '\r']).to_string()),
             None => None,
         };
+        // Masked in the log lines (and log files) from now on.
+        if let Some(p) = &pass {
+            sms_agent::logs::redact::register(p);
+        }
         let id = transfer::tls::Identity::from_pem(
             &read(&self.cert)?,
             &read(&self.key)?,
@@ -137,6 +141,7 @@ impl ReceiveTlsArgs {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
         let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
         let cfg = Config::load(&path, false, &env, Purpose::Daemon)?;
+        sms_agent::logs::redact::register_config(&cfg);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -148,6 +153,9 @@ impl ReceiveTlsArgs {
                 .await
                 .map_err(anyhow::Error::from)
         })?;
+        if let Some(p) = &tls.passphrase {
+            sms_agent::logs::redact::register(p.expose());
+        }
         if let Some(dir) = &self.save_tls {
             let files = tls.save(dir)?;
             tracing::info!(dir = %dir.display(), files = files.len(), "target TLS material saved");
@@ -175,11 +183,36 @@ pub struct ReceiveArgs {
     /// Block mode: write target disk NAME to PATH (a device or an image file, created sparse
     /// when missing). Repeatable. Nothing else is ever written. For an SMS task NAME is the
     /// target ECS disk of the task's `relation_name` (e.g. /dev/vdb), not the source's disk.
+    /// With --prepare (file mode): the blank block device for disk NAME of the source's
+    /// layout (`migrate --disk SRC=NAME`, default the source's device path).
     #[arg(long = "disk", value_name = "NAME=PATH")]
     disks: Vec<String>,
     /// File mode: write the migrated files under DIR, and nowhere else.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// File mode onto blank disks: with --root DIR and --disk NAME=DEVICE for each disk of
+    /// the source's layout, make on the devices the source's partition table, partitions
+    /// (at least the used size, the last one grown to the end of a larger disk) and
+    /// filesystems with the source's UUIDs and labels, and swap; mount them under DIR;
+    /// receive the files; then configure the migrated system to boot (fstab and crypttab
+    /// checked, UUIDs rewritten where they changed, initramfs regenerated, GRUB 2 installed
+    /// for BIOS and grub.cfg regenerated, in a chroot with the target's own tools) before
+    /// the pass counts as complete. A device holding a partition table or filesystem is
+    /// refused unless --wipe. The filesystems stay mounted until the receiver exits.
+    #[arg(long, requires = "root")]
+    prepare: bool,
+    /// With --prepare: erase target disks that hold a partition table or a filesystem
+    /// (disks already holding the layout an earlier receiver prepared are kept as they are).
+    #[arg(long, requires = "prepare")]
+    wipe: bool,
+    /// With --prepare: empty /etc/machine-id of the migrated system, so it makes a new one
+    /// at first boot (a clone that runs beside its source must not share the id).
+    #[arg(long, requires = "prepare")]
+    clear_machine_id: bool,
+    /// With --prepare: only lay out, format and mount the disks; configure nothing (disks
+    /// that hold data, not an operating system).
+    #[arg(long, requires = "prepare")]
+    no_configure: bool,
     /// Where checkpoints are kept, so an interrupted pass resumes.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/sms-agent/receive")]
     state_dir: PathBuf,
@@ -194,6 +227,13 @@ pub struct ReceiveArgs {
     /// (pass, complete, chunks or files, bytes written, seconds), and nothing else there.
     #[arg(long)]
     json: bool,
+    /// Also log to DIR/receive.log (rotated at 10 MiB or daily, 100 MiB and 30 days kept in
+    /// all); an empty value keeps logs on stderr only.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/sms-agent")]
+    log_dir: PathBuf,
+    /// Format of the log file: text, or json (one object a line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: sms_agent::logs::LogFormat,
 }
 
 /// Transfer mode of `migrate`.
@@ -216,7 +256,9 @@ pub struct MigrateArgs {
     target: String,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Block mode: send source device SRC as target disk NAME. Repeatable.
+    /// Block mode: send source device SRC as target disk NAME. Repeatable. File mode: name
+    /// the source disk SRC NAME in the disk layout sent to a `receive --prepare` (default:
+    /// its device path).
     #[arg(long = "disk", value_name = "SRC=NAME")]
     disks: Vec<String>,
     /// File mode: the directory tree to migrate (to the receiver's --root).
@@ -231,10 +273,24 @@ pub struct MigrateArgs {
     /// Block mode, with --sync: freeze the source disks' mounted filesystems (FIFREEZE) for
     /// a final sync pass, so the target is crash-consistent. Writes on them stall while frozen;
     /// they are thawed within 30 s whatever happens (a guard process thaws at the deadline or
-    /// when this one dies). The frozen pass reads every used block, so it fits the window only
-    /// for disks that read in under 30 s; when it does not, migrate fails and says so.
-    #[arg(long, requires = "sync")]
+    /// when this one dies). With changed-block tracking (BPF) the frozen pass reads only the
+    /// blocks written since the pass before it began, so the window stays in seconds whatever
+    /// the disk size; without it, every used block, and migrate fails when that overruns.
+    #[arg(long)]
     freeze: bool,
+    /// Block mode: after the copy, keep the target current until SIGINT/SIGTERM: a sync pass
+    /// whenever --sync-threshold of data changed or --sync-interval passed with anything
+    /// changed, printing the replication lag (age of the oldest change not yet on the
+    /// target). With --freeze, the signal starts the cutover: the running pass ends, then the
+    /// filesystems are frozen, the changes sent and the filesystems thawed, and migrate exits.
+    #[arg(long)]
+    continuous: bool,
+    /// With --continuous: the longest wait between two sync passes, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    sync_interval: f64,
+    /// With --continuous: run a sync pass as soon as this many MiB changed.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    sync_threshold: u64,
     /// Freeze window in seconds (at most 30).
     #[arg(long, value_name = "SECS", default_value_t = 30.0, hide = true)]
     freeze_secs: f64,
@@ -296,6 +352,13 @@ fn split_pair(s: &str, what: &str) -> anyhow::Result<(String, String)> {
 
 /// Runs the receiver until stopped (or, with `--once`, until one pass completes).
 pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
+    if !a.log_dir.as_os_str().is_empty() {
+        let limits = sms_agent::logs::LogsSection::default().limits();
+        if let Err(e) = sms_agent::logs::sink::install(&a.log_dir, "receive", a.log_format, limits)
+        {
+            tracing::warn!(log_dir = %a.log_dir.display(), error = %e, "cannot write log files; logging to stderr only");
+        }
+    }
     if a.disks.is_empty() && a.root.is_none() {
         return Err(BadConfig(
             "give --disk NAME=PATH (block mode) or --root DIR (file mode)".into(),
@@ -310,6 +373,28 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
             path: PathBuf::from(path),
         });
     }
+    if a.prepare && disks.is_empty() {
+        return Err(BadConfig(
+            "--prepare needs --disk NAME=DEVICE for each disk of the source's layout".into(),
+        )
+        .into());
+    }
+    let target = match (&a.root, a.prepare) {
+        (Some(root), true) => Some(Arc::new(transfer::prepare::Target::new(
+            transfer::prepare::PrepareOptions {
+                // With --prepare the disks are the file pass's; no block pass may write them.
+                disks: std::mem::take(&mut disks)
+                    .into_iter()
+                    .map(|m| (m.name, m.path))
+                    .collect(),
+                wipe: a.wipe,
+                clear_machine_id: a.clear_machine_id,
+                configure: !a.no_configure,
+            },
+            root.clone(),
+        ))),
+        _ => None,
+    };
     let (id, ca) = a.tls.load()?;
     let cfg = transfer::tls::server_config(id, &ca)
         .with_context(|| format!("{}: TLS setup", Code::SslCertNotLoaded))?;
@@ -334,6 +419,7 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         root,
         state_dir: a.state_dir.clone(),
         peer_timeout,
+        prepare: target.clone(),
     });
     let once = a.once;
     let state = Arc::new(Served::default());
@@ -383,6 +469,11 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    if let Some(t) = &target {
+        // The prepared filesystems are unmounted (after a sync) before the receiver exits,
+        // so the disks can be booted or attached elsewhere.
+        t.release();
+    }
     if a.json {
         let sessions = std::mem::take(&mut *lock(&state.reports));
         let verdict = match &result {
@@ -617,7 +708,14 @@ impl Summary {
         }
     }
 
-    fn block_pass(&mut self, label: &str, pass: u32, r: &transfer::block::PassReport) {
+    fn block_pass(
+        &mut self,
+        label: &str,
+        pass: u32,
+        r: &transfer::block::PassReport,
+        tracked: usize,
+        freeze_secs: Option<f64>,
+    ) {
         let secs = r.elapsed.as_secs_f64().max(1e-9);
         #[allow(clippy::cast_precision_loss)]
         let rate = r.bytes_read as f64 / secs;
@@ -639,14 +737,19 @@ impl Summary {
             "target_held_pass": r.held,
             "seconds": secs,
             "rate_bytes_per_sec": rate,
+            "disks_tracked": tracked,
+            "freeze_seconds": freeze_secs,
         }));
         if self.json {
             return;
         }
         println!(
-            "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.1} s, {:.1} MB/s",
+            "{label} complete: {} chunks ({} resumed, {} compared before sending), {} used bytes, {} read, {} data sent ({} on the wire), {} zero, {} re-sent chunks, {:.3} s, {:.1} MB/s",
             r.chunks, r.chunks_resumed, r.verified, r.used_bytes, r.bytes_read, r.plain_sent, r.wire_sent, r.zero_bytes, r.resent, secs, rate / 1e6
         );
+        if tracked > 0 {
+            println!("  changed-block tracking: {tracked} disk(s) read only the blocks written since the last pass began");
+        }
         if r.upgraded {
             println!(
                 "  the target already held a complete copy (pass {}): every used chunk was compared by hash and only differences sent",
@@ -738,7 +841,10 @@ pub fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
         s.spawn(|| {
             while !finished.load(Ordering::Relaxed) {
                 if signals.caught().is_some() {
-                    control.cancel.store(true, Ordering::Relaxed);
+                    // A cutover lets the running pass finish; a second signal kills.
+                    if !(a.continuous && a.freeze) {
+                        control.cancel.store(true, Ordering::Relaxed);
+                    }
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -818,9 +924,76 @@ fn migrate_block(
                 .collect(),
         ),
     );
-    let plan = || -> anyhow::Result<Vec<transfer::block::SourceDisk>> {
+    let mut ids = Vec::new();
+    for (path, name) in &sources {
+        ids.push(sms_agent::standalone::identify(path, name)?);
+    }
+    let mut record =
+        sms_agent::standalone::Record::open(&a.state_dir, &a.target, a.task_id.as_deref(), ids)?;
+    record.save()?;
+    summary.set("migration", json!(record.migration));
+    tracing::info!(migration = %record.migration, completed = ?record.completed, record = %record.file().display(), "standalone block migration");
+    let sync = a.sync || a.continuous;
+    if a.freeze && !sync {
+        return Err(BadConfig("--freeze needs --sync or --continuous".into()).into());
+    }
+    let passes = plan_passes(record.completed, sync, a.freeze && !a.continuous);
+    if let Some(done) = record.completed {
+        summary.say(&format!(
+            "migration {}: pass {done} completed earlier; this run verifies the target and sends only what differs",
+            record.migration
+        ));
+    }
+    // Tracking starts before the first pass reads anything, so that every later pass of this
+    // run needs only what changed.
+    let tracker = if sync {
+        let paths: Vec<PathBuf> = sources.iter().map(|(p, _)| p.clone()).collect();
+        match sms_agent::cbt::Tracker::start(&paths) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("{e}; every sync pass compares the hashes of all used chunks");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut run = BlockRun {
+        a,
+        connector,
+        control,
+        sources: &sources,
+        tracker: tracker.as_ref(),
+        record: &mut record,
+    };
+    let last = passes.len() - 1;
+    for (i, &(pass, sync, frozen)) in passes.iter().enumerate() {
+        if let Some(signal) = signals.caught() {
+            return Err(Interrupted { signal }.into());
+        }
+        run.pass(summary, pass, sync, frozen, i < last || a.continuous)?;
+    }
+    if a.continuous {
+        run.continuous(summary, signals)?;
+    }
+    Ok(())
+}
+
+/// One standalone block migration's passes.
+struct BlockRun<'a> {
+    a: &'a MigrateArgs,
+    connector: &'a Connector,
+    control: &'a Control,
+    sources: &'a [(PathBuf, String)],
+    tracker: Option<&'a sms_agent::cbt::Tracker>,
+    record: &'a mut sms_agent::standalone::Record,
+}
+
+impl BlockRun<'_> {
+    /// What each disk uses now.
+    fn plan(&self) -> anyhow::Result<Vec<transfer::block::SourceDisk>> {
         let mut disks = Vec::new();
-        for (path, name) in &sources {
+        for (path, name) in self.sources {
             let (used, notes) = sms_agent::blockplan::used_ranges(path).with_context(|| {
                 format!("{}: cannot read {}", Code::VolumeUnreadable, path.display())
             })?;
@@ -834,41 +1007,56 @@ fn migrate_block(
             });
         }
         Ok(disks)
-    };
-    let mut ids = Vec::new();
-    for (path, name) in &sources {
-        ids.push(sms_agent::standalone::identify(path, name)?);
     }
-    let mut record =
-        sms_agent::standalone::Record::open(&a.state_dir, &a.target, a.task_id.as_deref(), ids)?;
-    record.save()?;
-    summary.set("migration", json!(record.migration));
-    tracing::info!(migration = %record.migration, completed = ?record.completed, record = %record.file().display(), "standalone block migration");
-    let mut disks = plan()?;
-    let passes = plan_passes(record.completed, a.sync, a.freeze);
-    if let Some(done) = record.completed {
-        summary.say(&format!(
-            "migration {}: pass {done} completed earlier; this run verifies the target and sends only what differs",
-            record.migration
-        ));
-    }
-    let last = passes.len() - 1;
-    for (i, &(pass, sync, frozen)) in passes.iter().enumerate() {
-        if let Some(signal) = signals.caught() {
-            return Err(Interrupted { signal }.into());
+
+    /// Takes what changed since the last pass began, after flushing each disk's own page
+    /// cache (buffered writes to the device reach the tracker only as they are written back).
+    fn changes(&self, pass: u32, sync: bool) -> Option<Vec<sms_agent::cbt::Changes>> {
+        let t = self.tracker?;
+        for (p, _) in self.sources {
+            if let Ok(f) = std::fs::File::open(p) {
+                let _ = f.sync_all();
+            }
         }
-        let opts = transfer::block::SendOptions {
-            task_id: record.migration.clone(),
+        let changes = t.take();
+        // A copy reads everything anyway.
+        let shown = if sync { changes.as_slice() } else { &[] };
+        for ((p, _), c) in self.sources.iter().zip(shown) {
+            match c {
+                sms_agent::cbt::Changes::Known(d) => {
+                    tracing::info!(pass, disk = %p.display(), changed_bytes = d.bytes(), "changed-block tracking: this pass reads only the changed blocks");
+                }
+                sms_agent::cbt::Changes::Unknown(why) => {
+                    tracing::info!(pass, disk = %p.display(), "changed-block tracking: {why}; this pass compares every used chunk");
+                }
+            }
+        }
+        Some(changes)
+    }
+
+    /// Runs pass `pass`; with `frozen`, between a freeze and a thaw of the disks' filesystems.
+    fn pass(
+        &mut self,
+        summary: &mut Summary,
+        pass: u32,
+        sync: bool,
+        frozen: bool,
+        more: bool,
+    ) -> anyhow::Result<()> {
+        let a = self.a;
+        let mut opts = transfer::block::SendOptions {
+            task_id: self.record.migration.clone(),
             pass,
             sync,
-            more: i < last,
+            more,
             streams: a.streams.unwrap_or(transfer::block::STREAMS),
             checkpoint_every: Duration::from_secs_f64(a.checkpoint_secs.clamp(0.05, 600.0)),
             peer_timeout: Duration::from_secs(a.peer_timeout),
             ..transfer::block::SendOptions::default()
         };
         let freeze = if frozen {
-            let mounts: Vec<PathBuf> = sources
+            let mounts: Vec<PathBuf> = self
+                .sources
                 .iter()
                 .flat_map(|(p, _)| sms_agent::freeze::mounted_on(p))
                 .collect();
@@ -888,21 +1076,44 @@ fn migrate_block(
                         .join(", ")
                 }
             ));
-            // What the filesystems use now, frozen, is what the target must hold.
-            disks = plan()?;
             Some((f, Instant::now()))
         } else {
             None
         };
+        // Frozen, every write to the filesystems has completed: the tracker holds them all.
+        let changes = self.changes(pass, sync);
+        if sync {
+            if let Some(c) = &changes {
+                opts.changed = c.iter().map(sms_agent::cbt::Changes::ranges).collect();
+            }
+        }
+        let tracked = opts.changed.iter().filter(|c| c.is_some()).count();
+        let give_back = |changes: Option<Vec<sms_agent::cbt::Changes>>| {
+            if let (Some(t), Some(c)) = (self.tracker, changes) {
+                t.give_back(c);
+            }
+        };
+        // What the filesystems use now (frozen: what the target must hold).
+        let disks = match self.plan() {
+            Ok(d) => d,
+            Err(e) => {
+                give_back(changes);
+                if let Some((f, _)) = freeze {
+                    f.thaw();
+                }
+                return Err(e);
+            }
+        };
         let label = if sync { "sync" } else { "copy" };
         let started = Instant::now();
         let (r, counters) = with_progress(label, |p| {
-            transfer::block::send(connector, &disks, &opts, p, control)
+            transfer::block::send(self.connector, &disks, &opts, p, self.control)
         });
         let r = match r {
             Ok(r) => r,
             Err(e) => {
-                let verdict = if control.cancelled() {
+                give_back(changes);
+                let verdict = if self.control.cancelled() {
                     "interrupted"
                 } else {
                     "failed"
@@ -918,7 +1129,7 @@ fn migrate_block(
                     f.thaw();
                     summary.say(&format!("thawed after {:.1} s", at.elapsed().as_secs_f64()));
                 }
-                if control.cancelled() {
+                if self.control.cancelled() {
                     summary.say(&format!(
                         "{label} pass {pass} stopped: {} of {} covered, {} durable on the target, {} data sent ({} on the wire)",
                         counters.done, counters.total, counters.durable, counters.plain_sent, counters.wire_sent
@@ -927,9 +1138,12 @@ fn migrate_block(
                 return Err(e.into());
             }
         };
+        let mut window = None;
         if let Some((f, at)) = freeze {
             let within = f.thaw();
-            summary.say(&format!("thawed after {:.1} s", at.elapsed().as_secs_f64()));
+            let secs = at.elapsed().as_secs_f64();
+            window = Some(secs);
+            summary.say(&format!("thawed after {secs:.3} s"));
             anyhow::ensure!(
                 within,
                 "--freeze: the frozen pass took {:.1} s, longer than the window; the filesystems were thawed at the deadline, so the target is complete but not crash-consistent. Run `migrate --sync --freeze` again: it sends only what changed ({} bytes this time)",
@@ -937,12 +1151,88 @@ fn migrate_block(
                 r.wire_sent
             );
         }
-        summary.block_pass(label, pass, &r);
+        if let Some(t) = self.tracker {
+            if r.chunks_resumed > 0 {
+                // Chunks sent by an earlier session were read before tracking began.
+                t.forget(&format!(
+                    "pass {pass} resumed {} chunks sent before the tracker started",
+                    r.chunks_resumed
+                ));
+            }
+            t.committed();
+        }
+        summary.block_pass(label, pass, &r, tracked, window);
         // Only now, with every chunk acknowledged durable, does the pass count as done.
-        record.completed = Some(pass);
-        record.save()?;
+        self.record.completed = Some(pass);
+        self.record.save()?;
+        Ok(())
     }
-    Ok(())
+
+    /// Keeps the target current until a signal; with --freeze, the signal starts the cutover.
+    fn continuous(&mut self, summary: &mut Summary, signals: &Signals) -> anyhow::Result<()> {
+        use sms_agent::changes::{ChangeFeed, Policy};
+        let policy = Policy {
+            interval: Duration::from_secs_f64(self.a.sync_interval.clamp(0.1, 86_400.0)),
+            threshold: self.a.sync_threshold.saturating_mul(1 << 20),
+        };
+        let feed = self.tracker.map(|t| t as &dyn ChangeFeed);
+        let mut last = Instant::now();
+        let mut said = Instant::now();
+        summary.say(&format!(
+            "continuous sync: a pass every {:.0} s or at {} MiB changed; stop with SIGINT/SIGTERM{}",
+            policy.interval.as_secs_f64(),
+            self.a.sync_threshold,
+            if self.a.freeze {
+                ", which freezes, sends the last changes and thaws"
+            } else {
+                ""
+            }
+        ));
+        loop {
+            let next = self.record.completed.map_or(0, |c| c + 1);
+            if signals.caught().is_some() {
+                if self.a.freeze {
+                    return self.pass(summary, next, true, true, false);
+                }
+                summary.say(&format!(
+                    "continuous sync stopped; the target holds pass {} (lag {})",
+                    self.record
+                        .completed
+                        .map_or_else(|| "-".into(), |p| p.to_string()),
+                    lag_text(feed)
+                ));
+                return Ok(());
+            }
+            if policy.due(feed, last.elapsed()) {
+                self.pass(summary, next, true, false, true)?;
+                last = Instant::now();
+            }
+            if said.elapsed() >= Duration::from_secs(10) {
+                said = Instant::now();
+                let pending = feed.and_then(ChangeFeed::pending_bytes);
+                tracing::info!(
+                    lag_secs = feed.and_then(ChangeFeed::lag).map(|l| l.as_secs_f64()),
+                    pending_bytes = pending,
+                    "replication lag"
+                );
+                eprintln!(
+                    "replication lag {}, {} changed since the last pass",
+                    lag_text(feed),
+                    pending.map_or_else(|| "unknown".into(), |b| format!("{b} bytes"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The replication lag for a line of text.
+fn lag_text(feed: Option<&dyn sms_agent::changes::ChangeFeed>) -> String {
+    match feed.map(|f| f.lag()) {
+        None => "unknown (no changed-block tracking)".into(),
+        Some(None) => "0 s".into(),
+        Some(Some(l)) => format!("{:.1} s", l.as_secs_f64()),
+    }
 }
 
 /// The passes (number, sync, frozen) of a run, after the last pass that completed earlier.
@@ -977,9 +1267,31 @@ fn migrate_file(
     }
     // One pass does it all: a sync pass copies what is missing or changed, as a first copy
     // would, and also deletes what vanished from the source.
+    // A root that is a mounted filesystem carries its disks' layout (for a target that
+    // prepares blank disks), and the filesystems mounted below it on those disks go along.
+    let mut rename = Vec::new();
+    for d in &a.disks {
+        rename.push(split_pair(d, "SRC=NAME")?);
+    }
+    let (sources, base, layout) = match sms_agent::disklayout::read_layout(root, &rename) {
+        Ok((layout, sources)) => {
+            tracing::info!(
+                disks = layout.disks.len(),
+                filesystems = sources.len(),
+                "disk layout read; it goes with the plan"
+            );
+            (sources, Some(root.clone()), Some(layout))
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "no disk layout goes with the plan (only a receiver with --prepare needs one)");
+            (vec![root.clone()], None, None)
+        }
+    };
     let opts = transfer::file::SendOptions {
-        sources: vec![root.clone()],
+        sources,
         map_to_root: true,
+        base,
+        layout,
         excludes: a.exclude.clone(),
         streams: a.streams.unwrap_or(transfer::file::STREAMS),
         sync: a.sync,

@@ -224,6 +224,23 @@ fn a_syncing_task_syncs_by_itself_at_its_priority_and_speed_until_stop() {
         std::fs::read(&dst).unwrap() == std::fs::read(&src.dev).unwrap(),
         "target differs after the sync passes"
     );
+    // The tracker made the later passes read only what changed, and status shows the lag.
+    assert!(
+        agent
+            .log()
+            .contains("changed-block tracking: this pass reads only the changed blocks"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent
+            .status()
+            .as_object()
+            .unwrap()
+            .contains_key("replication_lag_secs"),
+        "{}",
+        agent.status()
+    );
     // The task's speed_limit holds: no 5-second rate over 16 Mbit/s (5 % for the meter).
     let fast: Vec<f64> = reports(&emu)
         .iter()

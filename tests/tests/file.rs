@@ -85,6 +85,7 @@ fn rig_at(dir: tempfile::TempDir, root: PathBuf) -> Rig {
         root: root.clone(),
         state_dir: dir.path().to_path_buf(),
         peer_timeout: Duration::ZERO,
+        prepare: None,
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -122,7 +123,7 @@ fn opts(src: &Path, sync: bool) -> SendOptions {
         hash_mode: false,
         task_id: "t-file".into(),
         peer_timeout: Duration::ZERO,
-        changes: None,
+        ..SendOptions::default()
     }
 }
 
@@ -871,6 +872,7 @@ impl Hostile {
             compare: Compare::Quick,
             delete: true,
             excludes: vec![],
+            layout: None,
         });
         h
     }

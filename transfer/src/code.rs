@@ -72,6 +72,8 @@ codes! {
     PassphraseNotObtained = "SMS.0521",
     /// Insufficient disks on the target server. (line 24993)
     TooFewTargetDisks = "SMS.1311",
+    /// Partition failed. Disk: %s. Cause: %s (line 24994)
+    PartitionFailed = "SMS.1312",
     /// Disk %s is abnormal. Expected status: %s (line 25001)
     DiskAbnormal = "SMS.1404",
     /// The sizes of disks on the target server do not match those on the source server.
@@ -98,6 +100,26 @@ codes! {
     TransmissionFailed = "SMS.1908",
     /// Data compression failed. (line 25050)
     CompressionFailed = "SMS.1909",
+    /// Failed to modify the configuration file of the target server. Cause: %s (line 25083)
+    TargetConfigFailed = "SMS.3101",
+    /// Failed to modify the initrd file on the target server. Cause: %s (line 25084)
+    InitrdFailed = "SMS.3102",
+    /// Failed to execute bootloader on the target server. Cause: %s (line 25087)
+    BootloaderFailed = "SMS.3103",
+    /// fstab record "%s" is invalid (line 24872)
+    FstabInvalid = "SMS.3105",
+    /// Failed to create swap partition %s. Cause: %s (line 25091)
+    SwapFailed = "SMS.3204",
+    /// Failed to mount partition %s to directory %s. Cause: %s (line 25092)
+    MountFailed = "SMS.3205",
+    /// Failed to obtain the UUID of the partition on the target server. Cause: %s (line 25093)
+    PartitionUuidFailed = "SMS.3206",
+    /// Failed to create file %s on the target server. Cause: %s (line 25094)
+    TargetFileCreateFailed = "SMS.3207",
+    /// Failed to write file %s on the target server. Cause: %s (line 25097)
+    TargetFileWriteFailed = "SMS.3208",
+    /// Failed to format partition %s to %s. Cause: %s (line 25099)
+    FormatFailed = "SMS.3210",
     /// Failed to load the SSL certificate. (line 25101)
     SslCertNotLoaded = "SMS.3301",
     /// The JSON request body does not meet the specifications. (line 25157) The agent's
@@ -112,6 +134,8 @@ codes! {
     CommandMismatch = "SMS.6021",
     /// Invalid source server ID. (line 25169)
     InvalidSourceId = "SMS.6030",
+    /// The disk space is less than the total size of all partitions. (line 25241)
+    DiskTooSmallForPartitions = "SMS.6539",
     /// The current Agent version does not support log upload. (line 25298: the agent must be
     /// at least 25.2.0.) Sent by the service; see `agent::api::REPORTED_AGENT_VERSION`.
     AgentTooOldForLogs = "SMS.7707",

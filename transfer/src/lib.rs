@@ -36,6 +36,7 @@ pub mod durable;
 pub mod file;
 pub mod limit;
 pub mod meter;
+pub mod prepare;
 pub mod sched;
 pub mod session;
 pub mod task;

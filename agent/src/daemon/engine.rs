@@ -34,6 +34,8 @@ pub struct Summary {
     pub bytes_read: u64,
     /// Bytes on the wire.
     pub wire_sent: u64,
+    /// Chunks sent by an earlier session of the pass (block).
+    pub chunks_resumed: u64,
     /// Consistency-check results to upload (file mode with `CONSISTENCY_DIR`).
     pub checks: Vec<DirCheck>,
     /// Why the consistency check did not run to the end (SKIP, or an error with its code).
@@ -173,6 +175,7 @@ impl Runner {
                 Ok(r) => Ended::Done(Summary {
                     bytes_read: r.bytes_read,
                     wire_sent: r.wire_sent,
+                    chunks_resumed: r.chunks_resumed,
                     ..Summary::default()
                 }),
                 Err(e) => e.into(),

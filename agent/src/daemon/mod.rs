@@ -8,9 +8,12 @@
 //! change journal) and `activity` (what the daemon is doing with its task right now).
 
 mod activity;
+mod cbt;
 mod commands;
 pub mod engine;
 mod fjournal;
+mod log_transfer;
+mod logs_cmd;
 mod material;
 mod plan;
 mod register;
@@ -69,6 +72,18 @@ pub struct Daemon {
     service_config: crate::api::models::ServiceConfig,
     /// The file task's change journal.
     journal: fjournal::Holder,
+    /// What UPLOAD_LOG / RSET_LOG_ACL need of the configuration.
+    log_upload: crate::logs::upload::Settings,
+    /// The log command under way (`logs_cmd.rs`).
+    log_commands: logs_cmd::LogCommands,
+    /// `[log_transfer]` when switched on (`log_transfer.rs`).
+    log_transfer: Option<crate::logs::transfer::LogTransfer>,
+    /// The shipment under way.
+    log_ship: Option<tokio::task::JoinHandle<()>>,
+    /// When the next window is due (seconds since 1970).
+    log_ship_next: u64,
+    /// The changed-block tracker of the current block task.
+    cbt: cbt::Cbt,
 }
 
 impl Daemon {
@@ -108,6 +123,12 @@ impl Daemon {
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
             journal: fjournal::Holder::default(),
+            log_upload: crate::logs::upload_settings(cfg),
+            log_commands: logs_cmd::LogCommands::default(),
+            log_transfer: cfg.log_transfer.clone(),
+            log_ship: None,
+            log_ship_next: 0,
+            cbt: cbt::Cbt::default(),
         })
     }
 
@@ -162,6 +183,8 @@ impl Daemon {
             self.schedule_sync();
         }
         loop {
+            self.tick_log_transfer();
+            self.finish_log_command().await?;
             self.flush_results().await?;
             self.send_final_report().await;
             self.tick_runner().await;
@@ -224,6 +247,7 @@ impl Daemon {
     }
 
     fn publish(&mut self) -> Result<(), StateError> {
+        self.status.replication_lag_secs = self.cbt.lag().map(|l| l.as_secs_f64());
         self.status.updated_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

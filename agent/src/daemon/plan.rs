@@ -129,11 +129,36 @@ pub(super) async fn file(
         task_id: task.id.clone(),
         peer_timeout: transfer::session::PEER_TIMEOUT,
     });
+    // The source disks' layout, named as the task maps them to the target ECS's disks
+    // (target_server.disks[].name → relation_name, ref. §5.4.5), for a receiver that
+    // prepares blank disks.
+    let rename: Vec<(String, String)> = ts
+        .disks
+        .iter()
+        .filter_map(|d| d.relation_name.clone().map(|r| (d.name.clone(), r)))
+        .collect();
+    // It reads partition tables and superblocks: blocking I/O, off the runtime's threads.
+    let read = tokio::task::spawn_blocking(move || {
+        crate::disklayout::read_layout(std::path::Path::new("/"), &rename)
+            .map(|(l, _)| l)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let layout = match read {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::info!(task_id = %task.id, reason = %e, "no disk layout goes with the plan");
+            None
+        }
+    };
     tracing::info!(task_id = %task.id, sources = ?sources, excludes = excludes.len(), used_bytes, check = check.is_some(), "file pass planned");
     Ok(FileJob {
         send: transfer::file::SendOptions {
             sources,
             map_to_root: false,
+            base: None,
+            layout,
             excludes,
             streams: cfg.streams.map_or(transfer::file::STREAMS, NonZeroU16::get),
             sync,

@@ -110,6 +110,10 @@ pub struct Status {
     pub eta_secs: Option<u64>,
     /// Last error.
     pub last_error: Option<String>,
+    /// Age in seconds of the oldest change to the source disks not yet on the target (block
+    /// tasks with changed-block tracking).
+    #[serde(default)]
+    pub replication_lag_secs: Option<f64>,
     /// Unix time of this snapshot.
     pub updated_at: u64,
 }

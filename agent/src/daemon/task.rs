@@ -186,6 +186,7 @@ impl Daemon {
         match task.kind.as_str() {
             "MIGRATE_BLOCK" => {
                 let disks = plan::block(task).await?;
+                let changed = self.cbt.before_pass(&task.id, &disks, sync);
                 let opts = transfer::block::SendOptions {
                     task_id: task.id.clone(),
                     pass,
@@ -194,6 +195,7 @@ impl Daemon {
                         .transfer
                         .streams
                         .map_or(transfer::block::STREAMS, NonZeroU16::get),
+                    changed,
                     ..transfer::block::SendOptions::default()
                 };
                 Ok(Runner::start_block(connector, disks, opts, sched))
@@ -241,7 +243,18 @@ impl Daemon {
         let ended = finished.then(|| runner.join());
         let attempt = *attempt;
         let ok = matches!(ended, Some(Ended::Done(_)));
-        let (body, (done, total, rate, eta)) = runner.report(self.utc_offset, ok);
+        let (mut body, (done, total, rate, eta)) = runner.report(self.utc_offset, ok);
+        // The replication lag rides in `process_trace`, the free-text migration details
+        // (ref. §5.4.8 request body, line 14359, at most 2048 characters); the reference has no field of
+        // its own for it.
+        if let Some(l) = self.cbt.lag() {
+            if let Some(Value::String(t)) = body.get_mut("process_trace") {
+                let add = format!("; replication lag {:.1} s", l.as_secs_f64());
+                if t.len() + add.len() <= 2048 {
+                    t.push_str(&add);
+                }
+            }
+        }
         let sync = runner.subtask.starts_with("SYNC");
         if ended.is_some() {
             self.activity = Activity::Idle;
@@ -253,10 +266,14 @@ impl Daemon {
         self.status.eta_secs = eta;
         match ended {
             None | Some(Ended::Cancelled) => {
+                if ended.is_some() {
+                    self.cbt.pass_failed();
+                }
                 self.send_progress(&task_id, &body).await;
                 let _ = self.publish();
             }
             Some(Ended::Done(sum)) => {
+                self.cbt.pass_done(sum.chunks_resumed);
                 self.record_pass_done(body).await;
                 let _ = self.publish();
                 tracing::info!(task_id = %task_id, sync, bytes_read = sum.bytes_read, wire = sum.wire_sent, "pass complete");
@@ -268,6 +285,7 @@ impl Daemon {
                 self.schedule_sync();
             }
             Some(Ended::Failed(failure)) => {
+                self.cbt.pass_failed();
                 let _ = self.publish();
                 self.pass_failed(&task_id, failure, attempt).await;
             }

@@ -23,6 +23,7 @@
 pub(crate) mod direct;
 pub mod dirs;
 pub mod journal;
+pub mod layout;
 pub mod meta;
 pub mod path;
 pub mod proto;
@@ -105,6 +106,9 @@ pub enum FileError {
         /// Why (EAGAIN at a task limit).
         source: std::io::Error,
     },
+    /// Preparing or configuring the target disks failed (`receive --prepare`).
+    #[error(transparent)]
+    Prepare(#[from] crate::prepare::PrepareError),
     /// Bad options (nothing was sent).
     #[error("invalid file-migration options: {0}")]
     Options(String),
@@ -121,6 +125,7 @@ impl FileError {
             FileError::Source { .. } => Code::DiskUnreadable,
             FileError::NoSpace { .. } => Code::DiskSizeMismatch,
             FileError::Remote { code, .. } => Code::parse(code),
+            FileError::Prepare(e) => e.code.clone(),
             FileError::Wire(_)
             | FileError::Protocol(_)
             | FileError::Target { .. }

@@ -142,6 +142,9 @@ pub enum FileMsg {
         /// Excluded paths (relative to the target root; a trailing `*` matches a name prefix):
         /// never deleted on the target.
         excludes: Vec<Vec<u8>>,
+        /// The source's disk layout, for a target that prepares blank disks
+        /// (`receive --prepare`); `None` when the source could not read it.
+        layout: Option<Box<super::layout::Layout>>,
     },
     /// One entry of the listing; the empty path is the target root itself.
     Entry {
@@ -477,7 +480,11 @@ impl FileMsg {
                 compare,
                 delete,
                 excludes,
-            } => put_plan(&mut p, *pass, *compare, *delete, excludes)?,
+                layout,
+            } => {
+                put_plan(&mut p, *pass, *compare, *delete, excludes)?;
+                put_layout(&mut p, layout.as_deref())?;
+            }
             FileMsg::Entry {
                 id,
                 path,
@@ -676,11 +683,29 @@ fn decode_plan(r: &mut Reader<'_>) -> Result<FileMsg, WireError> {
     for _ in 0..n {
         excludes.push(get_bytes(r, "exclude", MAX_PATH)?);
     }
+    let layout = if r.bool("layout flag")? {
+        let n = usize::try_from(r.u32("layout")?).unwrap_or(usize::MAX);
+        if n > super::layout::MAX_LAYOUT {
+            return Err(too_long("layout", n, super::layout::MAX_LAYOUT));
+        }
+        let json = r.take(n, "layout")?;
+        let l: super::layout::Layout =
+            serde_json::from_slice(json).map_err(|_| WireError::Invalid("layout"))?;
+        // One encoding per message: only the JSON this build writes (no spaces, fields in
+        // order, none missing or unknown) is taken.
+        if serde_json::to_vec(&l).ok().as_deref() != Some(json) {
+            return Err(WireError::Invalid("layout"));
+        }
+        Some(Box::new(l))
+    } else {
+        None
+    };
     Ok(FileMsg::Plan {
         pass,
         compare,
         delete,
         excludes,
+        layout,
     })
 }
 
@@ -799,6 +824,23 @@ fn put_plan(
     for e in excludes {
         put_bytes(p, "exclude", e, MAX_PATH)?;
     }
+    Ok(())
+}
+
+/// A `Plan`'s layout: a flag, then its JSON with a u32 length.
+fn put_layout(p: &mut Vec<u8>, layout: Option<&super::layout::Layout>) -> Result<(), WireError> {
+    let Some(l) = layout else {
+        p.push(0);
+        return Ok(());
+    };
+    let json = serde_json::to_vec(l).map_err(|_| WireError::Invalid("layout"))?;
+    if json.len() > super::layout::MAX_LAYOUT {
+        return Err(too_long("layout", json.len(), super::layout::MAX_LAYOUT));
+    }
+    p.push(1);
+    let n = u32::try_from(json.len()).map_err(|_| WireError::Invalid("layout"))?;
+    p.extend_from_slice(&n.to_be_bytes());
+    p.extend_from_slice(&json);
     Ok(())
 }
 
@@ -939,12 +981,22 @@ mod tests {
                 compare: Compare::Hash,
                 delete: true,
                 excludes: vec![b"proc".to_vec(), b"tmp/_MEI*".to_vec()],
+                layout: Some(Box::new(crate::file::layout::Layout {
+                    disks: vec![crate::file::layout::Disk {
+                        name: "disk0".into(),
+                        size: 1 << 30,
+                        table: crate::file::layout::Table::None,
+                        parts: vec![],
+                        whole: None,
+                    }],
+                })),
             },
             FileMsg::Plan {
                 pass: PassKind::Check,
                 compare: Compare::Quick,
                 delete: false,
                 excludes: vec![],
+                layout: None,
             },
             FileMsg::Entry {
                 id: 7,
@@ -1048,6 +1100,36 @@ mod tests {
         assert!(r.is_empty());
         for m in samples() {
             assert!(wire::FILE_TYPES.contains(&m.kind()), "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn a_plan_layout_has_one_encoding() {
+        let plan = |json: &[u8]| {
+            let mut p = vec![0, 0, 0, 0, 0, 1];
+            p.extend_from_slice(&u32::try_from(json.len()).unwrap().to_be_bytes());
+            p.extend_from_slice(json);
+            FileMsg::decode(kind::PLAN, &p)
+        };
+        let good = br#"{"disks":[]}"#;
+        assert!(matches!(
+            plan(good),
+            Ok(FileMsg::Plan {
+                layout: Some(_),
+                ..
+            })
+        ));
+        for bad in [
+            &br#"{ "disks": [] }"#[..],
+            br#"{"disks":[],"x":1}"#,
+            b"{}",
+            b"[1",
+        ] {
+            assert!(
+                matches!(plan(bad), Err(WireError::Invalid("layout"))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -112,6 +112,9 @@ pub(super) struct Ctl {
     pub(super) bases: Arc<Bases>,
     /// The peer timeout of every stream of the session.
     pub(super) timeout: Duration,
+    /// Run once, before the final checkpoint is acknowledged (`--prepare`: configuring the
+    /// migrated system).
+    pub(super) on_complete: Option<Box<dyn FnOnce() -> Result<(), FileError> + Send>>,
 }
 
 impl Ctl {
@@ -142,6 +145,7 @@ impl Ctl {
             reaper: Reaper::default(),
             bases: Arc::default(),
             timeout,
+            on_complete: None,
         }
     }
 

@@ -32,7 +32,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::FileStat;
 
-use super::proto::{Any, FileMsg, S_IFMT, S_IFREG};
+use super::proto::{Any, FileMsg, PassKind, S_IFMT, S_IFREG};
 use super::sys;
 use super::FileError;
 use crate::conn::ConnWriter;
@@ -62,6 +62,9 @@ pub struct ReceiveOptions {
     pub state_dir: PathBuf,
     /// How long the source may stay silent on any stream (zero: [`crate::session::PEER_TIMEOUT`]).
     pub peer_timeout: Duration,
+    /// `receive --prepare`: the target disks to lay out from the plan's layout and mount at
+    /// `root` before the files land, and to configure after a complete copy pass.
+    pub prepare: Option<Arc<crate::prepare::Target>>,
 }
 
 /// What a session did on the target.
@@ -200,9 +203,6 @@ impl Halt {
 /// Serves one file-mode session (called from `Listener::serve`'s closure when
 /// `inc.mode == Mode::File`): applies the source's pass under `opts.root`.
 pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, FileError> {
-    let root = sys::open(&opts.root, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
-        .map_err(|e| FileError::target(opts.root.as_os_str().as_bytes(), e))?;
-    let root = Arc::new(root);
     let Incoming {
         control,
         data,
@@ -214,11 +214,35 @@ pub fn receive(inc: Incoming, opts: &ReceiveOptions) -> Result<ReceiveReport, Fi
     let timeout = crate::session::peer_timeout(opts.peer_timeout);
     control.set_timeouts(timeout);
     let (mut r, w) = control.into_halves();
+    // The plan comes first: with --prepare its layout decides what is mounted at the root,
+    // and the root is opened only after that.
+    let plan = serve::read_plan(&mut r);
+    let staged = match (&plan, &opts.prepare) {
+        (Ok(p), Some(t)) if p.pass == PassKind::Copy => match &p.layout {
+            Some(l) => t.ensure(l).map_err(FileError::from),
+            None => Err(FileError::Prepare(crate::prepare::PrepareError {
+                code: crate::code::Code::PartitionFailed,
+                message: "the source sent no disk layout to prepare the target disks from (migrate logs why it could not read it)".into(),
+            })),
+        },
+        _ => Ok(()),
+    };
+    let root = sys::open(&opts.root, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+        .map_err(|e| FileError::target(opts.root.as_os_str().as_bytes(), e));
+    let root = match root {
+        Ok(r) => Arc::new(r),
+        Err(e) => return Err(e),
+    };
     let mut ctl = Ctl::new(Arc::clone(&root), session, w, timeout);
+    if let Some(t) = &opts.prepare {
+        let t = Arc::clone(t);
+        ctl.on_complete = Some(Box::new(move || t.configure().map_err(FileError::from)));
+    }
+    let plan = staged.and(plan);
     // The source waits on this stream through the whole data phase and the final syncfs,
     // when there is nothing to tell it: keep-alives keep its peer timeout for dead targets.
     let ticker = KeepAlive::start(Arc::clone(&ctl.w), timeout);
-    let mut res = serve(&mut ctl, &mut r, data, streams);
+    let mut res = plan.and_then(|p| serve(&mut ctl, &mut r, p, data, streams));
     drop(ticker);
     if res.is_err() {
         if let Some(e) = lock(&ctl.failed).take() {

@@ -11,8 +11,9 @@ use super::data::{accept_data, DataHandles, DataSession, DataStats};
 use super::listing::Ctl;
 use super::{io_of, unexpected, Halt};
 use crate::conn::ConnReader;
+use crate::file::layout::Layout;
 use crate::file::path::{components, Excludes};
-use crate::file::proto::{read_any, Any, FileMsg, PassKind};
+use crate::file::proto::{read_any, Any, Compare, FileMsg, PassKind};
 use crate::file::FileError;
 use crate::lock;
 use crate::session::Stream;
@@ -25,10 +26,15 @@ type Accepter = Option<std::thread::JoinHandle<Result<DataHandles, FileError>>>;
 pub(super) fn serve(
     ctl: &mut Ctl,
     r: &mut BufReader<ConnReader>,
+    plan: Plan,
     data: std::sync::mpsc::Receiver<Stream>,
     streams: u16,
 ) -> Result<(), FileError> {
-    read_plan(ctl, r)?;
+    ctl.pass = plan.pass;
+    ctl.compare = plan.compare;
+    ctl.delete = plan.delete;
+    ctl.excludes = Excludes::new(plan.excludes);
+    ctl.report.check = plan.pass == PassKind::Check;
     let stats = Arc::new(DataStats {
         bases: Arc::clone(&ctl.bases),
         ..DataStats::default()
@@ -74,22 +80,31 @@ pub(super) fn serve(
     res
 }
 
-/// Reads the plan and sets the session up by it.
-fn read_plan(ctl: &mut Ctl, r: &mut BufReader<ConnReader>) -> Result<(), FileError> {
+/// A session's plan, as the source sent it.
+pub(super) struct Plan {
+    pub pass: PassKind,
+    pub compare: Compare,
+    pub delete: bool,
+    pub excludes: Vec<Vec<u8>>,
+    pub layout: Option<Box<Layout>>,
+}
+
+/// Reads the plan, the first message of the control stream.
+pub(super) fn read_plan(r: &mut BufReader<ConnReader>) -> Result<Plan, FileError> {
     match read_any(r)? {
         Any::File(FileMsg::Plan {
             pass,
             compare,
             delete,
             excludes,
-        }) => {
-            ctl.pass = pass;
-            ctl.compare = compare;
-            ctl.delete = delete;
-            ctl.excludes = Excludes::new(excludes);
-            ctl.report.check = pass == PassKind::Check;
-            Ok(())
-        }
+            layout,
+        }) => Ok(Plan {
+            pass,
+            compare,
+            delete,
+            excludes,
+            layout,
+        }),
         other => Err(unexpected("waiting for the plan", &other)),
     }
 }
@@ -252,6 +267,12 @@ impl PassServer<'_> {
         nix::unistd::syncfs(self.ctl.root.as_raw_fd())
             .map_err(|e| FileError::target(b"/", io_of(e)))?;
         self.phase("syncfs");
+        // Prepared disks: the migrated system is configured to boot before the pass counts
+        // as complete, so a failure reaches the source with its code.
+        if let Some(configure) = self.ctl.on_complete.take() {
+            configure()?;
+            self.phase("configure");
+        }
         let rep = &self.ctl.report;
         let summary = FileMsg::Summary {
             written: rep.files_written,

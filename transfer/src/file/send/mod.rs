@@ -69,6 +69,12 @@ pub struct SendOptions {
     pub sources: Vec<PathBuf>,
     /// Standalone `--source-root DIR`: `sources` is one directory, mapped to the target root.
     pub map_to_root: bool,
+    /// Standalone `--source-root DIR` with the filesystems mounted below it: each source `S`
+    /// goes to `S` less this prefix (`DIR` itself to the target root). Overrides
+    /// `map_to_root`.
+    pub base: Option<PathBuf>,
+    /// The source's disk layout, sent in the `Plan` for a target that prepares blank disks.
+    pub layout: Option<super::layout::Layout>,
     /// Absolute paths to exclude (source paths, or paths of the migrated system); the
     /// defaults of [`DEFAULT_EXCLUDES`] and each root's `lost+found` are always added.
     pub excludes: Vec<PathBuf>,
@@ -305,9 +311,29 @@ fn build_excludes(roots: &[Root], user: &[PathBuf]) -> Excludes {
     Excludes::new(pats)
 }
 
-fn roots_of(sources: &[PathBuf], map_to_root: bool) -> Result<Vec<Root>, FileError> {
+fn roots_of(
+    sources: &[PathBuf],
+    map_to_root: bool,
+    base: Option<&Path>,
+) -> Result<Vec<Root>, FileError> {
     if sources.is_empty() {
         return Err(FileError::Options("no source roots".into()));
+    }
+    if let Some(base) = base {
+        let mut roots = Vec::new();
+        for s in sources {
+            let rest = s.strip_prefix(base).map_err(|_| {
+                FileError::Options(format!("{} is not under {}", s.display(), base.display()))
+            })?;
+            roots.push(Root {
+                src: s.clone(),
+                rel: target_rel(rest, false),
+                ancestors: true,
+            });
+        }
+        roots.sort_by(|a, b| a.rel.len().cmp(&b.rel.len()).then(a.rel.cmp(&b.rel)));
+        roots.dedup_by(|a, b| a.rel == b.rel);
+        return Ok(roots);
     }
     if map_to_root && sources.len() != 1 {
         return Err(FileError::Options(
@@ -336,7 +362,7 @@ pub fn send(
     progress: &Progress,
     control: &Control,
 ) -> Result<SendReport, FileError> {
-    let roots = roots_of(&opts.sources, opts.map_to_root)?;
+    let roots = roots_of(&opts.sources, opts.map_to_root, opts.base.as_deref())?;
     let excludes = build_excludes(&roots, &opts.excludes);
     let pass = Pass {
         connector,
@@ -353,6 +379,7 @@ pub fn send(
         changes: opts.changes.as_deref().filter(|_| opts.sync),
         streams: opts.streams,
         timeout: crate::session::peer_timeout(opts.peer_timeout),
+        layout: opts.layout.as_ref(),
     };
     let (report, _) = pass.run(progress, control)?;
     if control.cancelled() {
@@ -369,7 +396,7 @@ pub fn consistency(
     progress: &Progress,
     control: &Control,
 ) -> Result<Vec<DirCheck>, FileError> {
-    let sources = roots_of(&opts.sources, opts.map_to_root)?;
+    let sources = roots_of(&opts.sources, opts.map_to_root, None)?;
     let excludes = build_excludes(&sources, &opts.excludes);
     let dirs = if opts.dirs.is_empty() {
         sources.iter().map(|r| r.src.clone()).collect()
@@ -412,6 +439,7 @@ pub fn consistency(
         changes: None,
         streams: 1,
         timeout: crate::session::peer_timeout(opts.peer_timeout),
+        layout: None,
     };
     let (_, checks) = pass.run(progress, control)?;
     Ok(checks
@@ -437,6 +465,8 @@ struct Pass<'a> {
     streams: u16,
     /// Peer timeout of every stream.
     timeout: Duration,
+    /// Sent in the `Plan` (copy passes).
+    layout: Option<&'a super::layout::Layout>,
 }
 
 /// What the walker hands back.
@@ -492,6 +522,7 @@ impl Pass<'_> {
             compare: self.compare,
             delete: self.delete,
             excludes: self.excludes.patterns().to_vec(),
+            layout: self.layout.cloned().map(Box::new),
         }
         .write_to(&mut cw)?;
         let cw = Arc::new(Mutex::new(cw));
@@ -605,7 +636,7 @@ mod tests {
 
     #[test]
     fn excludes_cover_defaults_roots_and_configured_paths() {
-        let roots = roots_of(&["/boot".into(), "/".into()], false).unwrap();
+        let roots = roots_of(&["/boot".into(), "/".into()], false, None).unwrap();
         assert_eq!(roots[0].rel, b"");
         assert_eq!(roots[1].rel, b"boot");
         let e = build_excludes(&roots, &["/var/cache".into(), "/boot/old".into()]);
@@ -620,11 +651,11 @@ mod tests {
         }
         assert!(!e.matches(b"boot/grub"));
         // Standalone: configured paths under the source root map through it.
-        let roots = roots_of(&["/srv/img".into()], true).unwrap();
+        let roots = roots_of(&["/srv/img".into()], true, None).unwrap();
         let e = build_excludes(&roots, &["/srv/img/skip".into()]);
         assert!(e.matches(b"skip/a") && e.matches(b"proc") && !e.matches(b"srv"));
-        assert!(roots_of(&["/a".into(), "/b".into()], true).is_err());
-        assert!(roots_of(&[], false).is_err());
+        assert!(roots_of(&["/a".into(), "/b".into()], true, None).is_err());
+        assert!(roots_of(&[], false, None).is_err());
     }
 
     #[test]
