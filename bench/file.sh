@@ -8,13 +8,20 @@
 #   2. sync after 1 % of the small files were rewritten and 1 % deleted:
 #      ours (`migrate --sync`, a fresh receiver) vs `rsync -a --delete` over ssh, each into its
 #      own destination of scenario 1
+#   3. the same after new changes, ours driven by the change journal: a `migrate --sync
+#      --watch` started before a first, unmeasured pass onto our destination holds the
+#      journal; after the changes a SIGUSR1 runs the measured sync, which visits only what the
+#      journal names. vs `rsync -a --delete` over ssh, on the same changes.
+# The source is an ext4 filesystem of its own (a sparse image on a loop device, mounted):
+# the journal marks whole filesystems, and one of its own keeps the machine's other activity
+# out of it. Its lost+found is left out of every comparison.
 # Every run starts with a cold page cache and ends when the target is flushed (`sync -f`); CPU
 # seconds (user+sys, both sides; the far side of ssh is everything the private sshd reaped,
 # sshd's crypto included) and peak RSS are recorded. Every destination is verified before its
 # figure counts: `rsync -a --delete --dry-run --itemize-changes` must list nothing (names,
 # types, sizes, mtimes, modes, owners; nanoseconds for ours and rsync, seconds for tar, whose
 # default format keeps no more) and `diff -rq` must find no content difference.
-# Goals: full copy ours / rsync <= 0.5, sync ours / rsync <= 0.5.
+# Goals: full copy ours / rsync <= 0.5, sync ours / rsync <= 0.5, journal sync ours / rsync <= 0.2.
 #
 # Usage: sudo bench/file.sh [FILES]   (default 100000)
 #   With 100,000 files the dataset is about 4.3 GB, and up to four copies of it exist at once
@@ -58,8 +65,10 @@ DELETE_PCT=${DELETE_PCT:-1}
 BIG_BYTES=$((BIG_MIB * 1048576))
 human() { awk -v b="$1" 'BEGIN {if (b >= 1073741824) printf "%.4gGiB\n", b / 1073741824; else printf "%.4gMiB\n", b / 1048576}'; }
 # Scenario labels, as the table shows them; the index is what the code uses.
-SCN=("" "1:copy-${FILES}files+4x${BIG_MIB}MiB" "2:sync-${CHANGE_PCT}%changed-${DELETE_PCT}%deleted")
+SCN=("" "1:copy-${FILES}files+4x${BIG_MIB}MiB" "2:sync-${CHANGE_PCT}%changed-${DELETE_PCT}%deleted"
+  "3:journal-sync-${CHANGE_PCT}%changed-${DELETE_PCT}%deleted")
 OURS_TOOL=sms-agent
+WATCH_TOOL="sms-agent --watch (journal)"
 TAR_TOOL="tar|ssh"
 RSYNC_TOOL="rsync -a"
 RSYNC_SYNC_TOOL="rsync -a --delete"
@@ -67,16 +76,21 @@ RSYNC_SYNC_TOOL="rsync -a --delete"
 need_root
 ensure_tools /usr/sbin/sshd=openssh-server ssh=openssh-client ssh-keygen=openssh-client \
   rsync=rsync tar=tar /usr/bin/time=time openssl=openssl python3=python3 diff=diffutils \
-  ss=iproute2 pgrep=procps
+  ss=iproute2 pgrep=procps mkfs.ext4=e2fsprogs losetup=mount
 
 WORK=$(mktemp -d "${BENCH_TMPDIR:-${TMPDIR:-/tmp}}/sms-file-bench.XXXXXX")
 SSHD_PID=
+SRC_LOOP=
 cleanup() {
   set +e
   umount "$WORK/view/src" "$WORK/view/dst" 2>/dev/null
   bg_kill_all
   [[ -n $SSHD_PID ]] && kill_tree "$SSHD_PID"
   wait 2>/dev/null
+  if [[ -n $SRC_LOOP ]]; then
+    umount "$SRC" 2>/dev/null
+    losetup -d "$SRC_LOOP"
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -96,6 +110,13 @@ IFREE=$(df --output=iavail "$WORK" | tail -n 1)
 if [[ $IFREE =~ ^[0-9]+$ ]] && ((IFREE < 5 * (FILES + 1000))); then
   die "$(dirname "$WORK") has $IFREE free inodes; the run needs $((5 * (FILES + 1000)))"
 fi
+
+# --- the source filesystem: ext4 on a sparse image, room for the dataset and a quarter more.
+truncate -s $((DATA_EST * 5 / 4 + (1 << 30))) "$WORK/src.img"
+mkfs.ext4 -q -F -m 0 -N $((FILES * 2 + 100000)) "$WORK/src.img"
+SRC_LOOP=$(losetup -f --show "$WORK/src.img")
+mkdir -p "$SRC"
+mount "$SRC_LOOP" "$SRC"
 
 # --- our binary (built and checked by lib.sh) and the private sshd.
 prepare_ours --source-root --root "has no file mode in 'migrate'/'receive' yet" 2
@@ -188,7 +209,7 @@ log_tail() {
 # would then find every file's atime changed, not the 1 % of files the scenario changes.
 verify() {
   local dst=$1 d=$2 window=${3:--1} rc=0
-  rsync -a --delete --dry-run --itemize-changes --modify-window="$window" "$SRC/" "$dst/" \
+  rsync -a --delete --dry-run --itemize-changes --modify-window="$window" --exclude=/lost+found "$SRC/" "$dst/" \
     >"$d/verify-meta.log" 2>&1 || fail "verify: rsync --dry-run failed: $(log_tail "$d/verify-meta.log")"
   [[ ! -s $d/verify-meta.log ]] \
     || fail "target differs from the source ($(wc -l <"$d/verify-meta.log") entries, rsync -ani): $(head -n 3 "$d/verify-meta.log" | tr '\n' ' ')"
@@ -197,7 +218,7 @@ verify() {
     umount "$WORK/view/src"
     fail "verify: cannot bind-mount $dst read-only, noatime"
   }
-  diff -rq --no-dereference "$WORK/view/src" "$WORK/view/dst" >"$d/verify-data.log" 2>&1 || rc=$?
+  diff -rq --no-dereference -x lost+found "$WORK/view/src" "$WORK/view/dst" >"$d/verify-data.log" 2>&1 || rc=$?
   umount "$WORK/view/src" "$WORK/view/dst"
   ((rc == 0)) || fail "target contents differ from the source (diff -rq): $(head -n 3 "$d/verify-data.log" | tr '\n' ' ')"
 }
@@ -435,6 +456,107 @@ scenario2() {
   done
 }
 
+# Scenario 3: ours holds the change journal (`migrate --sync --watch`, with a receiver serving
+# every session); its first pass over the unchanged destination is not measured. Then the
+# tree changes anew and both tools sync it: ours at SIGUSR1, rsync -a --delete as in
+# scenario 2. The watch process and its receiver live through all rounds.
+WATCH_PID='' WATCH_RX='' WATCH_DIR=''
+# proc_cpu PID: user+sys seconds the process has used so far; proc_rss PID: its peak RSS, KiB.
+proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+proc_rss() { awk '/^VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null; }
+watch_start() {
+  local port i
+  WATCH_DIR=$(mktemp -d "$WORK/run/watch.XXXX")
+  port=$(free_port)
+  "$BIN" receive --listen "127.0.0.1:$port" --ca "$CERTS/ca.pem" --cert "$CERTS/target.pem" \
+    --key "$CERTS/target-key.pem" --root "$WORK/dst-ours" --state-dir "$WORK/state" \
+    "${RECEIVE_EXTRA[@]}" >"$WATCH_DIR/receive.log" 2>&1 &
+  WATCH_RX=$!
+  bg_register "$WATCH_RX"
+  wait_port "$port" "$WATCH_RX" || return 1
+  "$BIN" migrate --mode file --target "127.0.0.1:$port" --ca "$CERTS/ca.pem" \
+    --cert "$CERTS/source.pem" --key "$CERTS/source-key.pem" --source-root "$SRC" --sync --watch \
+    "${MIGRATE_EXTRA[@]}" > >(stamp >"$WATCH_DIR/migrate.log") 2>&1 &
+  WATCH_PID=$!
+  bg_register "$WATCH_PID"
+  for ((i = 0; i < 36000; i++)); do
+    grep -q 'watching' "$WATCH_DIR/migrate.log" 2>/dev/null && return 0
+    kill -0 "$WATCH_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  warn "migrate --watch did not finish its first pass: $(log_tail "$WATCH_DIR/migrate.log")"
+  return 1
+}
+# completed_syncs: the "sync complete" lines migrate --watch has printed so far.
+completed_syncs() { grep -c 'sync complete:' "$WATCH_DIR/migrate.log" || true; }
+run_watch() {
+  local idx=$1 dst=$2 d=$WATCH_DIR t0 t1 n c0 c1 r0 r1 i how done_line
+  echo "$d" >"$WORK/rundir"
+  n=$(completed_syncs)
+  drop_caches
+  c0=$(proc_cpu "$WATCH_PID")
+  r0=$(proc_cpu "$WATCH_RX")
+  t0=$(now)
+  kill -USR1 "$WATCH_PID"
+  for ((i = 0; ; i++)); do
+    (($(completed_syncs) > n)) && break
+    kill -0 "$WATCH_PID" 2>/dev/null || fail "migrate --watch ended: $(log_tail "$d/migrate.log")"
+    ((i < 360000)) || fail "no sync pass after an hour"
+    sleep 0.01
+  done
+  sync -f "$dst"
+  t1=$(now)
+  c1=$(proc_cpu "$WATCH_PID")
+  r1=$(proc_cpu "$WATCH_RX")
+  verify "$dst" "$d"
+  how=$(grep -E 'sync: (the journal names|walking everything)' "$d/migrate.log" | tail -n 1 | cut -d' ' -f2-)
+  done_line=$(grep 'sync complete:' "$d/migrate.log" | tail -n 1 | cut -d' ' -f2-)
+  result_add "${SCN[idx]}" "$WATCH_TOOL" ok "$(secs "$t0" "$t1")" "$DATA_BYTES" \
+    "$(cpu_diff "$c0" "$c1")" "$(cpu_diff "$r0" "$r1")" "$(proc_rss "$WATCH_PID")" "$(proc_rss "$WATCH_RX")" \
+    "$how; $done_line"
+}
+s3_run() {
+  case $1 in
+    "$WATCH_TOOL") bench 3 "$WATCH_TOOL" run_watch 3 "$WORK/dst-ours" ;;
+    "$RSYNC_SYNC_TOOL")
+      if ran_ok 1 "$RSYNC_TOOL"; then
+        bench 3 "$RSYNC_SYNC_TOOL" run_rsync 3 "$WORK/dst-rsync" "$RSYNC_SYNC_TOOL" --delete
+      else
+        skip 3 "$RSYNC_SYNC_TOOL" "no target: the last rsync -a of scenario 1 failed"
+      fi
+      ;;
+  esac
+}
+scenario3() {
+  local out changed changed_bytes deleted r k why tools=("$WATCH_TOOL" "$RSYNC_SYNC_TOOL")
+  if why=$(sync_blocked 1 "the last full copy of scenario 1"); then
+    skip 3 "$WATCH_TOOL" "$why"
+    tools=("$RSYNC_SYNC_TOOL")
+  elif ! has_flag "$MIGR_HELP" --watch; then
+    skip 3 "$WATCH_TOOL" "migrate has no --watch"
+    tools=("$RSYNC_SYNC_TOOL")
+  else
+    log "${SCN[3]}: migrate --sync --watch: journal started, first pass (not measured)"
+    if ! watch_start; then
+      result_add "${SCN[3]}" "$WATCH_TOOL" FAILED "" "" "" "" "" "" "migrate --watch did not start"
+      tools=("$RSYNC_SYNC_TOOL")
+    fi
+  fi
+  for ((r = 0; r < RUNS; r++)); do
+    out=$(change_tree "$SRC" "$CHANGE_PCT" "$DELETE_PCT" "$((r + 100))")
+    read -r changed changed_bytes deleted <<<"$out"
+    log "${SCN[3]}: round $((r + 1)): rewrote $changed files ($(human "$changed_bytes")), deleted $deleted"
+    meta_set s3_changed_files "$changed"
+    meta_set s3_deleted_files "$deleted"
+    for ((k = 0; k < ${#tools[@]}; k++)); do s3_run "${tools[(k + r) % ${#tools[@]}]}"; done
+  done
+  if [[ -n $WATCH_PID ]]; then
+    kill -TERM "$WATCH_PID" 2>/dev/null || true
+    wait "$WATCH_PID" 2>/dev/null || true
+    kill_tree "$WATCH_RX"
+  fi
+}
+
 # ------------------------------------------------------------------------------------------
 meta_set date "$(date -Iseconds)"
 meta_set change_pct "$CHANGE_PCT"
@@ -453,12 +575,13 @@ meta_set ours_note "${OURS_WHY:-$BIN}"
 DATA_BYTES=0
 scenario1
 scenario2
+scenario3
 
 RESULTS_DIR=${RESULTS_DIR:-$REPO/bench/results}
 mkdir -p "$RESULTS_DIR"
 results_report "$RESULTS_DIR/file-$(date +%Y%m%d-%H%M%S).json" \
-  "${SCN[1]}=$RSYNC_TOOL;${SCN[2]}=$RSYNC_SYNC_TOOL" \
-  "${SCN[1]}=$OURS_TOOL/$TAR_TOOL;${SCN[1]}=$OURS_TOOL/$RSYNC_TOOL/0.5;${SCN[2]}=$OURS_TOOL --sync/$RSYNC_SYNC_TOOL/0.5"
+  "${SCN[1]}=$RSYNC_TOOL;${SCN[2]}=$RSYNC_SYNC_TOOL;${SCN[3]}=$RSYNC_SYNC_TOOL" \
+  "${SCN[1]}=$OURS_TOOL/$TAR_TOOL;${SCN[1]}=$OURS_TOOL/$RSYNC_TOOL/0.5;${SCN[2]}=$OURS_TOOL --sync/$RSYNC_SYNC_TOOL/0.5;${SCN[3]}=$WATCH_TOOL/$RSYNC_SYNC_TOOL/0.2"
 echo "(MB/s here: the source's $(human "$DATA_BYTES") of file data / seconds, in both scenarios.)"
 ((OURS)) || warn "sms-agent was NOT measured: $OURS_WHY (baselines only)"
 if ((BUILD_FAILED)) || grep -q $'\tFAILED\t' "$WORK/results.tsv"; then

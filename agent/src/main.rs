@@ -12,6 +12,7 @@ mod probe_cmd;
 mod run_cmd;
 mod term;
 mod transfer_cmd;
+mod watch;
 
 /// Exit status for an unusable configuration (as linkerd2-proxy uses; sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;

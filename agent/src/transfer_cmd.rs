@@ -322,6 +322,14 @@ pub struct MigrateArgs {
     /// File mode: paths to leave out (absolute, repeatable), besides /proc, /sys, /dev, /run.
     #[arg(long, value_name = "PATH")]
     exclude: Vec<PathBuf>,
+    /// File mode: after the pass, keep running and holding a change journal of the source
+    /// root's filesystem (fanotify; Linux 5.9, root), and run a sync pass at each SIGUSR1.
+    /// Such a pass visits only what changed since the last completed pass; when the journal
+    /// cannot vouch for the whole interval (its queue overflowed, a pass failed, a changed
+    /// file has several hard links, no journal on this kernel), it walks everything and says
+    /// why. SIGINT or SIGTERM between passes ends the run (exit 0: the last pass completed).
+    #[arg(long, conflicts_with = "check")]
+    watch: bool,
     /// How often the receiver makes data durable and records it (resume granularity).
     #[arg(long, value_name = "SECS", default_value_t = 2.0, hide = true)]
     checkpoint_secs: f64,
@@ -885,7 +893,7 @@ fn migrate_with(
     }
     match a.mode {
         ModeArg::Block => migrate_block(a, &connector, control, signals, summary),
-        ModeArg::File => migrate_file(a, &connector, control, summary),
+        ModeArg::File => migrate_file(a, &connector, control, signals, summary),
     }
 }
 
@@ -898,6 +906,9 @@ fn migrate_block(
 ) -> anyhow::Result<()> {
     if a.disks.is_empty() {
         return Err(BadConfig("block mode needs at least one --disk SRC=NAME".into()).into());
+    }
+    if a.watch {
+        return Err(BadConfig("--watch is for file mode".into()).into());
     }
     let mut sources = Vec::new();
     for d in &a.disks {
@@ -1244,6 +1255,7 @@ fn migrate_file(
     a: &MigrateArgs,
     connector: &Connector,
     control: &Control,
+    signals: &Signals,
     summary: &mut Summary,
 ) -> anyhow::Result<()> {
     let Some(root) = &a.source_root else {
@@ -1287,11 +1299,26 @@ fn migrate_file(
         peer_timeout: Duration::from_secs(a.peer_timeout),
         ..transfer::file::SendOptions::default()
     };
+    if a.watch {
+        return crate::watch::run(root, opts, signals, |o| {
+            let label = if o.sync { "sync" } else { "copy" };
+            file_pass(connector, control, summary, o, label)
+        });
+    }
     let label = if a.sync { "sync" } else { "copy" };
+    file_pass(connector, control, summary, &opts, label)
+}
+
+/// One file pass with its progress line and its report.
+fn file_pass(
+    connector: &Connector,
+    control: &Control,
+    summary: &mut Summary,
+    opts: &transfer::file::SendOptions,
+    label: &str,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (r, counters) = with_progress(label, |p| {
-        transfer::file::send(connector, &opts, p, control)
-    });
+    let (r, counters) = with_progress(label, |p| transfer::file::send(connector, opts, p, control));
     let secs = started.elapsed().as_secs_f64();
     match r {
         Ok(r) => {

@@ -998,6 +998,23 @@ fn a_hostile_sender_changes_nothing_outside_the_root() {
             let _ = Message::Bye.write_to(&mut h.ctl.writer);
             let _ = h.ctl.flush();
         }),
+        // Journal deletions of names outside the root, directly and through a symlink.
+        Box::new(|h| {
+            h.ctl(&FileMsg::Gone {
+                id: 0,
+                path: rel_up.clone(),
+            });
+            h.ctl(&FileMsg::Gone {
+                id: 1,
+                path: sentinel_abs.clone(),
+            });
+            h.ctl(&entry(2, b"evil3", S_IFLNK, &out_abs));
+            h.ctl(&FileMsg::Gone {
+                id: 3,
+                path: b"evil3/sentinel".to_vec(),
+            });
+            h.ctl(&FileMsg::ListEnd);
+        }),
         // A directory named like the root's parent in a listing end.
         Box::new(|h| {
             h.ctl(&FileMsg::DirEnd {
@@ -2023,4 +2040,473 @@ fn a_full_target_filesystem_fails_the_pass_clearly_and_the_next_resumes() {
     assert_eq!(final_digest(&src), final_digest(&dst));
     assert!(temps(&dst).is_empty(), "{:?}", temps(&dst));
     drop(rx);
+}
+
+/// Held by every test that starts a journal: the overflow test lowers the kernel's queue
+/// limit for the groups created meanwhile, which must be its own only.
+fn journal_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A fresh ext4 filesystem on a loop device, mounted: the journal marks whole filesystems,
+/// and one of its own keeps the rest of the machine's activity out of the record.
+fn journal_fs(mib: u64) -> (sms_tests::LoopDisk, PathBuf) {
+    let mut disk = sms_tests::LoopDisk::new(mib);
+    let dev = disk.dev.clone();
+    sms_tests::run("mkfs.ext4", &["-q", "-F", dev.to_str().unwrap()]);
+    let mp = disk.mount(&dev, "src", None);
+    (disk, mp)
+}
+
+/// Entries below `s` that random changes may touch (never `lost+found`).
+fn touchable(s: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let (mut files, mut dirs) = (Vec::new(), vec![s.to_path_buf()]);
+    for (p, t) in entries(s) {
+        if p.starts_with(s.join("lost+found")) {
+            continue;
+        }
+        if t.is_dir() {
+            dirs.push(p);
+        } else {
+            files.push(p);
+        }
+    }
+    files.sort();
+    dirs.sort();
+    (files, dirs)
+}
+
+/// One random change below `s`: creates, writes, appends, truncations, renames of files and
+/// directories, deletions, modes, owners, xattrs, times, symlinks, FIFOs; hard links only
+/// with `links`.
+fn random_change(s: &Path, rng: &mut impl rand::Rng, n: u64, links: bool) {
+    use std::fs::OpenOptions;
+    let (files, dirs) = touchable(s);
+    let dir = dirs[rng.gen_range(0..dirs.len())].clone();
+    let file = (!files.is_empty()).then(|| files[rng.gen_range(0..files.len())].clone());
+    let regular = file
+        .clone()
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file()));
+    let op = rng.gen_range(0..17);
+    match (op, file, regular) {
+        (0 | 1, _, _) => write(
+            &dir.join(format!("new{n}")),
+            &noise(rng.gen_range(0..9000), n),
+        ),
+        (2, _, Some(f)) => write(&f, &noise(rng.gen_range(0..9000), n + 1)),
+        (3, _, Some(f)) => {
+            let mut h = OpenOptions::new().append(true).open(&f).unwrap();
+            h.write_all(&noise(100, n)).unwrap();
+        }
+        (4, _, Some(f)) => {
+            let h = OpenOptions::new().write(true).open(&f).unwrap();
+            h.set_len(rng.gen_range(0..50)).unwrap();
+        }
+        (5, Some(f), _) => {
+            let to = if rng.gen_bool(0.3) && !files.is_empty() {
+                // Over another file (a rename that replaces).
+                files[rng.gen_range(0..files.len())].clone()
+            } else {
+                dir.join(format!("moved{n}"))
+            };
+            if to != f && std::fs::symlink_metadata(&to).map_or(true, |m| !m.is_dir()) {
+                std::fs::rename(&f, &to).unwrap();
+            }
+        }
+        (6, _, _) if dir != s => {
+            let (_, dirs2) = touchable(s);
+            let to = dirs2[rng.gen_range(0..dirs2.len())].join(format!("mdir{n}"));
+            if !to.starts_with(&dir) {
+                std::fs::rename(&dir, &to).unwrap();
+            }
+        }
+        (7, Some(f), _) => std::fs::remove_file(&f).unwrap(),
+        (8, _, _) if dir != s && rng.gen_bool(0.3) => std::fs::remove_dir_all(&dir).unwrap(),
+        (9, _, Some(f)) => {
+            std::fs::set_permissions(&f, PermissionsExt::from_mode(rng.gen_range(0o400..0o777)))
+                .unwrap()
+        }
+        (10, _, _) if dir != s => std::os::unix::fs::chown(
+            &dir,
+            Some(rng.gen_range(0..3000)),
+            Some(rng.gen_range(0..3000)),
+        )
+        .unwrap(),
+        (11, _, Some(f)) => run(
+            "setfattr",
+            &[
+                "-n".as_ref(),
+                "user.j".as_ref(),
+                "-v".as_ref(),
+                format!("v{n}").as_ref(),
+                f.as_os_str(),
+            ],
+        ),
+        (12, _, _) => {
+            std::os::unix::fs::symlink(format!("target{n}"), dir.join(format!("sl{n}"))).unwrap()
+        }
+        (13, _, _) => write(&dir.join(format!("d{n}/sub/f")), &noise(500, n)),
+        (14, _, Some(f)) => set_times(&f, (1_600_000_000, n as i64), (1_500_000_000 + n as i64, 7)),
+        (15, _, _) => nix::unistd::mkfifo(
+            &dir.join(format!("fifo{n}")),
+            nix::sys::stat::Mode::from_bits_truncate(0o640),
+        )
+        .unwrap(),
+        (16, _, Some(f)) if links => std::fs::hard_link(&f, dir.join(format!("hl{n}"))).unwrap(),
+        _ => write(&dir.join(format!("other{n}")), b"x"),
+    }
+}
+
+/// A tree of `dirs` × `files` small files below `s`.
+fn small_tree(s: &Path, dirs: usize, files: usize) {
+    for d in 0..dirs {
+        for f in 0..files {
+            write(
+                &s.join(format!("d{d}/s{}/f{f}", d % 3)),
+                &noise(100 + f * 37, (d * 1000 + f) as u64),
+            );
+        }
+    }
+}
+
+/// Journal passes after random changes between and during passes leave the target identical
+/// to the source; a take after a pass that did not complete, and a pass after hard links
+/// were made, walk everything.
+#[test]
+fn journal_passes_follow_random_changes_exactly() {
+    use rand::SeedableRng;
+    use transfer::file::journal::{Journal, Scope};
+    let _serial = journal_lock();
+    let (_disk, s) = journal_fs(256);
+    small_tree(&s, 30, 20);
+    let j = Journal::start(std::slice::from_ref(&s)).unwrap();
+    let r = rig();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let pass = |scope: Scope, r: &Rig| -> SendReport {
+        let mut o = opts(&s, true);
+        if let Scope::Changes(c) = scope {
+            o.changes = Some(Arc::new(c));
+        }
+        let rep = r.send(&o);
+        j.completed();
+        rep
+    };
+    // The first pass walks everything: nothing is on the target yet.
+    let first = j.take();
+    assert!(
+        matches!(&first, Scope::Full(w) if w.contains("no pass")),
+        "{first:?}"
+    );
+    let full = pass(first, &r);
+    assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+    let (mut journal_passes, mut n) = (0, 0u64);
+    for round in 0..8 {
+        // Changes between passes, then changes during a pass, then a quiet pass.
+        for _ in 0..40 {
+            n += 1;
+            random_change(&s, &mut rng, n, round == 5);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let (s, stop) = (s.clone(), Arc::clone(&stop));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(round);
+            std::thread::spawn(move || {
+                let mut k = 1_000_000 * (round + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    k += 1;
+                    random_change(&s, &mut rng, k, false);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        // Taken while the tree keeps changing: renames of directories race with placing.
+        let scope = j.take();
+        if round == 5 {
+            assert!(
+                matches!(&scope, Scope::Full(w) if w.contains("hard links") || w.contains("moved")),
+                "{scope:?}"
+            );
+        }
+        if let Scope::Changes(c) = &scope {
+            journal_passes += 1;
+            eprintln!("round {round}: {} changed names", c.len());
+        }
+        let rep = pass(scope, &r);
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        let quiet = j.take();
+        let journal = matches!(quiet, Scope::Changes(_));
+        let rep2 = pass(quiet, &r);
+        assert_eq!(
+            rsync_diff_checksum(&s, &r.root, &["/lost+found"]),
+            "",
+            "round {round} (journal pass: {journal}): {rep:?} {rep2:?}"
+        );
+        assert!(temps(&r.root).is_empty());
+        if journal {
+            journal_passes += 1;
+        }
+        // Visiting what changed lists no more than walking everything would.
+        assert!(rep.entries <= full.entries * 2 && rep2.entries <= full.entries * 2);
+    }
+    // Of 16 passes, those after hard links were made and those racing a directory move walk
+    // everything; most visit only what changed.
+    assert!(journal_passes >= 8, "{journal_passes} journal passes");
+    // Writes through a shared mapping raise no event while it stays: the take finds the
+    // mapping and the pass sends the file.
+    write(&s.join("mapped.db"), &noise(8192, 3));
+    assert!(matches!(j.take(), Scope::Changes(_)));
+    j.completed();
+    let mut py = Command::new("python3")
+        .args([
+            "-c",
+            "import mmap,sys,time\nf=open(sys.argv[1],'r+b')\nm=mmap.mmap(f.fileno(),0)\nf.close()\nm[0:5]=b'MMAP!'\nprint('written',flush=True)\ntime.sleep(60)",
+        ])
+        .arg(s.join("mapped.db"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 8];
+    py.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"written\n");
+    let scope = j.take();
+    let Scope::Changes(c) = &scope else {
+        panic!("{scope:?}")
+    };
+    assert!(
+        c.roots[0].1.dirs[&b""[..]]
+            .names
+            .contains_key(&b"mapped.db"[..]),
+        "{c:?}"
+    );
+    pass(scope, &r);
+    py.kill().unwrap();
+    py.wait().unwrap();
+    assert_eq!(
+        &std::fs::read(r.root.join("mapped.db")).unwrap()[..5],
+        b"MMAP!"
+    );
+    assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+    // A take whose pass never completed: the next one walks everything.
+    write(&s.join("after"), b"x");
+    assert!(matches!(j.take(), Scope::Changes(_)));
+    let again = j.take();
+    assert!(
+        matches!(&again, Scope::Full(w) if w.contains("did not complete")),
+        "{again:?}"
+    );
+    pass(again, &r);
+    assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+}
+
+/// A flood of events past a tiny kernel queue: the take says the queue overflowed, the pass
+/// walks everything, and the target is still identical.
+#[test]
+fn a_journal_overflow_falls_back_to_the_full_walk_and_stays_exact() {
+    use transfer::file::journal::{Journal, Scope};
+    const KNOB: &str = "/proc/sys/fs/fanotify/max_queued_events";
+    let _serial = journal_lock();
+    let (_disk, s) = journal_fs(128);
+    small_tree(&s, 5, 10);
+    // A group takes the queue limit when it is created: a tiny one for this journal only.
+    let old = std::fs::read_to_string(KNOB).unwrap();
+    std::fs::write(KNOB, "32").unwrap();
+    let j = Journal::start(std::slice::from_ref(&s));
+    std::fs::write(KNOB, old.trim()).unwrap();
+    let j = j.unwrap();
+    let r = rig();
+    let mut o = opts(&s, true);
+    assert!(matches!(j.take(), Scope::Full(_)));
+    r.send(&o);
+    j.completed();
+    let mut overflowed = false;
+    for attempt in 0..5 {
+        for i in 0..4_000 {
+            write(&s.join(format!("d{}/flood{attempt}-{i}", i % 5)), b"f");
+        }
+        std::fs::remove_file(s.join("d1/s1/f3")).ok();
+        match j.take() {
+            Scope::Full(why) => {
+                assert!(why.contains("overflow"), "{why}");
+                o.changes = None;
+                overflowed = true;
+            }
+            Scope::Changes(c) => o.changes = Some(Arc::new(c)),
+        }
+        r.send(&o);
+        j.completed();
+        assert_eq!(rsync_diff_checksum(&s, &r.root, &["/lost+found"]), "");
+        if overflowed {
+            break;
+        }
+    }
+    assert!(
+        overflowed,
+        "4,000 creates never overflowed a queue of 32 events"
+    );
+}
+
+/// `migrate --mode file --sync --watch`: the process holds the journal from before its first
+/// pass; each SIGUSR1 runs a sync that visits what changed (and says so), one after hard
+/// links were made walks everything (and says why), and SIGTERM between passes ends it with
+/// exit status 0. After every pass the target equals the source.
+#[test]
+fn migrate_watch_syncs_what_changed_at_each_sigusr1() {
+    use rand::SeedableRng;
+    let _serial = journal_lock();
+    let kit = Kit::new();
+    let (_disk, s) = journal_fs(256);
+    small_tree(&s, 20, 20);
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let rx = Receiver::root(&kit, &dst);
+    let log = kit.dir.path().join("watch.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut tx = migrate_file(&kit, &rx.addr, &s, &["--sync", "--watch"])
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap();
+    let passes = || text().matches("sync complete").count();
+    wait_for("the first pass", 60, || text().contains("watching"));
+    assert_eq!(passes(), 1, "{}", text());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let pid = nix::unistd::Pid::from_raw(tx.id() as i32);
+    for (round, links) in [(0, false), (1, true), (2, false)] {
+        if round == 2 {
+            // One name again: the journal vouches for the pass once more.
+            std::fs::remove_file(s.join("a-hard-link")).unwrap();
+        }
+        for n in 0..60 {
+            random_change(&s, &mut rng, round * 1000 + n, false);
+        }
+        if links {
+            let (files, _) = touchable(&s);
+            let f = files.iter().find(|f| f.is_file()).unwrap();
+            std::fs::hard_link(f, s.join("a-hard-link")).unwrap();
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+        wait_for("a sync pass", 60, || passes() == round as usize + 2);
+        // A journal pass lists far fewer entries than the first pass's walk of everything.
+        let listed: Vec<u64> = text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("sync complete: "))
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        if !links {
+            assert!(listed[listed.len() - 1] < listed[0] / 2, "{listed:?}");
+        }
+        assert_eq!(
+            rsync_diff_checksum(&s, &dst, &["/lost+found"]),
+            "",
+            "{}",
+            text()
+        );
+    }
+    let t = text();
+    assert_eq!(t.matches("the journal names").count(), 2, "{t}");
+    assert!(
+        t.contains("walking everything: a changed file has 2 hard links"),
+        "{t}"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = tx.wait().unwrap();
+    assert!(st.success(), "{st:?}: {}", text());
+}
+
+/// The daemon holds a file task's change journal from its first pass: a SYNC visits only what
+/// changed (its log says so), a SYNC after hard links were made walks everything (and says
+/// why), and after each the target equals the source.
+#[test]
+fn the_daemon_syncs_a_file_task_through_its_change_journal() {
+    use serde_json::json;
+    use sms_tests::procs::{Agent, Emulator, AK, SK};
+    let _serial = journal_lock();
+    let kit = Kit::new();
+    let (_disk, src) = journal_fs(256);
+    small_tree(&src, 10, 20);
+    let dst = kit.dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emu = Emulator::start();
+    let agent = Agent::start_with(
+        &emu.url(),
+        &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
+        &format!("[transfer]\nport = {port}\nstreams = 2\n"),
+        &[],
+    );
+    let id = emu.source_id(&agent);
+    let (st, task) = emu.operator(
+        "POST",
+        "/v3/tasks",
+        Some(json!({"name": "fj", "type": "MIGRATE_FILE", "os_type": "LINUX", "source_server": {"id": id},
+            "migration_ip": "127.0.0.1",
+            "target_server": {"disks": [{"name": "vda", "size": 1u64 << 30,
+                "physical_volumes": [{"name": "vda1", "mount_point": src.display().to_string(), "file_system": "ext4"}]}]}})),
+    );
+    assert_eq!(st, 200, "{task}");
+    let tid = task["id"].as_str().unwrap().to_string();
+    emu.save_target_certs(
+        &tid,
+        &kit.p("c/ca.pem"),
+        &kit.p("c/target.pem"),
+        &kit.p("c/target-key.pem"),
+    );
+    let _rx = Receiver::start(
+        &kit,
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--root".into(),
+            dst.display().to_string(),
+        ],
+    );
+    let start = || {
+        emu.operator(
+            "POST",
+            &format!("/v3/tasks/{tid}/action"),
+            Some(json!({ "operation": "start" })),
+        )
+    };
+    start();
+    emu.wait_task(&tid, "MIGRATE_SUCCESS", 120);
+    let on_target = dst.join(src.strip_prefix("/").unwrap());
+    assert_eq!(rsync_diff_checksum(&src, &on_target, &["/lost+found"]), "");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    use rand::SeedableRng;
+    for (round, links) in [(0u64, false), (1, true)] {
+        for n in 0..50 {
+            random_change(&src, &mut rng, round * 1000 + n, false);
+        }
+        if links {
+            let (files, _) = touchable(&src);
+            let f = files.iter().find(|f| f.is_file()).unwrap();
+            std::fs::hard_link(f, src.join("a-hard-link")).unwrap();
+        }
+        let want = if links {
+            "the file sync walks everything"
+        } else {
+            "the file sync visits what the change journal names"
+        };
+        let count = |what: &str| agent.log().matches(what).count();
+        let (passes, wanted) = (count("pass complete"), count(want));
+        start();
+        wait_for("the sync pass", 120, || {
+            count("pass complete") > passes && count(want) > wanted
+        });
+        emu.wait_task(&tid, "SYNC_SUCCESS", 120);
+        assert_eq!(
+            rsync_diff_checksum(&src, &on_target, &["/lost+found"]),
+            "",
+            "round {round}"
+        );
+    }
+    assert!(agent.log().contains("hard links"), "{}", agent.log());
 }

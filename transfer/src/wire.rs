@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 /// Frame magic.
 pub const MAGIC: &[u8; 4] = b"SMSW";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest chunk of disk or file data in one frame. Big enough to keep a fast link busy with a

@@ -79,6 +79,8 @@ pub struct FileJob {
     pub check: Option<CheckOptions>,
     /// Used bytes of the migrated filesystems: the progress total until the walk knows better.
     pub used_bytes: u64,
+    /// The change journal whose take this pass covers, told when the pass completes.
+    pub journal: Option<Arc<transfer::file::journal::Journal>>,
 }
 
 /// A pass in flight.
@@ -194,6 +196,9 @@ impl Runner {
                 Ok(r) => r,
                 Err(e) => return e.into(),
             };
+            if let Some(j) = &job.journal {
+                j.completed();
+            }
             let mut sum = Summary {
                 bytes_read: r.bytes_plain,
                 wire_sent: r.bytes_sent,

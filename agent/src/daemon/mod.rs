@@ -4,13 +4,14 @@
 //! The [`Daemon`] is one type whose work is spread over modules by job: `register` (who we
 //! are to SMS), `commands` (what SMS asks), `task` (a task's passes and their end),
 //! `material` (what a pass needs from SMS), `plan` (which disks or filesystems a pass moves),
-//! `report` (what SMS hears of a task), `reprobe` (disk changes) and `activity` (what the
-//! daemon is doing with its task right now).
+//! `report` (what SMS hears of a task), `reprobe` (disk changes), `fjournal` (a file task's
+//! change journal) and `activity` (what the daemon is doing with its task right now).
 
 mod activity;
 mod cbt;
 mod commands;
 pub mod engine;
+mod fjournal;
 mod log_transfer;
 mod logs_cmd;
 mod material;
@@ -69,6 +70,8 @@ pub struct Daemon {
     /// What `GET /v3/config` said at start-up (`register.rs`); `obs_domain` is for a later
     /// log upload.
     service_config: crate::api::models::ServiceConfig,
+    /// The file task's change journal.
+    journal: fjournal::Holder,
     /// What UPLOAD_LOG / RSET_LOG_ACL need of the configuration.
     log_upload: crate::logs::upload::Settings,
     /// The log command under way (`logs_cmd.rs`).
@@ -119,6 +122,7 @@ impl Daemon {
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
+            journal: fjournal::Holder::default(),
             log_upload: crate::logs::upload_settings(cfg),
             log_commands: logs_cmd::LogCommands::default(),
             log_transfer: cfg.log_transfer.clone(),

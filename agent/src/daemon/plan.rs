@@ -165,9 +165,11 @@ pub(super) async fn file(
             hash_mode: false,
             task_id: task.id.clone(),
             peer_timeout: transfer::session::PEER_TIMEOUT,
+            changes: None,
         },
         check,
         used_bytes,
+        journal: None,
     })
 }
 

@@ -202,7 +202,9 @@ impl Daemon {
             }
             "MIGRATE_FILE" => {
                 let skip = self.state.task.as_ref().is_some_and(|t| t.skip_consistency);
-                let job = plan::file(task, sync, skip, &material.settings, &self.transfer).await?;
+                let mut job =
+                    plan::file(task, sync, skip, &material.settings, &self.transfer).await?;
+                self.journal.prepare(&task.id, &mut job);
                 Ok(Runner::start_file(connector, pass, job, sched))
             }
             other => {

@@ -15,12 +15,14 @@
 //! the source is deleted. [`consistency`] runs the same listing in check mode, changing nothing.
 //!
 //! Modules: [`proto`] messages, [`path`] path checks and excludes, [`walk`] the source walk,
-//! [`meta`] metadata capture and apply, [`dirs`] the descriptor cache, [`recv`] the target,
-//! [`send`] the source, `reap` the deletions, `squeeze` when compression pays, `sys` the few
+//! [`journal`] the change journal (what a sync visits instead of everything), [`meta`]
+//! metadata capture and apply, [`dirs`] the descriptor cache, [`recv`] the target, [`send`]
+//! the source, `reap` the deletions, `squeeze` when compression pays, `sys` the few
 //! unsafe syscalls.
 
 pub(crate) mod direct;
 pub mod dirs;
+pub mod journal;
 pub mod layout;
 pub mod meta;
 pub mod path;

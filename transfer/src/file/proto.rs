@@ -1,7 +1,7 @@
 //! The messages of file mode (wire types 64–127) and their bounded encoding.
 //!
 //! Streams: the control stream carries the source's listing (`Plan`, `Entry`, `Link`, `DirEnd`,
-//! `ListEnd`), the target's answers (`Need`, `Processed`, `Verdict`, `Extra`, `ListDone`) and the
+//! `Gone`, `ListEnd`), the target's answers (`Need`, `Processed`, `Verdict`, `Extra`, `ListDone`) and the
 //! final phase (`Finish`, `Link`, `Times`, then the common `Checkpoint`/`Ack`); each data stream
 //! carries whole files (`File`, then `Data`/`Copy` and `End` or `Abandon`) and ends with
 //! `StreamEnd`. Paths are relative byte strings (not necessarily UTF-8); every length is capped
@@ -36,6 +36,7 @@ mod kind {
     pub const LIST_END: u8 = 68;
     pub const FINISH: u8 = 69;
     pub const TIMES: u8 = 70;
+    pub const GONE: u8 = 71;
     pub const NEED: u8 = 80;
     pub const PROCESSED: u8 = 81;
     pub const LIST_DONE: u8 = 82;
@@ -173,6 +174,14 @@ pub enum FileMsg {
         /// Sequence number (shares the `Entry` sequence).
         id: u64,
         /// The directory.
+        path: Vec<u8>,
+    },
+    /// Journal pass: `path` changed and no longer exists on the source; the target deletes it
+    /// (with everything below it) when the plan deletes.
+    Gone {
+        /// Sequence number (shares the `Entry` sequence).
+        id: u64,
+        /// The name that vanished.
         path: Vec<u8>,
     },
     /// The listing is complete.
@@ -409,6 +418,7 @@ impl FileMsg {
             FileMsg::Entry { .. } => kind::ENTRY,
             FileMsg::Link { .. } => kind::LINK,
             FileMsg::DirEnd { .. } => kind::DIR_END,
+            FileMsg::Gone { .. } => kind::GONE,
             FileMsg::ListEnd => kind::LIST_END,
             FileMsg::Finish => kind::FINISH,
             FileMsg::Times { .. } => kind::TIMES,
@@ -435,6 +445,7 @@ impl FileMsg {
             FileMsg::Entry { .. } => "Entry",
             FileMsg::Link { .. } => "Link",
             FileMsg::DirEnd { .. } => "DirEnd",
+            FileMsg::Gone { .. } => "Gone",
             FileMsg::ListEnd => "ListEnd",
             FileMsg::Finish => "Finish",
             FileMsg::Times { .. } => "Times",
@@ -499,7 +510,7 @@ impl FileMsg {
                 put_bytes(&mut p, "path", path, MAX_PATH)?;
                 put_bytes(&mut p, "link target", target, MAX_PATH)?;
             }
-            FileMsg::DirEnd { id, path } => {
+            FileMsg::DirEnd { id, path } | FileMsg::Gone { id, path } => {
                 p.extend_from_slice(&id.to_be_bytes());
                 put_bytes(&mut p, "path", path, MAX_PATH)?;
             }
@@ -600,6 +611,10 @@ impl FileMsg {
                 target: get_bytes(&mut r, "link target", MAX_PATH)?,
             },
             kind::DIR_END => FileMsg::DirEnd {
+                id: r.u64("id")?,
+                path: get_bytes(&mut r, "path", MAX_PATH)?,
+            },
+            kind::GONE => FileMsg::Gone {
                 id: r.u64("id")?,
                 path: get_bytes(&mut r, "path", MAX_PATH)?,
             },
@@ -1006,6 +1021,10 @@ mod tests {
             FileMsg::DirEnd {
                 id: 3,
                 path: b"usr".to_vec(),
+            },
+            FileMsg::Gone {
+                id: 4,
+                path: b"usr/old".to_vec(),
             },
             FileMsg::ListEnd,
             FileMsg::Finish,

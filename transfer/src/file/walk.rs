@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::FileStat;
 
+use super::journal::RootChanges;
 use super::meta;
 use super::path::{join, Excludes};
 use super::proto::{Meta, MAX_PATH, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
@@ -60,6 +61,11 @@ pub enum Item<'a> {
         rel: &'a [u8],
         /// The first name (target-relative).
         target: &'a [u8],
+    },
+    /// A changed name that no longer exists (journal pass): the target deletes it.
+    Gone {
+        /// The name (target-relative).
+        rel: &'a [u8],
     },
     /// A directory's listing is complete.
     DirEnd {
@@ -227,94 +233,9 @@ where
             if (self.opts.cancelled)() {
                 return Ok(());
             }
-            let crel = join(rel, &name);
-            if self.opts.excludes.matches(&crel) {
-                continue;
+            if let Some(sub) = self.child(root, fd, dev, src_rel, rel, &name, false)? {
+                subdirs.push((name, sub));
             }
-            if crel.len() > MAX_PATH {
-                self.note(format!(
-                    "path longer than {MAX_PATH} bytes skipped: {}",
-                    String::from_utf8_lossy(&crel[..64])
-                ));
-                continue;
-            }
-            let csrc = join(src_rel, &name);
-            let st = match nix::sys::stat::fstatat(
-                Some(fd.as_raw_fd()),
-                std::ffi::OsStr::from_bytes(&name),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) {
-                Ok(st) => st,
-                Err(nix::errno::Errno::ENOENT) => continue,
-                Err(e) => {
-                    self.note(format!(
-                        "cannot stat {}: {e}",
-                        String::from_utf8_lossy(&crel)
-                    ));
-                    continue;
-                }
-            };
-            let kind = st.st_mode & S_IFMT;
-            if kind == S_IFREG && st.st_nlink > 1 && !self.opts.links_as_entries {
-                if let Some(first) = self.links.get(&dev_ino(&st)) {
-                    let first = first.clone();
-                    self.entries += 1;
-                    (self.sink)(Item::Link {
-                        rel: &crel,
-                        target: &first,
-                    })?;
-                    continue;
-                }
-            }
-            let mut m = meta::from_stat(&st);
-            match std::ffi::CString::new(name.as_slice()) {
-                Ok(c) => {
-                    let at = Node::At(fd.as_fd(), &c);
-                    m.xattrs = self.xattrs(at, &String::from_utf8_lossy(&crel));
-                }
-                Err(e) => self.note(format!("{}: {e}", String::from_utf8_lossy(&crel))),
-            }
-            let mut target = Vec::new();
-            let mut hash = None;
-            let mut linked = false;
-            match kind {
-                S_IFDIR if st.st_dev == dev => subdirs.push((name.clone(), dev_ino(&st))),
-                S_IFLNK => {
-                    match nix::fcntl::readlinkat(
-                        Some(fd.as_raw_fd()),
-                        std::ffi::OsStr::from_bytes(&name),
-                    ) {
-                        Ok(t) => target = t.as_bytes().to_vec(),
-                        Err(e) => {
-                            self.note(format!(
-                                "cannot read link {}: {e}",
-                                String::from_utf8_lossy(&crel)
-                            ));
-                            continue;
-                        }
-                    }
-                }
-                S_IFREG => {
-                    if st.st_nlink > 1 && !self.opts.links_as_entries {
-                        self.links.insert(dev_ino(&st), crel.clone());
-                        linked = true;
-                    }
-                    if self.opts.hash {
-                        match hash_file(fd, &name) {
-                            Ok(h) => hash = Some(h),
-                            Err(e) => {
-                                self.note(format!(
-                                    "cannot read {}: {e}",
-                                    String::from_utf8_lossy(&crel)
-                                ));
-                                continue;
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-            self.emit_entry(root, &csrc, &crel, m, target, linked, hash, &st)?;
         }
         self.entries += 1;
         (self.sink)(Item::DirEnd { rel })?;
@@ -345,6 +266,221 @@ where
             self.dir(root, &sub, dev, &join(src_rel, &name), &join(rel, &name))?;
         }
         Ok(())
+    }
+
+    /// Walks only what changed below root `index` since the last pass (a journal pass): each
+    /// changed directory's own entry, its changed names (a name that no longer exists as
+    /// [`Item::Gone`]), and whole every directory created or moved in. Directories are taken
+    /// parents first, so a new directory exists on the target before anything below it.
+    pub fn walk_changes(
+        &mut self,
+        index: usize,
+        root: &Root,
+        changes: &RootChanges,
+    ) -> Result<(), FileError> {
+        let src_err = |e: std::io::Error| FileError::Source {
+            path: root.src.display().to_string(),
+            source: e,
+        };
+        let rfd = sys::open(&root.src, OFlag::O_RDONLY | OFlag::O_DIRECTORY).map_err(src_err)?;
+        let rst = nix::sys::stat::fstat(rfd.as_raw_fd()).map_err(|e| src_err(e.into()))?;
+        let dev = rst.st_dev;
+        // An event names one name of an inode; the journal sends a pass with several names of
+        // a changed file to the full walk, so any met here changed after it looked.
+        let links_as_entries = std::mem::replace(&mut self.opts.links_as_entries, true);
+        // Directories walked whole: nothing below them is visited again.
+        let mut whole: Vec<Vec<u8>> = Vec::new();
+        let below = |whole: &[Vec<u8>], p: &[u8]| {
+            whole.iter().any(|w| {
+                w.is_empty()
+                    || (p.starts_with(w) && p.get(w.len()) == Some(&b'/'))
+                    || p == w.as_slice()
+            })
+        };
+        let mut res = Ok(());
+        for (dir_src, ch) in &changes.dirs {
+            if (self.opts.cancelled)() {
+                break;
+            }
+            if below(&whole, dir_src) {
+                continue;
+            }
+            let rel = join(&root.rel, dir_src);
+            if !dir_src.is_empty() && self.opts.excludes.matches(&rel) {
+                continue;
+            }
+            // Gone since the take (its removal is an event for the next pass) or replaced.
+            let Ok(dfd) = super::journal::open_rel(rfd.as_fd(), dev, dir_src) else {
+                continue;
+            };
+            let Ok(st) = nix::sys::stat::fstat(dfd.as_raw_fd()) else {
+                continue;
+            };
+            let mut m = meta::from_stat(&st);
+            m.xattrs = self.xattrs(Node::Fd(dfd.as_fd()), &String::from_utf8_lossy(&rel));
+            let src_rel = dir_src.as_slice();
+            if let Err(e) = self.emit_entry(index, src_rel, &rel, m, Vec::new(), false, None, &st) {
+                res = Err(e);
+                break;
+            }
+            if ch.all {
+                whole.push(dir_src.clone());
+                if let Err(e) = self.dir(index, &dfd, dev, src_rel, &rel) {
+                    res = Err(e);
+                    break;
+                }
+                continue;
+            }
+            for (name, fresh) in &ch.names {
+                if (self.opts.cancelled)() {
+                    break;
+                }
+                let sub = match self.child(index, &dfd, dev, src_rel, &rel, name, true) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                };
+                let (Some(id), true) = (sub, *fresh) else {
+                    continue;
+                };
+                let csrc = join(src_rel, name);
+                whole.push(csrc.clone());
+                let Ok(sfd) = sys::openat(
+                    dfd.as_fd(),
+                    name,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+                    0,
+                ) else {
+                    continue;
+                };
+                match nix::sys::stat::fstat(sfd.as_raw_fd()) {
+                    Ok(st) if dev_ino(&st) == id => {}
+                    _ => continue,
+                }
+                if let Err(e) = self.dir(index, &sfd, dev, &csrc, &join(&rel, name)) {
+                    res = Err(e);
+                    break;
+                }
+            }
+            if res.is_err() {
+                break;
+            }
+        }
+        self.opts.links_as_entries = links_as_entries;
+        res
+    }
+
+    /// Lists entry `name` of directory `fd` (`src_rel`/`rel`); returns its device and inode
+    /// when it is a directory to descend into. With `gone`, a name that no longer exists is
+    /// listed as [`Item::Gone`].
+    #[allow(clippy::too_many_arguments)]
+    fn child(
+        &mut self,
+        root: usize,
+        fd: &OwnedFd,
+        dev: u64,
+        src_rel: &[u8],
+        rel: &[u8],
+        name: &[u8],
+        gone: bool,
+    ) -> Result<Option<(u64, u64)>, FileError> {
+        let crel = join(rel, name);
+        if self.opts.excludes.matches(&crel) {
+            return Ok(None);
+        }
+        if crel.len() > MAX_PATH {
+            self.note(format!(
+                "path longer than {MAX_PATH} bytes skipped: {}",
+                String::from_utf8_lossy(&crel[..64])
+            ));
+            return Ok(None);
+        }
+        let csrc = join(src_rel, name);
+        let st = match nix::sys::stat::fstatat(
+            Some(fd.as_raw_fd()),
+            std::ffi::OsStr::from_bytes(name),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) => st,
+            Err(nix::errno::Errno::ENOENT) if gone => {
+                self.entries += 1;
+                (self.sink)(Item::Gone { rel: &crel })?;
+                return Ok(None);
+            }
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => {
+                self.note(format!(
+                    "cannot stat {}: {e}",
+                    String::from_utf8_lossy(&crel)
+                ));
+                return Ok(None);
+            }
+        };
+        let kind = st.st_mode & S_IFMT;
+        if kind == S_IFREG && st.st_nlink > 1 && !self.opts.links_as_entries {
+            if let Some(first) = self.links.get(&dev_ino(&st)) {
+                let first = first.clone();
+                self.entries += 1;
+                (self.sink)(Item::Link {
+                    rel: &crel,
+                    target: &first,
+                })?;
+                return Ok(None);
+            }
+        }
+        let mut m = meta::from_stat(&st);
+        match std::ffi::CString::new(name) {
+            Ok(c) => {
+                let at = Node::At(fd.as_fd(), &c);
+                m.xattrs = self.xattrs(at, &String::from_utf8_lossy(&crel));
+            }
+            Err(e) => self.note(format!("{}: {e}", String::from_utf8_lossy(&crel))),
+        }
+        let mut target = Vec::new();
+        let mut hash = None;
+        let mut linked = false;
+        let mut sub = None;
+        match kind {
+            S_IFDIR if st.st_dev == dev => sub = Some(dev_ino(&st)),
+            S_IFLNK => {
+                match nix::fcntl::readlinkat(
+                    Some(fd.as_raw_fd()),
+                    std::ffi::OsStr::from_bytes(name),
+                ) {
+                    Ok(t) => target = t.as_bytes().to_vec(),
+                    Err(e) => {
+                        self.note(format!(
+                            "cannot read link {}: {e}",
+                            String::from_utf8_lossy(&crel)
+                        ));
+                        return Ok(None);
+                    }
+                }
+            }
+            S_IFREG => {
+                if st.st_nlink > 1 && !self.opts.links_as_entries {
+                    self.links.insert(dev_ino(&st), crel.clone());
+                    linked = true;
+                }
+                if self.opts.hash {
+                    match hash_file(fd, name) {
+                        Ok(h) => hash = Some(h),
+                        Err(e) => {
+                            self.note(format!(
+                                "cannot read {}: {e}",
+                                String::from_utf8_lossy(&crel)
+                            ));
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.emit_entry(root, &csrc, &crel, m, target, linked, hash, &st)?;
+        Ok(sub)
     }
 }
 

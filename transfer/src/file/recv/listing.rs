@@ -615,6 +615,41 @@ impl Ctl {
         Ok(())
     }
 
+    /// Journal pass: a changed name the source no longer has is deleted, with everything
+    /// below it (unless excluded, like any deletion).
+    pub(super) fn gone(&mut self, id: u64, path: &[u8]) -> Result<(), FileError> {
+        self.last_id = id;
+        let (_, name) = split(path).map_err(|e| FileError::path(path, e))?;
+        if self.pass != PassKind::Copy || !self.delete {
+            return Err(FileError::Protocol(format!(
+                "deletion of {} in a pass that does not delete",
+                lossy(path)
+            )));
+        }
+        if self.excludes.matches(path) {
+            return Ok(());
+        }
+        let dir = parent(path);
+        let dfd = match self.cache.open(dir) {
+            Ok(fd) => fd,
+            // Nothing below a missing directory to delete.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(FileError::target(dir, e)),
+        };
+        if let Some(pn) = partial_of(name) {
+            unlink_quietly(dfd.as_fd(), &pn);
+        }
+        if stat_at(dfd.as_fd(), name)
+            .map_err(|e| FileError::target(path, e))?
+            .is_some()
+        {
+            self.cache.forget(path);
+            self.reaper
+                .delete(Arc::clone(&dfd), name.to_vec(), path.to_vec());
+        }
+        Ok(())
+    }
+
     /// Final phase: makes `path` another name of `target`.
     pub(super) fn make_link(&mut self, path: &[u8], target: &[u8]) -> Result<(), FileError> {
         let (_, tname) = split(target).map_err(|e| FileError::path(target, e))?;

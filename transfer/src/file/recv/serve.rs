@@ -183,6 +183,10 @@ impl PassServer<'_> {
                     ctl.dir_end(id, &path)?;
                     ctl.tick()?;
                 }
+                Any::File(FileMsg::Gone { id, path }) => {
+                    ctl.gone(id, &path)?;
+                    ctl.tick()?;
+                }
                 Any::File(FileMsg::ListEnd) => {
                     let upto = ctl.last_id;
                     ctl.send(&FileMsg::Processed { upto })?;

@@ -90,7 +90,10 @@ impl<'a> Lister<'a> {
                 }
                 let start = lister.borrow_mut().start_root(i);
                 lock(&shared.starts).push(start);
-                res = walker.walk(i, r);
+                res = match pass.changes.and_then(|c| c.root(&r.src)) {
+                    Some(rc) => walker.walk_changes(i, r, rc),
+                    None => walker.walk(i, r),
+                };
                 if res.is_err() {
                     break;
                 }
@@ -169,6 +172,10 @@ impl<'a> Lister<'a> {
                     target: target.to_vec(),
                 }
             }
+            Item::Gone { rel } => FileMsg::Gone {
+                id: self.take_id(),
+                path: rel.to_vec(),
+            },
             Item::DirEnd { rel } => FileMsg::DirEnd {
                 id: self.take_id(),
                 path: rel.to_vec(),

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use nix::fcntl::OFlag;
 
+use super::journal::Changes;
 use super::path::{join, Excludes, DEFAULT_EXCLUDES};
 use super::proto::{Compare, FileMsg, Meta, PassKind, SUM_LEN};
 use super::squeeze::Squeeze;
@@ -88,6 +89,9 @@ pub struct SendOptions {
     /// How long the target may stay silent or take no data on any stream (zero:
     /// [`crate::session::PEER_TIMEOUT`]).
     pub peer_timeout: Duration,
+    /// Journal pass (with `sync`): visit only these changes in the roots they cover (a root
+    /// they do not cover is walked whole). `None`: walk everything.
+    pub changes: Option<Arc<Changes>>,
 }
 
 /// What a pass did.
@@ -372,6 +376,7 @@ pub fn send(
             Compare::Quick
         },
         delete: opts.sync,
+        changes: opts.changes.as_deref().filter(|_| opts.sync),
         streams: opts.streams,
         timeout: crate::session::peer_timeout(opts.peer_timeout),
         layout: opts.layout.as_ref(),
@@ -431,6 +436,7 @@ pub fn consistency(
             Compare::Quick
         },
         delete: false,
+        changes: None,
         streams: 1,
         timeout: crate::session::peer_timeout(opts.peer_timeout),
         layout: None,
@@ -454,6 +460,8 @@ struct Pass<'a> {
     kind: PassKind,
     compare: Compare,
     delete: bool,
+    /// Journal pass: what changed.
+    changes: Option<&'a Changes>,
     streams: u16,
     /// Peer timeout of every stream.
     timeout: Duration,
