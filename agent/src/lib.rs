@@ -7,5 +7,6 @@ pub mod config;
 pub mod daemon;
 pub mod fileplan;
 pub mod freeze;
+pub mod netcheck;
 pub mod standalone;
 pub mod target_tls;
