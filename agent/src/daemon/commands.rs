@@ -67,6 +67,8 @@ impl Daemon {
             "STOP" => self.stop().await,
             "DELETE" => self.delete().await,
             "SKIP" => self.skip(),
+            // The operator's `network_check` action (§5.4.7 line 12922); daemon/netcheck.rs.
+            "NETWORK_CHECK" => self.network_check(&task_id).await,
             // Log bundles go to the operator's OBS bucket, which needs an OBS client this build
             // does not have; say so rather than claim success. §6.1 SMS.0503 "Log upload
             // failed. Cause: %s" (line 24923), the agent's own upload.

@@ -11,6 +11,7 @@ mod activity;
 mod commands;
 pub mod engine;
 mod material;
+mod netcheck;
 mod plan;
 mod register;
 mod report;
