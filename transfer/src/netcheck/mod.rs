@@ -88,3 +88,82 @@ pub fn delay_phase(total: Duration) -> Duration {
 pub fn warmup(rtt: Duration, phase: Duration) -> Duration {
     (rtt * 15).max(Duration::from_secs(1)).min(phase / 2)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::session::{Connector, Listener};
+    use crate::tls::{client_config, server_config, Identity};
+    use std::sync::atomic::AtomicBool;
+
+    /// A listener serving check sessions on loopback, and a connector to it.
+    fn rig(dir: &std::path::Path) -> Connector {
+        crate::certs::generate(dir, &[]).unwrap();
+        let r = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+        let ca = r("ca.pem");
+        let id = |c: &str, k: &str| Identity::from_pem(&r(c), &r(k), None).unwrap();
+        let l = Listener::bind(
+            "127.0.0.1:0",
+            server_config(id("target.pem", "target-key.pem"), &ca).unwrap(),
+        )
+        .unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            l.serve(|inc, _guard| {
+                assert_eq!(inc.mode, crate::wire::Mode::Check);
+                serve::serve(inc, Duration::from_secs(30)).unwrap();
+                false
+            })
+        });
+        Connector {
+            addr,
+            tls: client_config(id("source.pem", "source-key.pem"), &ca).unwrap(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_check_over_loopback_measures_every_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = rig(dir.path());
+        let opts = CheckOptions {
+            task_id: "t".into(),
+            streams: 2,
+            duration: Duration::from_secs(4),
+        };
+        let r = run(&c, &opts, &AtomicBool::new(false)).unwrap();
+        assert!(r.echoes_sent >= 10, "{r:?}");
+        assert!(r.delay_ms > 0.0 && r.delay_min_ms <= r.delay_ms, "{r:?}");
+        assert!(r.bandwidth_mbps > 0.0 && r.bytes > 0, "{r:?}");
+        assert!(r.measured_secs > 0.0 && r.warmup_secs >= 1.0, "{r:?}");
+        assert_eq!(r.streams, 2);
+        assert!(r.retrans_pct.is_some(), "{r:?}");
+    }
+
+    #[test]
+    fn out_of_range_options_are_refused_before_connecting() {
+        let c = Connector {
+            addr: "127.0.0.1:9".into(),
+            tls: {
+                let dir = tempfile::tempdir().unwrap();
+                crate::certs::generate(dir.path(), &[]).unwrap();
+                let r = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+                let id = Identity::from_pem(&r("source.pem"), &r("source-key.pem"), None).unwrap();
+                client_config(id, &r("ca.pem")).unwrap()
+            },
+            timeout: Duration::from_secs(1),
+        };
+        for (streams, secs) in [(0, 10), (65, 10), (4, 3), (4, 601)] {
+            let opts = CheckOptions {
+                task_id: "t".into(),
+                streams,
+                duration: Duration::from_secs(secs),
+            };
+            assert!(matches!(
+                run(&c, &opts, &AtomicBool::new(false)),
+                Err(CheckError::Options(_))
+            ));
+        }
+    }
+}
