@@ -2,10 +2,12 @@
 # Block-level migration benchmark: `sms-agent migrate --mode block` → `sms-agent receive` against
 # the tools an operator would use instead, all in one run, on the same loop-device sources, each
 # run starting with a cold page cache and ending when the target is flushed (`sync -f`):
-#   1. a disk of random data:             ours vs plain TCP (socat) vs dd | ssh dd
+#   1. a disk of random data:             ours vs a local dd (O_DIRECT both ends: the physical
+#                                         limit; goal ours ÷ dd <= 2) vs plain TCP (socat) vs
+#                                         dd | ssh dd
 #   2. a disk with one ext4, 10 % used:   ours vs dd | ssh dd vs partclone.ext4 | ssh partclone
 #   3. sync after 1 % of the data changed: ours --sync vs rsync --inplace --no-whole-file over ssh
-# plus CPU seconds (user+sys, both sides) and peak RSS of every run. Every copy is verified (cmp,
+# plus CPU seconds (user+sys, both sides, also per GiB) and peak RSS of every run. Every copy is verified (cmp,
 # or e2fsck -fn and a checksum of all files) before its figure counts.
 #
 # Usage: sudo bench/block.sh [--quick]
@@ -265,6 +267,26 @@ run_rsync() {
     "$(time_rss "$d/send.time")" "$(time_rss "$d/recv.time")" "sent ${sent:-?} bytes; recv RSS: remote rsync only"
 }
 
+# The physical limit on this machine: a local dd of the same source device onto the same kind of
+# target (a fresh sparse image file on the same filesystem), both sides O_DIRECT, 4 MiB blocks.
+# Ours is held against it (ours ÷ dd); its CPU is counted on the sending side.
+run_ddlocal() {
+  local idx=$1 src=$2 img=$3 dst=$4 bytes=$5 d t0 t1
+  d=$(rundir ddlocal)
+  rm -f "$dst"
+  truncate -s "$bytes" "$dst"
+  drop_caches
+  t0=$(now)
+  timed "$d/dd.time" dd if="$src" of="$dst" bs=4M iflag=direct oflag=direct conv=notrunc status=none \
+    2>"$d/dd.log" || fail "dd: $(log_tail "$d/dd.log")"
+  sync -f "$dst"
+  t1=$(now)
+  verify "$idx" "$img" "$dst"
+  result_add "${SCN[idx]}" "$DDLOCAL" ok "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" "$bytes" \
+    "$(time_cpu "$d/dd.time")" 0 "$(time_rss "$d/dd.time")" 0 "one process, both ends"
+}
+DDLOCAL="dd-local-direct"
+
 # Ours: receive (in the background) and migrate --mode block, each under GNU time.
 # run_ours IDX SRC_DEV SRC_IMAGE DST BYTES STATE_DIR [MIGRATE_FLAGS...]; DST must exist.
 # A full copy runs the receiver with --once (it ends after the session). A sync (--sync) may
@@ -279,6 +301,10 @@ run_ours() {
   local recv=("$BIN" receive --listen "127.0.0.1:$port" --ca "$CERTS/ca.pem" --cert "$CERTS/target.pem"
     --key "$CERTS/target-key.pem" --disk "disk0=$dst")
   [[ " $* " != *" --sync "* ]] && has_flag "$RECV_HELP" --once && once=1
+  # The source keeps its own record of a migration (a rerun onto a complete copy verifies it
+  # instead of copying): kept with the receiver's, so a fresh state dir means a full copy.
+  local mstate=()
+  has_flag "$MIGR_HELP" --state-dir && mstate=(--state-dir "$state/source")
   ((once)) && recv+=(--once)
   has_flag "$RECV_HELP" --state-dir && recv+=(--state-dir "$state")
   /usr/bin/time -f "$TIME_FMT" -o "$d/recv.time" "${recv[@]}" "${RECEIVE_EXTRA[@]}" >"$d/receive.log" 2>&1 &
@@ -288,7 +314,7 @@ run_ours() {
   drop_caches
   t0=$(now)
   timed "$d/send.time" "$BIN" migrate --mode block --target "127.0.0.1:$port" --ca "$CERTS/ca.pem" \
-    --cert "$CERTS/source.pem" --key "$CERTS/source-key.pem" --disk "$src=disk0" "$@" "${MIGRATE_EXTRA[@]}" \
+    --cert "$CERTS/source.pem" --key "$CERTS/source-key.pem" --disk "$src=disk0" "${mstate[@]}" "$@" "${MIGRATE_EXTRA[@]}" \
     >"$d/migrate.log" 2>&1 || fail "migrate: $(log_tail "$d/migrate.log")"
   sync -f "$dst"
   t1=$(now)
@@ -322,6 +348,7 @@ s1_run() {
   local src=$S1_DIR/src.img dst=$S1_DIR/dst.img
   case $1 in
     socat) bench 1 socat run_socat 1 "$S1_LOOP" "$src" "$dst" "$S1_BYTES" ;;
+    "$DDLOCAL") bench 1 "$DDLOCAL" run_ddlocal 1 "$S1_LOOP" "$src" "$dst" "$S1_BYTES" ;;
     "dd|ssh") bench 1 "dd|ssh" run_ddssh 1 "$S1_LOOP" "$src" "$dst" "$S1_BYTES" ;;
     "$OURS_TOOL")
       # Every run a full copy from zero: empty sparse target, no receiver state.
@@ -339,9 +366,9 @@ scenario1() {
   rand_file "$S1_DIR/src.img" "$S1_BYTES"
   S1_LOOP=$(losetup -f --show -r "$S1_DIR/src.img")
   if ((OURS)); then
-    rounds s1_run socat "dd|ssh" "$OURS_TOOL"
+    rounds s1_run "$DDLOCAL" socat "dd|ssh" "$OURS_TOOL"
   else
-    rounds s1_run socat "dd|ssh"
+    rounds s1_run "$DDLOCAL" socat "dd|ssh"
     skip 1 "$OURS_TOOL" "$OURS_WHY"
   fi
   losetup -d "$S1_LOOP"
@@ -525,8 +552,8 @@ scenario3
 RESULTS_DIR=${RESULTS_DIR:-$REPO/bench/results}
 mkdir -p "$RESULTS_DIR"
 results_report "$RESULTS_DIR/block-$(date +%Y%m%d-%H%M%S).json" \
-  "${SCN[1]}=socat;${SCN[2]}=dd|ssh;${SCN[3]}=rsync" \
-  "${SCN[1]}=$OURS_TOOL/socat/1.15;${SCN[1]}=$OURS_TOOL/dd|ssh;${SCN[2]}=$OURS_TOOL/dd|ssh;${SCN[2]}=$OURS_TOOL/partclone|ssh;${SCN[3]}=$OURS_TOOL --sync/rsync"
+  "${SCN[1]}=$DDLOCAL;${SCN[2]}=dd|ssh;${SCN[3]}=rsync" \
+  "${SCN[1]}=$OURS_TOOL/$DDLOCAL/2.0;${SCN[1]}=$OURS_TOOL/socat/1.15;${SCN[1]}=$OURS_TOOL/dd|ssh;${SCN[2]}=$OURS_TOOL/dd|ssh;${SCN[2]}=$OURS_TOOL/partclone|ssh;${SCN[3]}=$OURS_TOOL --sync/rsync"
 ((OURS)) || warn "sms-agent was NOT measured: $OURS_WHY (baselines only)"
 if ((BUILD_FAILED)) || grep -q $'\tFAILED\t' "$WORK/results.tsv"; then
   exit 1

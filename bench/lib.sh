@@ -291,6 +291,9 @@ for (scn, tool), rs in groups.items():
     cpu = [c for c in (s["cpu_send_s"], s["cpu_recv_s"]) if c is not None]
     s["cpu_s"] = round(sum(cpu), 2) if cpu else None
     s["mb_per_cpu_s"] = round(s["bytes"] / 1e6 / s["cpu_s"], 1) if good and s["cpu_s"] else None
+    gib = s["bytes"] / 2**30 if good else None
+    for k in ("cpu_send_s", "cpu_recv_s"):
+        s[k + "_per_gib"] = round(s[k] / gib, 2) if gib and s[k] is not None else None
     rows.append(s)
 def find(scn, tool):
     for r in rows:
@@ -304,7 +307,7 @@ for r in rows:
 fmt = lambda v, p="{:.2f}": "-" if v is None else p.format(v)
 mib = lambda k: None if k is None else k / 1024
 hdr = ["scenario", "tool", "runs", "seconds", "min-max", "MB/s", "vs base", "CPU s (send+recv)",
-       "MB/CPU-s", "RSS MiB send/recv", "status"]
+       "MB/CPU-s", "CPU s/GiB send/recv", "RSS MiB send/recv", "status"]
 table = [hdr]
 for r in rows:
     good = r["mb_per_s"] is not None
@@ -315,6 +318,7 @@ for r in rows:
         "-" if r["cpu_s"] is None else "{:.2f} ({}+{})".format(
             r["cpu_s"], fmt(r["cpu_send_s"]), fmt(r["cpu_recv_s"])),
         fmt(r["mb_per_cpu_s"], "{:.0f}"),
+        fmt(r["cpu_send_s_per_gib"]) + "/" + fmt(r["cpu_recv_s_per_gib"]),
         fmt(mib(r["rss_send_kib"]), "{:.1f}") + "/" + fmt(mib(r["rss_recv_kib"]), "{:.1f}"),
         r["status"] + (f" ({r['runs_ok']}/{r['runs']} ok)" if r["status"] == "FAILED" else "")
         + (": " + r["note"] if r["note"] else "")])
@@ -327,6 +331,7 @@ for i, t in enumerate(table):
 print("\nseconds: median wall time of the runs, cold page cache, until the target is flushed.")
 print("MB/s: disk size / seconds. CPU s: user+sys, median, sending + receiving side.")
 print("MB/CPU-s: disk size / CPU s, i.e. MB/s per fully busy core.")
+print("CPU s/GiB: CPU seconds (user+sys, median) per GiB of disk on each side.")
 out_ratios = []
 print("\nRatios, wall time ours / other (lower is better):")
 for spec in [x for x in ratios.split(";") if x]:

@@ -187,8 +187,10 @@ pub struct AgentSection {
     pub name: String,
     /// Where state and checkpoints are kept.
     pub state_dir: PathBuf,
-    /// Where log files go (journald is used under systemd).
+    /// Where the log files go (as well as stderr / the journal); see `[logs]` for rotation.
     pub log_dir: PathBuf,
+    /// `text` or `json` (one JSON object a line) for the files of `log_dir`.
+    pub log_format: crate::logs::LogFormat,
     /// Time between command polls while idle.
     pub poll_interval: Interval,
     /// Time between re-probes of the disks (a change is sent with `PUT diskinfo`).
@@ -204,6 +206,7 @@ impl Default for AgentSection {
             name: String::new(),
             state_dir: PathBuf::from("/var/lib/sms-agent"),
             log_dir: PathBuf::from("/var/log/sms-agent"),
+            log_format: crate::logs::LogFormat::Text,
             poll_interval: Interval(Duration::from_secs(10)),
             reprobe_interval: Interval(Duration::from_secs(2 * 3600)),
             sync_interval: Interval(Duration::from_secs(5 * 60)),
@@ -274,6 +277,8 @@ struct RawConfig {
     agent: AgentSection,
     probe: ProbeSection,
     transfer: RawTransferSection,
+    logs: crate::logs::LogsSection,
+    log_transfer: Option<crate::logs::transfer::RawLogTransfer>,
 }
 
 /// What the configuration is loaded for: the daemon needs the API settings, `probe` and
@@ -434,6 +439,10 @@ pub struct Config {
     pub probe: ProbeSection,
     /// `[transfer]`.
     pub transfer: TransferSection,
+    /// `[logs]`: log file rotation and the OBS endpoint of log uploads.
+    pub logs: crate::logs::LogsSection,
+    /// `[log_transfer]`, when present and switched on: periodic shipping to OBS.
+    pub log_transfer: Option<crate::logs::transfer::LogTransfer>,
     /// `[api]` and `[auth]` as the client uses them; set when loaded for [`Purpose::Daemon`].
     pub access: Option<ApiAccess>,
 }
@@ -494,7 +503,15 @@ fn list(problems: &[String]) -> String {
 }
 
 /// Sections and keys, for mapping `SMS_AGENT_<SECTION>_<KEY>` (keys may contain `_`).
-const SECTIONS: &[&str] = &["api", "auth", "agent", "probe", "transfer"];
+const SECTIONS: &[&str] = &[
+    "api",
+    "auth",
+    "agent",
+    "probe",
+    "transfer",
+    "logs",
+    "log_transfer",
+];
 
 impl Config {
     /// Reads `path` (a missing file is an empty config only when `optional`), applies the
@@ -536,12 +553,19 @@ impl Config {
         load_secrets(path, &mut raw.auth, env, &mut problems);
         let transfer = transfer_section(&raw.transfer, &mut problems);
         agent_section(&raw.agent, &mut problems);
+        raw.logs.check(&mut problems);
+        let log_transfer = raw
+            .log_transfer
+            .as_ref()
+            .and_then(|t| t.check(&mut problems));
         let mut cfg = Config {
             api: raw.api,
             auth: raw.auth,
             agent: raw.agent,
             probe: raw.probe,
             transfer,
+            logs: raw.logs,
+            log_transfer,
             access: None,
         };
         if purpose == Purpose::Daemon {

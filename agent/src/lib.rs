@@ -7,6 +7,8 @@ pub mod config;
 pub mod daemon;
 pub mod fileplan;
 pub mod freeze;
+pub mod logs;
 pub mod netcheck;
+pub mod obs;
 pub mod standalone;
 pub mod target_tls;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod interrupt;
+mod logs_cmd;
 mod netcheck_cmd;
 mod probe_cmd;
 mod run_cmd;
@@ -66,6 +67,12 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Show what the daemon is doing: source id, task, phase, bytes, rate, ETA.
     Status(run_cmd::StatusArgs),
+    /// The agent's logs: ship the [log_transfer] windows to OBS now.
+    Logs {
+        /// What to do.
+        #[command(subcommand)]
+        command: logs_cmd::LogsCommand,
+    },
     /// Target side of a standalone migration: receive disks (--disk) or files (--root).
     ///
     /// Serves sessions over mutual TLS until stopped (--once: until one pass completes).
@@ -123,6 +130,9 @@ enum Command {
 }
 
 fn init_logging(verbose: u8) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -130,16 +140,21 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(term::LogWriter);
+    let stderr = tracing_subscriber::fmt::layer().with_writer(term::LogWriter);
     // Colours only on a terminal: a log redirected to a file or a pipe (or the journal, which
     // stamps time itself and shows no colours) gets plain text, no ANSI escapes.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        fmt.without_time().with_ansi(false).init();
+    let stderr = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        stderr.without_time().with_ansi(false).boxed()
     } else {
-        fmt.with_ansi(term::colours()).init();
-    }
+        stderr.with_ansi(term::colours()).boxed()
+    };
+    // The log files of `log_dir` (`run`, `receive`) start writing once the command has read
+    // where they go (sms_agent::logs::sink::install).
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(sms_agent::logs::sink::layers())
+        .init();
 }
 
 /// The man page's EXIT STATUS section (clap_mangen renders no subcommand's `after_help`).
@@ -189,6 +204,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(&args),
         Command::Run(args) => run_cmd::run(&args),
         Command::Status(args) => run_cmd::status(&args),
+        Command::Logs { command } => logs_cmd::run(&command),
         Command::Receive(args) => transfer_cmd::receive(&args),
         Command::Migrate(args) => transfer_cmd::migrate(&args),
         Command::Netcheck(args) => netcheck_cmd::run(&args),

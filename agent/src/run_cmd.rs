@@ -37,6 +37,7 @@ fn load(path: &std::path::Path, purpose: Purpose) -> anyhow::Result<Config> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let cfg = load(&args.config, Purpose::Daemon)?;
+    sms_agent::logs::start_files(&cfg, "agent");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -103,10 +104,12 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     };
+    let shipping = sms_agent::logs::transfer::ship::read_state(dir);
     if args.json {
         let mut v = serde_json::to_value(&st)?;
         if let Some(o) = v.as_object_mut() {
             o.insert("running".into(), running.into());
+            o.insert("log_transfer".into(), serde_json::to_value(&shipping)?);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -131,6 +134,16 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(e) = &st.last_error {
         println!("last error: {e}");
+    }
+    if let Some(l) = &shipping.last {
+        println!(
+            "log transfer: window {} shipped ({} lines{})",
+            l.window,
+            l.lines,
+            l.object
+                .as_ref()
+                .map_or(String::new(), |o| format!(" to {}/{o}", l.bucket))
+        );
     }
     Ok(())
 }

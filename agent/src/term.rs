@@ -68,10 +68,13 @@ impl Drop for LogLine {
             let _ = err.write_all(line);
             let _ = err.flush();
         };
+        // The journal keeps what stderr gets: secrets are masked here as in the log files.
+        let text = String::from_utf8_lossy(&self.0);
+        let line = sms_agent::logs::redact::scrub(&text);
         let bars = current().clone();
         match bars {
-            Some(m) => m.suspend(|| out(&self.0)),
-            None => out(&self.0),
+            Some(m) => m.suspend(|| out(line.as_bytes())),
+            None => out(line.as_bytes()),
         }
     }
 }

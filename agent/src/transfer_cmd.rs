@@ -55,6 +55,10 @@ impl TlsArgs {
             Some(p) => Some(read(p)?.trim_end_matches(['\n', '\r']).to_string()),
             None => None,
         };
+        // Masked in the log lines (and log files) from now on.
+        if let Some(p) = &pass {
+            sms_agent::logs::redact::register(p);
+        }
         let id = transfer::tls::Identity::from_pem(
             &read(&self.cert)?,
             &read(&self.key)?,
@@ -138,6 +142,7 @@ impl ReceiveTlsArgs {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
         let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
         let cfg = Config::load(&path, false, &env, Purpose::Daemon)?;
+        sms_agent::logs::redact::register_config(&cfg);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -149,6 +154,9 @@ impl ReceiveTlsArgs {
                 .await
                 .map_err(anyhow::Error::from)
         })?;
+        if let Some(p) = &tls.passphrase {
+            sms_agent::logs::redact::register(p.expose());
+        }
         if let Some(dir) = &self.save_tls {
             let files = tls.save(dir)?;
             tracing::info!(dir = %dir.display(), files = files.len(), "target TLS material saved");
@@ -195,6 +203,13 @@ pub struct ReceiveArgs {
     /// (pass, complete, chunks or files, bytes written, seconds), and nothing else there.
     #[arg(long)]
     json: bool,
+    /// Also log to DIR/receive.log (rotated at 10 MiB or daily, 100 MiB and 30 days kept in
+    /// all); an empty value keeps logs on stderr only.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/sms-agent")]
+    log_dir: PathBuf,
+    /// Format of the log file: text, or json (one object a line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: sms_agent::logs::LogFormat,
 }
 
 /// Transfer mode of `migrate`.
@@ -289,6 +304,13 @@ fn split_pair(s: &str, what: &str) -> anyhow::Result<(String, String)> {
 
 /// Runs the receiver until stopped (or, with `--once`, until one pass completes).
 pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
+    if !a.log_dir.as_os_str().is_empty() {
+        let limits = sms_agent::logs::LogsSection::default().limits();
+        if let Err(e) = sms_agent::logs::sink::install(&a.log_dir, "receive", a.log_format, limits)
+        {
+            tracing::warn!(log_dir = %a.log_dir.display(), error = %e, "cannot write log files; logging to stderr only");
+        }
+    }
     if a.disks.is_empty() && a.root.is_none() {
         return Err(BadConfig(
             "give --disk NAME=PATH (block mode) or --root DIR (file mode)".into(),

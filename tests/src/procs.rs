@@ -38,6 +38,15 @@ impl Emulator {
         e
     }
 
+    /// Starts an emulator with a fresh state file and extra command-line arguments.
+    pub fn start_args(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("emu.json");
+        let mut e = Self::spawn(&state, "127.0.0.1:0", extra);
+        e._dir = Some(dir);
+        e
+    }
+
     /// Starts an emulator on `listen` keeping its state in `state`.
     pub fn start_with(state: &Path, listen: &str) -> Self {
         Self::spawn(state, listen, &[])
@@ -90,7 +99,7 @@ impl Emulator {
             child,
             addr,
             state: state.to_path_buf(),
-            tls: !extra.is_empty(),
+            tls: line.starts_with("listening on https://"),
             _dir: None,
         }
     }
@@ -356,8 +365,9 @@ impl Agent {
     fn start_full(api: &str, auth: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = format!(
-            "{api}[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
-            dir.path().join("state").display()
+            "{api}[auth]\n{auth}[agent]\nname = \"src-under-test\"\nstate_dir = \"{}\"\nlog_dir = \"{}\"\npoll_interval = \"1s\"\n{extra}",
+            dir.path().join("state").display(),
+            dir.path().join("logs").display()
         );
         let p = dir.path().join("agent.toml");
         std::fs::write(&p, cfg).unwrap();
@@ -521,6 +531,9 @@ impl Receiver {
             .args(["--key", &kit.p("c/target-key.pem")])
             .args(["--state-dir", &kit.p("state")])
             .args(args);
+        if !args.iter().any(|a| a == "--log-dir") {
+            cmd.args(["--log-dir", &kit.p("logs")]);
+        }
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
         let mut err = BufReader::new(child.stderr.take().unwrap());
         let mut addr = String::new();

@@ -269,7 +269,8 @@ fn commands_are_answered_and_a_second_daemon_is_refused() {
         by_name("FROBNICATE")["result_detail"]["error_code"],
         "SMS.6021"
     );
-    // The agent's own upload failing is SMS.0503 (§6.1, line 24923), not SMS.0414.
+    // The agent's own upload failing (here: the service names no obs_domain and no
+    // [logs] obs_endpoint is set) is SMS.0503 (§6.1, line 24923), not SMS.0414.
     assert_eq!(
         by_name("UPLOAD_LOG")["result_detail"]["error_code"],
         "SMS.0503"

@@ -105,21 +105,7 @@ impl Compressor {
         }
         let hash = *blake3::hash(data).as_bytes();
         let len = u32::try_from(data.len()).map_err(|_| WireError::Invalid("chunk length"))?;
-        let mut out = None;
-        if self.skip > 0 {
-            self.skip -= 1;
-        } else {
-            match self.zstd.shrink(data) {
-                Some(c) => {
-                    self.backoff = 0;
-                    out = Some(c);
-                }
-                None => {
-                    self.backoff = (self.backoff * 2).clamp(1, MAX_SKIP);
-                    self.skip = self.backoff;
-                }
-            }
-        }
+        let out = self.try_shrink(data);
         let (compressed, payload) = match out {
             Some(c) => (true, c),
             None => (false, data.to_vec()),
@@ -134,6 +120,59 @@ impl Compressor {
             compressed,
             data: payload,
         })
+    }
+
+    /// Writes the chunk frame for `data` at `offset` of disk `disk` straight to `w`, the same
+    /// bytes as [`Compressor::chunk`]'s message encodes to, without copying plain data into a
+    /// message first; returns the bytes of data on the wire.
+    pub fn write_chunk(
+        &mut self,
+        w: &mut impl std::io::Write,
+        disk: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, WireError> {
+        if data.len() > MAX_CHUNK {
+            return Err(WireError::TooLong {
+                what: "chunk",
+                len: data.len(),
+                max: MAX_CHUNK,
+            });
+        }
+        let hash = *blake3::hash(data).as_bytes();
+        let len = u32::try_from(data.len()).map_err(|_| WireError::Invalid("chunk length"))?;
+        let out = self.try_shrink(data);
+        let payload = out.as_deref().unwrap_or(data);
+        crate::wire::write_chunk(w, disk, offset, len, &hash, out.is_some(), payload)?;
+        self.plain_bytes += data.len() as u64;
+        self.wire_bytes += payload.len() as u64;
+        Ok(payload.len())
+    }
+
+    /// `data` compressed when this chunk's turn to try has come and it pays; after a miss the
+    /// next chunks (doubling up to [`MAX_SKIP`]) go plain without a trial.
+    fn try_shrink(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return None;
+        }
+        // After a miss, a probe of a few KiB decides before a whole chunk is compressed.
+        if self.backoff > 0 && !self.zstd.promising(data) {
+            self.backoff = (self.backoff * 2).clamp(1, MAX_SKIP);
+            self.skip = self.backoff;
+            return None;
+        }
+        match self.zstd.shrink(data) {
+            Some(c) => {
+                self.backoff = 0;
+                Some(c)
+            }
+            None => {
+                self.backoff = (self.backoff * 2).clamp(1, MAX_SKIP);
+                self.skip = self.backoff;
+                None
+            }
+        }
     }
 
     /// Plain bytes per byte sent (1.0 when nothing compressed).

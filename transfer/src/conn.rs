@@ -20,6 +20,9 @@ const READ_BUF: usize = 64 << 10;
 struct Shared {
     tls: Mutex<rustls::Connection>,
     wsock: Mutex<TcpStream>,
+    /// Sealed records on their way to the socket, taken only while holding `wsock`: kept
+    /// across writes, so a data stream does not allocate (and fault in) a buffer per write.
+    out: Mutex<Vec<u8>>,
     peer: String,
 }
 
@@ -61,9 +64,10 @@ impl Shared {
             Err(TryLockError::WouldBlock) if try_only => return Ok(()),
             Err(TryLockError::WouldBlock) => lock(&self.wsock),
         };
-        let mut out = Vec::new();
+        let mut out = lock(&self.out);
+        out.clear();
         while tls.wants_write() {
-            tls.write_tls(&mut out)?;
+            tls.write_tls(&mut *out)?;
         }
         drop(tls);
         sock.write_all(&out).map_err(|e| {
@@ -123,6 +127,7 @@ impl Conn {
             shared: Arc::new(Shared {
                 tls: Mutex::new(tls),
                 wsock: Mutex::new(sock),
+                out: Mutex::new(Vec::new()),
                 peer: peer.clone(),
             }),
             rsock,

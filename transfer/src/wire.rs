@@ -420,6 +420,110 @@ pub fn read_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), WireError> {
     Ok((kind, payload))
 }
 
+/// Bytes of a `Chunk` payload before its data: disk, offset, length, hash, flags.
+pub const CHUNK_HEAD: usize = 2 + 8 + 4 + 32 + 1;
+
+/// The fixed fields of a `Chunk` frame whose data the caller reads into a buffer of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHead {
+    /// Disk index.
+    pub disk: u16,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Plain length.
+    pub len: u32,
+    /// BLAKE3 of the plain data.
+    pub hash: [u8; 32],
+    /// Whether the data is zstd-compressed.
+    pub compressed: bool,
+    /// Bytes of data that follow on the wire.
+    pub data_len: usize,
+}
+
+/// Writes a `Chunk` frame from borrowed data, byte for byte what `Message::Chunk` encodes to,
+/// without copying the data into a message and a payload first (the block sender's hot path).
+pub fn write_chunk(
+    w: &mut impl Write,
+    disk: u16,
+    offset: u64,
+    len: u32,
+    hash: &[u8; 32],
+    compressed: bool,
+    data: &[u8],
+) -> Result<(), WireError> {
+    if data.len() > MAX_CHUNK || len as usize > MAX_CHUNK {
+        return Err(too_long("chunk", data.len().max(len as usize), MAX_CHUNK));
+    }
+    let total =
+        u32::try_from(CHUNK_HEAD + data.len()).map_err(|_| WireError::Invalid("payload"))?;
+    let mut h = [0u8; HEADER_LEN + CHUNK_HEAD];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[5] = 4;
+    h[8..12].copy_from_slice(&total.to_be_bytes());
+    h[12..14].copy_from_slice(&disk.to_be_bytes());
+    h[14..22].copy_from_slice(&offset.to_be_bytes());
+    h[22..26].copy_from_slice(&len.to_be_bytes());
+    h[26..58].copy_from_slice(hash);
+    h[58] = u8::from(compressed);
+    w.write_all(&h)
+        .and_then(|()| w.write_all(data))
+        .map_err(|e| WireError::Io(e.to_string()))
+}
+
+/// One frame read by [`read_split`]: a chunk whose data is still to be read, or any other
+/// message.
+#[derive(Debug)]
+pub enum Split {
+    /// A `Chunk`: its fields; the next `data_len` bytes of the stream are its data.
+    Chunk(ChunkHead),
+    /// Any other message, whole.
+    Other(Message),
+}
+
+/// Reads the next frame, but of a `Chunk` only the fixed fields (checked as `decode` checks
+/// them), so that the caller reads the data straight into a buffer of its own (the block
+/// receiver's aligned write buffer) instead of through a message.
+pub fn read_split(r: &mut impl Read) -> Result<Split, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    let (kind, len) = Message::parse_header(&h)?;
+    if kind != 4 || len < CHUNK_HEAD {
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload)
+            .map_err(|e| WireError::Io(e.to_string()))?;
+        return Message::decode(kind, &payload).map(Split::Other);
+    }
+    let mut p = [0u8; CHUNK_HEAD];
+    r.read_exact(&mut p)
+        .map_err(|e| WireError::Io(e.to_string()))?;
+    let mut f = Reader::new(&p);
+    let disk = f.u16("chunk disk")?;
+    let offset = f.u64("chunk offset")?;
+    let clen = f.u32("chunk length")?;
+    if clen as usize > MAX_CHUNK {
+        return Err(too_long("chunk", clen as usize, MAX_CHUNK));
+    }
+    let hash = f.hash32("chunk hash")?;
+    let compressed = f.bool("chunk flags")?;
+    let data_len = len - CHUNK_HEAD;
+    if !compressed && data_len != clen as usize {
+        return Err(WireError::Invalid("chunk length"));
+    }
+    if data_len > MAX_CHUNK {
+        return Err(too_long("chunk", data_len, MAX_CHUNK));
+    }
+    Ok(Split::Chunk(ChunkHead {
+        disk,
+        offset,
+        len: clen,
+        hash,
+        compressed,
+        data_len,
+    }))
+}
+
 impl Message {
     fn kind(&self) -> u8 {
         match self {
@@ -785,6 +889,42 @@ impl Message {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_frames_written_and_read_split_match_the_message_encoding() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        let m = Message::Chunk {
+            disk: 3,
+            offset: 1 << 33,
+            len: 5000,
+            hash: [9; 32],
+            compressed: false,
+            data: data.clone(),
+        };
+        let mut w = Vec::new();
+        write_chunk(&mut w, 3, 1 << 33, 5000, &[9; 32], false, &data).unwrap();
+        assert_eq!(w, m.encode().unwrap());
+        w.extend_from_slice(&Message::Bye.encode().unwrap());
+        let mut r = &w[..];
+        let Split::Chunk(h) = read_split(&mut r).unwrap() else {
+            panic!("not a chunk")
+        };
+        assert_eq!(
+            (h.disk, h.offset, h.len, h.data_len),
+            (3, 1 << 33, 5000, 5000)
+        );
+        assert_eq!(&r[..5000], &data[..]);
+        r = &r[5000..];
+        assert!(matches!(
+            read_split(&mut r).unwrap(),
+            Split::Other(Message::Bye)
+        ));
+        // A plain chunk whose data is not its declared length is refused, as decode does.
+        let mut bad = Vec::new();
+        write_chunk(&mut bad, 0, 0, 4999, &[0; 32], false, &data).unwrap();
+        assert!(read_split(&mut &bad[..]).is_err());
+        assert!(Message::read_from(&mut &bad[..]).is_err());
+    }
 
     fn samples() -> Vec<Message> {
         vec![

@@ -56,11 +56,8 @@ impl Daemon {
         if name.is_empty() {
             return Ok(());
         }
-        let task_id = cmd
-            .command_param
-            .as_ref()
-            .map(|p| p.task_id.clone())
-            .unwrap_or_default();
+        let param = cmd.command_param.clone().unwrap_or_default();
+        let task_id = param.task_id.clone();
         tracing::info!(command = %name, task_id = %task_id, "command received");
         let outcome = match name.as_str() {
             "START" | "SYNC" => self.start(&name, &task_id).await,
@@ -69,13 +66,11 @@ impl Daemon {
             "SKIP" => self.skip(),
             // The operator's `network_check` action (§5.4.7 line 12922); daemon/netcheck.rs.
             "NETWORK_CHECK" => self.network_check(&task_id).await,
-            // Log bundles go to the operator's OBS bucket, which needs an OBS client this build
-            // does not have; say so rather than claim success. §6.1 SMS.0503 "Log upload
-            // failed. Cause: %s" (line 24923), the agent's own upload.
-            "UPLOAD_LOG" | "RSET_LOG_ACL" => Err(TaskFailure::new(
-                Code::LogUploadFailed,
-                format!("{name}: uploading logs to OBS is not supported by this agent build; logs are in the journal / log_dir"),
-            )),
+            // Log bundles to the command's OBS bucket, answered when done (daemon/logs_cmd.rs).
+            "UPLOAD_LOG" | "RSET_LOG_ACL" => {
+                self.start_log_command(name, param).await;
+                return Ok(());
+            }
             _ => {
                 tracing::warn!(command = %name, "unknown command ignored");
                 // §6.1 has no "unknown command" code; SMS.6021 "The command from the Agent is

@@ -126,6 +126,8 @@ async fn fetch_tls(
                 "certificate password not obtained: empty passphrase",
             ));
         }
+        // Never to be written: masked in logs and log bundles from now on.
+        crate::logs::redact::register(&p.passphrase);
         passphrase = Some(p.passphrase);
     }
     transfer::tls::Identity::from_pem(&ck.cert, &ck.private_key, passphrase.as_deref())

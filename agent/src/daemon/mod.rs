@@ -10,6 +10,8 @@
 mod activity;
 mod commands;
 pub mod engine;
+mod log_transfer;
+mod logs_cmd;
 mod material;
 mod netcheck;
 mod plan;
@@ -67,6 +69,16 @@ pub struct Daemon {
     /// What `GET /v3/config` said at start-up (`register.rs`); `obs_domain` is for a later
     /// log upload.
     service_config: crate::api::models::ServiceConfig,
+    /// What UPLOAD_LOG / RSET_LOG_ACL need of the configuration.
+    log_upload: crate::logs::upload::Settings,
+    /// The log command under way (`logs_cmd.rs`).
+    log_commands: logs_cmd::LogCommands,
+    /// `[log_transfer]` when switched on (`log_transfer.rs`).
+    log_transfer: Option<crate::logs::transfer::LogTransfer>,
+    /// The shipment under way.
+    log_ship: Option<tokio::task::JoinHandle<()>>,
+    /// When the next window is due (seconds since 1970).
+    log_ship_next: u64,
 }
 
 impl Daemon {
@@ -105,6 +117,11 @@ impl Daemon {
             last_rules: Instant::now(),
             utc_offset: engine::utc_offset(),
             service_config: crate::api::models::ServiceConfig::default(),
+            log_upload: crate::logs::upload_settings(cfg),
+            log_commands: logs_cmd::LogCommands::default(),
+            log_transfer: cfg.log_transfer.clone(),
+            log_ship: None,
+            log_ship_next: 0,
         })
     }
 
@@ -159,6 +176,8 @@ impl Daemon {
             self.schedule_sync();
         }
         loop {
+            self.tick_log_transfer();
+            self.finish_log_command().await?;
             self.flush_results().await?;
             self.send_final_report().await;
             self.tick_runner().await;

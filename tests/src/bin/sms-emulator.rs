@@ -39,12 +39,19 @@ struct Args {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// `obs_domain` that GET /v3/config answers (the OBS endpoint of log uploads; a URL with
+    /// a scheme, e.g. http://127.0.0.1:9000, for a local S3 server).
+    #[arg(long)]
+    obs_domain: Option<String>,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
     let store = match Store::open(a.state.as_deref()) {
-        Ok(s) => s,
+        Ok(mut s) => {
+            s.obs_domain = a.obs_domain.clone();
+            s
+        }
         Err(e) => {
             eprintln!("sms-emulator: {e}");
             return ExitCode::FAILURE;

@@ -48,13 +48,20 @@ pub(super) fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u
 fn route(s: &mut Store, method: &str, segs: &[&str], query: &str, v: Value) -> Option<Reply> {
     Some(match (method, segs) {
         // The reference's example answer, verbatim (ref. §5.2.1, lines 2206–2218).
-        ("GET", ["v3", "config"]) => ok(json!({
-            "config": {"mainRegion": "ap-southeast-1", "disktype": "SATA"},
-            "regions": [
-                {"region_name": "cn-north-1", "project_name": "cn-north-1"},
-                {"region_name": "cn-north-4", "project_name": "cn-north-4"}
-            ]
-        })),
+        // With `obs_domain` added when the emulator was given one (--obs-domain).
+        ("GET", ["v3", "config"]) => {
+            let mut config = json!({"mainRegion": "ap-southeast-1", "disktype": "SATA"});
+            if let Some(d) = &s.obs_domain {
+                config["obs_domain"] = json!(d);
+            }
+            ok(json!({
+                "config": config,
+                "regions": [
+                    {"region_name": "cn-north-1", "project_name": "cn-north-1"},
+                    {"region_name": "cn-north-4", "project_name": "cn-north-4"}
+                ]
+            }))
+        }
         ("POST", ["v3", "sources"]) => sources::register(s, v),
         ("GET", ["v3", "sources"]) => sources::list(s, query),
         ("GET", ["v3", "sources", id]) => sources::get(s, id),

@@ -49,6 +49,10 @@ pub struct TaskRec {
     /// Passphrase the private keys are encrypted with (none: plain PKCS#1).
     #[serde(default)]
     pub key_passphrase: Option<String>,
+    /// `log_collect_status` (ref. §5.4.5 line 10293): INIT until a log upload is asked for,
+    /// then driven by the UPLOAD_LOG / RSET_LOG_ACL commands and their results.
+    #[serde(default)]
+    pub log_collect_status: Option<String>,
 }
 
 /// A command waiting for its agent.
@@ -174,6 +178,9 @@ pub struct Store {
     pub tokens: HashMap<String, i64>,
     /// Where the db is saved.
     pub state_path: Option<PathBuf>,
+    /// `obs_domain` of `GET /v3/config` (ref. §5.2.1 line 2163), the OBS endpoint an
+    /// UPLOAD_LOG goes to; absent from the answer when unset, as in the reference's example.
+    pub obs_domain: Option<String>,
 }
 
 impl Store {

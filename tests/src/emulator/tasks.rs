@@ -81,6 +81,7 @@ pub(super) fn create(s: &mut Store, mut v: Value) -> Reply {
             source_id: src,
             certkey: None,
             key_passphrase: None,
+            log_collect_status: None,
         },
     );
     ok(json!({"id": id}))
@@ -107,6 +108,7 @@ fn view(t: &TaskRec) -> Value {
     b["id"] = json!(t.id);
     b["state"] = json!(t.state);
     b["error_json"] = json!(t.error_json);
+    b["log_collect_status"] = json!(t.log_collect_status.as_deref().unwrap_or("INIT"));
     b["sub_tasks"] = Value::Array(t.sub_tasks.values().cloned().collect());
     // `priority` defaults to 1, standard (§5.4.1 line 9682, §5.4.5 line 11252).
     if b.get("priority").is_none_or(Value::is_null) {
@@ -283,6 +285,10 @@ pub(super) fn upload_log(s: &mut Store, id: &str, v: &Value) -> Reply {
                 );
             }
             let bucket = str_field(v, "log_bucket").unwrap_or("").to_string();
+            // ref. §5.4.5 line 10293: the first value after INIT.
+            if let Some(t) = s.db.tasks.get_mut(id) {
+                t.log_collect_status = Some("TELL_AGENT_TO_COLLECT".into());
+            }
             queue(
                 s,
                 &src,

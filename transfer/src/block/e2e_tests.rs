@@ -182,6 +182,53 @@ fn full_copy_then_sync_sends_only_changes() {
     assert_eq!(r.plain_sent, 0, "{r:?}");
 }
 
+#[test]
+fn unaligned_ranges_and_a_ragged_disk_end_arrive_exact_and_nothing_else() {
+    // Whole blocks are read O_DIRECT, ragged pieces through the cache; nothing of the source
+    // outside the used ranges travels (a full pass leaves the target's bytes there alone).
+    let rig = rig(&["d0"]);
+    let size: u64 = (3 << 20) + 1500;
+    let src = rig.dir.path().join("src.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.write_all_at(&noise(usize::try_from(size).unwrap(), 21), 0)
+        .unwrap();
+    let tgt = rig.dir.path().join("tgt-d0.img");
+    std::fs::write(&tgt, vec![0xAAu8; usize::try_from(size).unwrap()]).unwrap();
+    // Gaps longer than the 64 KiB that ride along with the data.
+    let used = vec![
+        100..5000,
+        (100 << 10) + 8..(1 << 20) + 300,
+        (1 << 20) + (200 << 10)..(1 << 20) + (264 << 10),
+        (2 << 20) + 4096..size,
+    ];
+    let disks = vec![SourceDisk {
+        path: src.clone(),
+        name: "d0".into(),
+        used: used.clone(),
+    }];
+    let r = run(&rig, &disks, 0, false);
+    assert_eq!(r.chunks, 4);
+    let (s, t) = (read(&src), read(&tgt));
+    let mut want = vec![0xAAu8; s.len()];
+    for u in &used {
+        let (a, b) = (
+            usize::try_from(u.start).unwrap(),
+            usize::try_from(u.end).unwrap(),
+        );
+        want[a..b].copy_from_slice(&s[a..b]);
+    }
+    assert_eq!(t.len(), want.len());
+    let first = t.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(
+        first, None,
+        "the target differs from the used ranges of the source"
+    );
+    assert_eq!(
+        r.bytes_read,
+        used.iter().map(|u| u.end - u.start).sum::<u64>()
+    );
+}
+
 /// Whether the target holds the source's bytes in every used range.
 fn same_in(src: &Path, tgt: &Path, used: &[std::ops::Range<u64>]) -> bool {
     let (s, t) = (read(src), read(tgt));

@@ -15,11 +15,11 @@ use std::time::Duration;
 use super::ckpt::{self, Meta, Sample};
 use super::map::{chunk_count, chunk_range, Bitmap};
 use super::{leaf_hash, BlockError};
-use crate::chunk::{verify_with, Zstd};
+use crate::chunk::{ChunkError, Zstd};
 use crate::code::Code;
 use crate::file::direct::{aligned, Aligned, ALIGN};
 use crate::session::{name_of, Incoming, Stream};
-use crate::wire::{Message, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
+use crate::wire::{read_split, Message, Split, WireError, LEAF, MAX_CHUNK, MIN_BLOCK_CHUNK};
 
 /// How long the data streams of a session may take to connect.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,6 +104,17 @@ impl Target {
             }
         }
         self.file.write_all_at(data, offset)
+    }
+
+    /// Writes the first `len` bytes of `buf`'s slice at `offset`, directly from it when both
+    /// are whole blocks (no copy), else through the cache.
+    fn write_own(&self, buf: &mut Aligned, len: usize, offset: u64) -> std::io::Result<()> {
+        if let Some(d) = &self.direct {
+            if aligned(offset) && len.is_multiple_of(ALIGN) && buf.write_own(d, len, offset)? {
+                return Ok(());
+            }
+        }
+        self.file.write_all_at(buf.view(len), offset)
     }
 }
 
@@ -1029,22 +1040,44 @@ fn stream_loop(
         if sess.failed.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let m = Message::read_from(rd)?;
-        match m {
-            Message::Chunk {
-                disk, offset, len, ..
-            } => {
+        // A chunk's data is read straight into the aligned buffer it is written from: one
+        // copy out of TLS, one hash, no copy before an O_DIRECT write.
+        let m = match read_split(rd)? {
+            Split::Other(m) => m,
+            Split::Chunk(h) => {
+                let (disk, offset, len) = (h.disk, h.offset, h.len);
                 let (t, c) = sess.range(disk, offset, u64::from(len))?;
                 sess.cover(disk, c)?;
-                let plain =
-                    verify_with(&mut zstd, &m).map_err(|e| BlockError::Protocol(e.to_string()))?;
-                t.write_at(&mut aligned, &plain, offset)
-                    .map_err(|e| target_err(t, Code::TransmissionFailed, e))?;
+                let raw = &mut aligned.get(h.data_len)[..h.data_len];
+                rd.read_exact(raw)
+                    .map_err(|e| WireError::Io(e.to_string()))?;
+                let bad = |e: ChunkError| BlockError::Protocol(e.to_string());
+                let written = if h.compressed {
+                    // Decompression is capped at the declared length, itself capped by
+                    // MAX_CHUNK on decode.
+                    let plain = zstd
+                        .expand(raw, len as usize)
+                        .ok_or(ChunkError::Decompress(offset))
+                        .map_err(bad)?;
+                    if blake3::hash(&plain).as_bytes() != &h.hash {
+                        return Err(bad(ChunkError::Hash(offset)));
+                    }
+                    t.write_at(&mut aligned, &plain, offset)
+                } else {
+                    if blake3::hash(raw).as_bytes() != &h.hash {
+                        return Err(bad(ChunkError::Hash(offset)));
+                    }
+                    t.write_own(&mut aligned, len as usize, offset)
+                };
+                written.map_err(|e| target_err(t, Code::TransmissionFailed, e))?;
                 sess.written.fetch_add(u64::from(len), Ordering::Relaxed);
                 if let Some(p) = pending.get_mut(&(disk, c)) {
                     p.written = true;
                 }
+                continue;
             }
+        };
+        match m {
             Message::Zero { disk, offset, len } => {
                 let (t, c) = sess.range(disk, offset, u64::from(len))?;
                 sess.cover(disk, c)?;

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -16,6 +16,7 @@ use super::map::{chunk_count, chunk_range, done_bytes, normalize, Bitmap, DiskIt
 use super::{is_zero, leaf_hash, BlockError, SourceDisk, DEFAULT_CHUNK};
 use crate::chunk::Compressor;
 use crate::code::Code;
+use crate::file::direct::{aligned, is_einval, Aligned, ALIGN};
 use crate::session::{name_of, Connector, Stream};
 use crate::task::{Control, Progress};
 use crate::wire::{Message, Mode, LEAF};
@@ -105,6 +106,10 @@ pub struct PassReport {
 
 struct Disk {
     file: File,
+    /// The same device opened `O_DIRECT` where it takes that: whole blocks are read past the
+    /// page cache, without the kernel's copy and page allocation per 4 KiB (and, unlike a
+    /// cached read, never from stale pages: a direct read writes back dirty ones first).
+    direct: Option<File>,
     path: PathBuf,
     size: u64,
     used: Vec<Range<u64>>,
@@ -201,38 +206,62 @@ impl Ctx<'_> {
     }
 
     /// Reads the item's chunk into `buf` with every byte outside the used ranges zero: the
-    /// view of the disk the target must end up with.
-    fn read_masked(&self, item: &Item, buf: &mut Vec<u8>) -> Result<u64, BlockError> {
+    /// view of the disk the target must end up with. Returns its length: the chunk is
+    /// `buf.view(len)`.
+    fn read_masked(&self, item: &Item, buf: &mut Aligned) -> Result<usize, BlockError> {
         let disk = &self.disks[usize::from(item.disk)];
         let cr = chunk_range(item.chunk, self.chunk, disk.size);
-        buf.clear();
-        buf.resize(usize::try_from(cr.end - cr.start).unwrap_or(0), 0);
-        // A whole-disk device's page cache is not updated by writes through a mounted
-        // partition's filesystem: pages cached before this pass (the last pass's readahead,
-        // blkid) would be stale. The pass start invalidated them; where it could not, they
-        // are dropped here so the read comes from the device.
-        if disk.drop_before_read {
-            drop_cached(&disk.file, &cr);
-        }
+        let len = usize::try_from(cr.end - cr.start).unwrap_or(0);
+        let out = &mut buf.get(len)[..len];
+        let err = |e| BlockError::ReadDisk {
+            path: disk.path.clone(),
+            source: e,
+        };
+        // Only the gaps between used ranges are zeroed: the ranges are read over.
+        let mut at = 0;
         let mut read = 0;
+        let mut cached = false;
         for r in &item.ranges {
             let a = usize::try_from(r.start - cr.start).unwrap_or(0);
             let b = usize::try_from(r.end - cr.start).unwrap_or(0);
-            let Some(dst) = buf.get_mut(a..b) else {
+            if a < at || b > len || a > b {
                 continue;
+            }
+            out[at..a].fill(0);
+            at = b;
+            let dst = &mut out[a..b];
+            let direct = disk.direct.as_ref().filter(|_| {
+                aligned(r.start) && (b - a).is_multiple_of(ALIGN) && a.is_multiple_of(ALIGN)
+            });
+            let done = match direct {
+                Some(f) => match f.read_exact_at(dst, r.start) {
+                    Ok(()) => true,
+                    // The device wants a larger alignment: this piece goes the cached way.
+                    Err(e) if is_einval(&e) => false,
+                    Err(e) => return Err(err(e)),
+                },
+                None => false,
             };
-            disk.file
-                .read_exact_at(dst, r.start)
-                .map_err(|e| BlockError::ReadDisk {
-                    path: disk.path.clone(),
-                    source: e,
-                })?;
+            if !done {
+                // A whole-disk device's page cache is not updated by writes through a mounted
+                // partition's filesystem: pages cached before this pass (the last pass's
+                // readahead, blkid) would be stale. The pass start invalidated them; where it
+                // could not, they are dropped here so the read comes from the device.
+                if disk.drop_before_read && !cached {
+                    drop_cached(&disk.file, &cr);
+                }
+                cached = true;
+                disk.file.read_exact_at(dst, r.start).map_err(err)?;
+            }
             read += r.end - r.start;
         }
+        out[at..].fill(0);
         // Migrating must not evict the source host's working set from its page cache.
-        drop_cached(&disk.file, &cr);
+        if cached {
+            drop_cached(&disk.file, &cr);
+        }
         self.bytes_read.fetch_add(read, Ordering::Relaxed);
-        Ok(read)
+        Ok(len)
     }
 }
 
@@ -383,8 +412,14 @@ fn open_disks(disks: &[SourceDisk]) -> Result<Vec<Disk>, BlockError> {
                 source: e,
             })?;
         let drop_before_read = !super::dev::flush_cache(&file);
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&d.path)
+            .ok();
         open.push(Disk {
             drop_before_read,
+            direct,
             file,
             path: d.path.clone(),
             size,
@@ -729,13 +764,13 @@ impl Out {
             // Find the next long zero run; everything before it is one data frame.
             let (zs, ze) = next_zero_run(data, i);
             if zs > i {
-                let m = self.comp.chunk(disk, at + i as u64, &data[i..zs])?;
-                if let Message::Chunk { data: d, .. } = &m {
-                    ctx.control.pace(d.len() as u64);
-                    Progress::add(&ctx.progress.wire_sent, d.len() as u64);
-                }
+                let wire = self
+                    .comp
+                    .write_chunk(&mut self.w, disk, at + i as u64, &data[i..zs])?
+                    as u64;
+                ctx.control.pace(wire);
+                Progress::add(&ctx.progress.wire_sent, wire);
                 Progress::add(&ctx.progress.plain_sent, (zs - i) as u64);
-                self.send(&m)?;
             }
             if ze > zs {
                 self.send(&Message::Zero {
@@ -781,7 +816,7 @@ fn next_zero_run(data: &[u8], from: usize) -> (usize, usize) {
 }
 
 fn run_stream(ctx: &Ctx<'_>, out: &mut Out, rx: &Replies) -> Result<(), BlockError> {
-    let mut buf = Vec::new();
+    let mut buf = Aligned::default();
     let mut tries: HashMap<(u16, u64), u32> = HashMap::new();
     let mut pending: VecDeque<Item> = VecDeque::new();
     let mut exhausted = false;
@@ -857,17 +892,18 @@ fn send_whole(
     ctx: &Ctx<'_>,
     out: &mut Out,
     item: &Item,
-    buf: &mut Vec<u8>,
+    buf: &mut Aligned,
 ) -> Result<(), BlockError> {
-    ctx.read_masked(item, buf)?;
-    let data = std::mem::take(buf);
+    let len = ctx.read_masked(item, buf)?;
+    let data = buf.view(len);
     let base = item.chunk * ctx.chunk;
     for r in &item.ranges {
         let a = usize::try_from(r.start - base).unwrap_or(0);
         let b = usize::try_from(r.end - base).unwrap_or(0);
-        out.send_span(ctx, item.disk, r.start, &data[a..b])?;
+        if let Some(span) = data.get(a..b) {
+            out.send_span(ctx, item.disk, r.start, span)?;
+        }
     }
-    *buf = data;
     out.send(&Message::Done {
         disk: item.disk,
         chunk: item.chunk,
@@ -885,7 +921,7 @@ fn handle_reply(
     m: Message,
     pending: &mut VecDeque<Item>,
     tries: &mut HashMap<(u16, u64), u32>,
-    buf: &mut Vec<u8>,
+    buf: &mut Aligned,
 ) -> Result<(), BlockError> {
     match m {
         Message::Sums {
@@ -898,7 +934,8 @@ fn handle_reply(
                 .pop_front()
                 .filter(|i| i.disk == disk && i.chunk == chunk)
                 .ok_or_else(|| BlockError::Protocol("sums for a chunk not asked for".into()))?;
-            ctx.read_masked(&item, buf)?;
+            let len = ctx.read_masked(&item, buf)?;
+            let buf = buf.view(len);
             let mine = *blake3::hash(buf).as_bytes();
             if mine != hash {
                 let base = item.chunk * ctx.chunk;
@@ -921,8 +958,7 @@ fn handle_reply(
                         j += 1;
                     }
                     let (a, b) = (i * LEAF, (j * LEAF).min(buf.len()));
-                    let span = buf[a..b].to_vec();
-                    out.send_span(ctx, disk, base + a as u64, &span)?;
+                    out.send_span(ctx, disk, base + a as u64, &buf[a..b])?;
                     i = j;
                 }
             }
@@ -946,11 +982,10 @@ fn handle_reply(
             let item = ctx.item_for(disk, chunk).ok_or_else(|| {
                 BlockError::Protocol(format!("mismatch for unknown chunk {chunk}"))
             })?;
-            ctx.read_masked(&item, buf)?;
-            let hash = *blake3::hash(buf).as_bytes();
-            let data = std::mem::take(buf);
-            out.send_span(ctx, disk, item.chunk * ctx.chunk, &data)?;
-            *buf = data;
+            let len = ctx.read_masked(&item, buf)?;
+            let data = buf.view(len);
+            let hash = *blake3::hash(data).as_bytes();
+            out.send_span(ctx, disk, item.chunk * ctx.chunk, data)?;
             out.send(&Message::Done { disk, chunk, hash })?;
             ctx.resent.fetch_add(1, Ordering::Relaxed);
             ctx.progress.note(format!(

@@ -49,6 +49,25 @@ impl Aligned {
         &mut self.raw[start..start + want]
     }
 
+    /// The first `len` bytes of the slice [`Aligned::get`] last handed out for at least `len`
+    /// (empty when it never did).
+    pub fn view(&self, len: usize) -> &[u8] {
+        let start = self.raw.as_ptr().align_offset(ALIGN);
+        self.raw.get(start..start + len).unwrap_or(&[])
+    }
+
+    /// Writes the first `len` bytes of this buffer's slice (whole blocks, filled through
+    /// [`Aligned::get`]) at `off` of `f`, opened `O_DIRECT`, without a copy; false when the
+    /// device wants a larger alignment than [`ALIGN`] (nothing was written).
+    pub fn write_own(&mut self, f: &File, len: usize, off: u64) -> io::Result<bool> {
+        let buf = &self.get(len)[..len];
+        match f.write_all_at(buf, off) {
+            Ok(()) => Ok(true),
+            Err(e) if is_einval(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `data` (whole blocks) at `off` of `f`, opened `O_DIRECT`, through this buffer;
     /// false when the device wants a larger alignment than [`ALIGN`] (nothing was written).
     pub fn write_direct(&mut self, f: &File, data: &[u8], off: u64) -> io::Result<bool> {
@@ -72,7 +91,7 @@ pub fn set(f: &File, on: bool) -> bool {
     fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(flags)).is_ok()
 }
 
-fn is_einval(e: &io::Error) -> bool {
+pub(crate) fn is_einval(e: &io::Error) -> bool {
     e.raw_os_error() == Some(nix::libc::EINVAL)
 }
 
