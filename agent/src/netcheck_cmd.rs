@@ -69,11 +69,16 @@ pub fn run(a: &NetcheckArgs) -> anyhow::Result<()> {
     }
     match (&r.check, &r.error) {
         (Some(_), _) => Ok(()),
-        (None, e) => Err(anyhow::anyhow!(
-            "{}: {}",
-            r.error_code.as_deref().unwrap_or("SMS.1908"),
-            e.as_deref().unwrap_or("no measurement")
-        )),
+        (None, e) => {
+            let e = e.as_deref().unwrap_or("no measurement");
+            // Session errors name their code already.
+            if e.starts_with("SMS.") {
+                Err(anyhow::anyhow!("{e}"))
+            } else {
+                let code = r.error_code.as_deref().unwrap_or("SMS.1908");
+                Err(anyhow::anyhow!("{code}: {e}"))
+            }
+        }
     }
 }
 

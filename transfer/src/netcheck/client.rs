@@ -29,9 +29,7 @@ pub enum CheckError {
     Options(String),
     /// The target could not be reached, or refused the session. A receiver older than check
     /// mode closes the connection after the TLS handshake, which shows as a TLS error.
-    #[error(
-        "{0} (a receiver older than network-check support also closes the connection this way)"
-    )]
+    #[error("{}{}", .0, older_hint(.0))]
     Connect(SessionError),
     /// The session failed during the check.
     #[error(transparent)]
@@ -52,6 +50,17 @@ impl CheckError {
             CheckError::Connect(e) | CheckError::Session(e) => e.code(),
             CheckError::Cancelled | CheckError::Nothing(_) => crate::Code::TransmissionFailed,
         }
+    }
+}
+
+/// A receiver older than check mode refuses its `Hello` by closing the connection, which the
+/// source sees as a failure right after the TLS handshake; say so where that is what happened.
+fn older_hint(e: &SessionError) -> &'static str {
+    match e {
+        SessionError::Tls { .. } | SessionError::Wire(_) => {
+            " (a receiver older than network-check support closes the connection this way too)"
+        }
+        _ => "",
     }
 }
 
