@@ -141,6 +141,53 @@ mod tests {
         assert!(r.retrans_pct.is_some(), "{r:?}");
     }
 
+    /// A receiver that predates check mode: it completes the handshake, reads the `Hello`,
+    /// cannot decode its mode, and closes the connection (what `accept_one` did then).
+    #[test]
+    fn an_older_receiver_is_a_clear_connect_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::generate(dir.path(), &[]).unwrap();
+        let r = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+        let ca = r("ca.pem");
+        let server = server_config(
+            Identity::from_pem(&r("target.pem"), &r("target-key.pem"), None).unwrap(),
+            &ca,
+        )
+        .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (sock, _) = l.accept().unwrap();
+            let tls = rustls::ServerConnection::new(server).unwrap();
+            let conn = crate::conn::Conn::handshake(sock, tls, Duration::from_secs(5)).unwrap();
+            let (mut rd, _w) = conn.split();
+            let (kind, payload) = crate::wire::read_frame(&mut rd).unwrap();
+            assert_eq!(kind, 1);
+            // Mode byte 2 after the task id: what an older decoder refused.
+            assert_eq!(payload[2 + usize::from(payload[1])], 2);
+        });
+        let c = Connector {
+            addr,
+            tls: client_config(
+                Identity::from_pem(&r("source.pem"), &r("source-key.pem"), None).unwrap(),
+                &ca,
+            )
+            .unwrap(),
+            timeout: Duration::from_secs(5),
+        };
+        let opts = CheckOptions {
+            task_id: "t".into(),
+            streams: 1,
+            duration: Duration::from_secs(4),
+        };
+        let e = run(&c, &opts, &AtomicBool::new(false)).unwrap_err();
+        assert!(matches!(e, CheckError::Connect(_)), "{e}");
+        assert!(
+            e.to_string().contains("older than network-check support"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn out_of_range_options_are_refused_before_connecting() {
         let c = Connector {
