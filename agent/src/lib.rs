@@ -11,6 +11,7 @@ pub mod disklayout;
 pub mod fileplan;
 pub mod freeze;
 pub mod logs;
+pub mod netcheck;
 pub mod obs;
 pub mod standalone;
 pub mod target_tls;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod interrupt;
 mod logs_cmd;
+mod netcheck_cmd;
 mod probe_cmd;
 mod run_cmd;
 mod term;
@@ -89,6 +90,14 @@ enum Command {
     /// copy (and sync) is complete and verified.
     #[command(after_help = TRANSFER_EXIT_STATUS)]
     Migrate(transfer_cmd::MigrateArgs),
+    /// Measure the network to a receiver: delay, jitter, loss, bandwidth, and this host's load.
+    ///
+    /// Talks to a running `sms-agent receive` on its own port with the certificates `migrate`
+    /// uses; the receiver writes nothing. Delay is the median round trip of timed echoes,
+    /// jitter their RFC 3550 smoothing, loss the echoes past their deadline or the data
+    /// streams' TCP retransmission rate (the larger), bandwidth the rate of --streams streams
+    /// of incompressible data after a warm-up. Exits 1 when nothing could be measured.
+    Netcheck(netcheck_cmd::NetcheckArgs),
     /// Make a CA and source/target certificates for standalone mode (receive/migrate).
     ///
     /// Writes ca.pem, ca-key.pem, source.pem, source-key.pem, target.pem and target-key.pem
@@ -199,6 +208,7 @@ fn main() -> ExitCode {
         Command::Logs { command } => logs_cmd::run(&command),
         Command::Receive(args) => transfer_cmd::receive(&args),
         Command::Migrate(args) => transfer_cmd::migrate(&args),
+        Command::Netcheck(args) => netcheck_cmd::run(&args),
         Command::ThawGuard { within_ms, mounts } => {
             sms_agent::freeze::guard_main(std::time::Duration::from_millis(within_ms), &mounts)
                 .map_err(anyhow::Error::from)

@@ -41,7 +41,8 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn load(&self) -> anyhow::Result<(transfer::tls::Identity, String)> {
+    /// The identity and CA of this side; a file that cannot be used is a [`BadConfig`].
+    pub(crate) fn load(&self) -> anyhow::Result<(transfer::tls::Identity, String)> {
         self.load_inner()
             .map_err(|e| BadConfig(format!("{e:#}")).into())
     }
@@ -433,6 +434,15 @@ pub fn receive(a: &ReceiveArgs) -> anyhow::Result<()> {
                 if served.stopping.load(Ordering::SeqCst) {
                     inc.control
                         .send_error(&Code::TaskPaused, "the receiver is stopping");
+                    return false;
+                }
+                // A network check writes nothing: it neither waits for nor holds the gate.
+                if inc.mode == Mode::Check {
+                    let task = inc.task_id.clone();
+                    match transfer::netcheck::serve::serve(inc, peer_timeout) {
+                        Ok(r) => tracing::info!(task_id = %task, echoes = r.echoes, streams = r.streams, bytes = r.bytes, "network check served"),
+                        Err(e) => tracing::warn!(task_id = %task, error = %e, "network check failed"),
+                    }
                     return false;
                 }
                 let Some(_one) = wait_turn(&gate, &mut inc, peer_timeout) else {

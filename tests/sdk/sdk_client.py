@@ -3,10 +3,13 @@
 
 The SDK signs every request with its own SDK-HMAC-SHA256 signer, so a run that passes shows the
 emulator checks signatures the way the API gateway does, and that its bodies parse in the SDK's
-models. Usage: sdk_client.py URL AK SK [create-block-task SOURCE_ID MIGRATION_IP NAME:SIZE...].
+models. Usage: sdk_client.py URL AK SK [create-block-task SOURCE_ID MIGRATION_IP NAME:SIZE... |
+network-check TASK_ID].
 Exits non-zero on any failure.
 """
+import json
 import sys
+import time
 
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.exceptions import exceptions
@@ -50,7 +53,26 @@ def create_block_task(url, ak, sk, source_id, migration_ip, disks):
     print("task", task_id)
 
 
+def network_check(url, ak, sk, task_id):
+    """The operator's network_check action (reference 5.4.7, line 12922), then the task as the
+    SDK reads it until its network_check_info (5.4.5, line 11283) appears; prints it as JSON."""
+    client = client_for(url, ak, sk)
+    client.update_task_status(sms.UpdateTaskStatusRequest(
+        task_id=task_id, body=sms.UpdateTaskStatusReq(operation="network_check")))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        info = client.show_task(sms.ShowTaskRequest(task_id=task_id)).network_check_info
+        if info is not None:
+            print(json.dumps(info.to_dict()))
+            return
+        time.sleep(0.5)
+    raise AssertionError("no network_check_info on the task within 120 s")
+
+
 def main():
+    if len(sys.argv) > 5 and sys.argv[4] == "network-check":
+        network_check(*sys.argv[1:4], sys.argv[5])
+        return
     if len(sys.argv) > 4 and sys.argv[4] == "create-block-task":
         create_block_task(*sys.argv[1:4], sys.argv[5], sys.argv[6], sys.argv[7:])
         return

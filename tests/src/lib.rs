@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub mod emulator;
 pub mod procs;
+pub mod relay;
 
 pub use probe::model::PostSourceServerBody;
 

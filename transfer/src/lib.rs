@@ -16,7 +16,8 @@
 //! - [`code`]: the SMS error codes every failure carries, and [`TaskFailure`];
 //!   [`durable`]: the one atomic, durable file write (checkpoints, records, state).
 //! - [`chunk`]: chunk hashing and zstd compression; [`limit`]: speed limits;
-//!   [`meter`]: progress and rate metering; [`task`]: what a running pass shares with
+//!   [`meter`]: progress and rate metering; [`netcheck`]: the network check (delay, jitter,
+//!   loss, bandwidth to a receiver); [`task`]: what a running pass shares with
 //!   whoever watches and steers it (counters, cancel flag, speed-limit bucket).
 //!
 //! How the engines behave is described in docs/engines.md.
@@ -36,6 +37,7 @@ pub mod durable;
 pub mod file;
 pub mod limit;
 pub mod meter;
+pub mod netcheck;
 pub mod prepare;
 pub mod sched;
 pub mod session;

@@ -728,6 +728,10 @@ pub fn name_of(m: &Message) -> &'static str {
         Message::Mismatch { .. } => "Mismatch",
         Message::Accepted { .. } => "Accepted",
         Message::VerifyMap { .. } => "VerifyMap",
+        Message::Echo { .. } => "Echo",
+        Message::EchoReply { .. } => "EchoReply",
+        Message::Fill { .. } => "Fill",
+        Message::Filled { .. } => "Filled",
     }
 }
 

@@ -32,6 +32,9 @@ pub enum Mode {
     Block,
     /// Files of mounted filesystems.
     File,
+    /// A network check (`netcheck`): timed echoes on the control stream, filler data on the
+    /// data streams; nothing is written on the target.
+    Check,
 }
 
 /// Chunk size of a block transfer must lie in this range (and be a power of two): the unit of
@@ -44,6 +47,14 @@ pub const LEAF: usize = 4096;
 pub const LEAF_HASH: usize = 16;
 /// Message types 64–127 belong to file mode (`file::proto`); this decoder refuses them.
 pub const FILE_TYPES: std::ops::RangeInclusive<u8> = 64..=127;
+/// Message types 20–29 belong to check mode (`Hello` mode 2): only a session that asked for a
+/// network check carries them.
+pub const CHECK_TYPES: std::ops::RangeInclusive<u8> = 20..=29;
+/// Message type of [`Message::Fill`]: the check's receiver counts these frames without decoding
+/// (or copying) their payload.
+pub const FILL: u8 = 22;
+/// Message type of [`Message::Bye`].
+pub const BYE: u8 = 8;
 
 /// One message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +196,34 @@ pub enum Message {
         disk: u16,
         /// Bitmap, LSB first.
         bits: Vec<u8>,
+    },
+    /// Check mode: a timed echo request; the target answers [`Message::EchoReply`] at once.
+    Echo {
+        /// Sequence number of the echo.
+        seq: u64,
+        /// The sender's clock when sent (opaque to the target, echoed back).
+        nanos: u64,
+    },
+    /// Check mode: the answer to [`Message::Echo`], with its fields unchanged.
+    EchoReply {
+        /// Sequence number of the echo.
+        seq: u64,
+        /// The sender's clock when the echo was sent.
+        nanos: u64,
+    },
+    /// Check mode: filler for the bandwidth measurement (incompressible bytes, discarded).
+    Fill {
+        /// The filler.
+        data: Vec<u8>,
+    },
+    /// Check mode: filler payload bytes the target has read on this data stream so far, at
+    /// `nanos` on the target's clock (counted where the data arrives, so a proxy that
+    /// acknowledges early cannot inflate the rate).
+    Filled {
+        /// Filler bytes received on this stream.
+        bytes: u64,
+        /// The target's clock, nanoseconds since the session began.
+        nanos: u64,
     },
 }
 
@@ -505,6 +544,10 @@ impl Message {
             Message::Mismatch { .. } => 15,
             Message::Accepted { .. } => 16,
             Message::VerifyMap { .. } => 17,
+            Message::Echo { .. } => 20,
+            Message::EchoReply { .. } => 21,
+            Message::Fill { .. } => FILL,
+            Message::Filled { .. } => 23,
         }
     }
 
@@ -523,6 +566,7 @@ impl Message {
                 p.push(match mode {
                     Mode::Block => 0,
                     Mode::File => 1,
+                    Mode::Check => 2,
                 });
                 p.extend_from_slice(&stream.to_be_bytes());
                 p.extend_from_slice(&streams.to_be_bytes());
@@ -611,6 +655,20 @@ impl Message {
                     p.extend_from_slice(l);
                 }
             }
+            Message::Echo { seq, nanos } | Message::EchoReply { seq, nanos } => {
+                p.extend_from_slice(&seq.to_be_bytes());
+                p.extend_from_slice(&nanos.to_be_bytes());
+            }
+            Message::Fill { data } => {
+                if data.len() > MAX_CHUNK {
+                    return Err(too_long("filler", data.len(), MAX_CHUNK));
+                }
+                p.extend_from_slice(data);
+            }
+            Message::Filled { bytes, nanos } => {
+                p.extend_from_slice(&bytes.to_be_bytes());
+                p.extend_from_slice(&nanos.to_be_bytes());
+            }
         }
         Ok(p)
     }
@@ -656,6 +714,7 @@ impl Message {
                 mode: match r.u8("mode")? {
                     0 => Mode::Block,
                     1 => Mode::File,
+                    2 => Mode::Check,
                     _ => return Err(WireError::Invalid("mode")),
                 },
                 stream: r.u16("stream")?,
@@ -787,6 +846,27 @@ impl Message {
                     bits: r.take(n, "verify map")?.to_vec(),
                 }
             }
+            20 => Message::Echo {
+                seq: r.u64("echo seq")?,
+                nanos: r.u64("echo time")?,
+            },
+            21 => Message::EchoReply {
+                seq: r.u64("echo seq")?,
+                nanos: r.u64("echo time")?,
+            },
+            FILL => {
+                let data = r.rest();
+                if data.len() > MAX_CHUNK {
+                    return Err(too_long("filler", data.len(), MAX_CHUNK));
+                }
+                Message::Fill {
+                    data: data.to_vec(),
+                }
+            }
+            23 => Message::Filled {
+                bytes: r.u64("filled bytes")?,
+                nanos: r.u64("filled time")?,
+            },
             other => return Err(WireError::Type(other)),
         };
         r.finish()?;
@@ -925,6 +1005,26 @@ mod tests {
                 data: vec![9; 100],
             },
             Message::Ack { upto: u64::MAX },
+            Message::Hello {
+                task_id: "netcheck".into(),
+                mode: Mode::Check,
+                stream: 0,
+                streams: 4,
+                session: 0,
+            },
+            Message::Echo { seq: 1, nanos: 99 },
+            Message::EchoReply {
+                seq: u64::MAX,
+                nanos: 0,
+            },
+            Message::Fill {
+                data: vec![0xa5; 1000],
+            },
+            Message::Fill { data: Vec::new() },
+            Message::Filled {
+                bytes: 1 << 40,
+                nanos: 7,
+            },
             Message::Checkpoint { seq: 17 },
             Message::Error {
                 code: crate::Code::TransmissionFailed.to_string(),
@@ -1034,7 +1134,7 @@ mod tests {
             crate::testutil::xorshift(&mut x);
             let len = (x % 96) as usize;
             let payload: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
-            let kind = (x >> 8) as u8 % 17;
+            let kind = (x >> 8) as u8 % 24;
             if let Ok(m) = Message::decode(kind, &payload) {
                 // Whatever decodes re-encodes to the same bytes.
                 assert_eq!(&m.encode().unwrap()[HEADER_LEN..], &payload[..]);

@@ -163,6 +163,10 @@ pub struct Task {
     /// (default false).
     #[serde(default)]
     pub is_need_consistency_check: Option<bool>,
+    /// Whether the network is checked before the first copy: ref. §5.4.1 line 9688
+    /// ("是否开启网络检测"). §5.4.5's answer does not list it; the agent reads it when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_network_check: Option<bool>,
     /// Target server.
     #[serde(default)]
     pub target_server: Option<TargetServer>,

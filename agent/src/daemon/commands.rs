@@ -64,6 +64,8 @@ impl Daemon {
             "STOP" => self.stop().await,
             "DELETE" => self.delete().await,
             "SKIP" => self.skip(),
+            // The operator's `network_check` action (§5.4.7 line 12922); daemon/netcheck.rs.
+            "NETWORK_CHECK" => self.network_check(&task_id).await,
             // Log bundles to the command's OBS bucket, answered when done (daemon/logs_cmd.rs).
             "UPLOAD_LOG" | "RSET_LOG_ACL" => {
                 self.start_log_command(name, param).await;

@@ -15,6 +15,7 @@ mod fjournal;
 mod log_transfer;
 mod logs_cmd;
 mod material;
+mod netcheck;
 mod plan;
 mod register;
 mod report;

@@ -56,6 +56,7 @@ impl Daemon {
                 f
             })?;
         let prev = self.state.task.take().filter(|t| t.id == task_id);
+        let first_start = prev.is_none();
         let pass = match &prev {
             Some(t) if t.pass_done => t.pass + 1,
             Some(t) => t.pass,
@@ -82,6 +83,13 @@ impl Daemon {
             Ok(m) => m,
             Err(f) => return Err(self.fail_task(f).await),
         };
+        if first_start && pass == 0 && task.start_network_check == Some(true) {
+            // §5.4.1 line 9688: the check runs before the first copy; its verdict is the
+            // operator's to weigh, so the pass starts whatever it says.
+            if let Err(f) = self.check_and_report(&task, material.tls.clone()).await {
+                tracing::warn!(task_id, error_code = %f.code, "network check before the first pass: {}", f.message);
+            }
+        }
         self.launch(&task, pass, material, 0).await
     }
 

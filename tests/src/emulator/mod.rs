@@ -13,6 +13,7 @@ pub mod auth;
 mod certkey;
 pub mod certs;
 mod commands;
+mod netcheck;
 mod reports;
 mod routes;
 mod sources;

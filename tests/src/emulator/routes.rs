@@ -6,7 +6,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::store::Store;
-use super::{auth, bad, certkey, commands, err, ok, reports, sources, tasks, Emu, Reply};
+use super::{auth, bad, certkey, commands, err, netcheck, ok, reports, sources, tasks, Emu, Reply};
 
 /// Answers one authenticated API call.
 pub(super) fn api(emu: &Emu, method: &Method, path: &str, query: &str, body: &[u8]) -> Reply {
@@ -82,7 +82,7 @@ fn route(s: &mut Store, method: &str, segs: &[&str], query: &str, v: Value) -> O
         ("PUT", ["v3", "tasks", id, "progress"]) => reports::progress(s, id, &v),
         ("POST", ["v3", "tasks", id, "consistency-result"]) => reports::put_consistency(s, id, &v),
         ("GET", ["v3", "tasks", id, "consistency-result"]) => reports::consistency(s, id),
-        ("POST", ["v3", _task, "update-network-check-info"]) => ok(json!({})),
+        ("POST", ["v3", task, "update-network-check-info"]) => netcheck::update(s, task, &v),
         ("GET", ["v3", "tasks", id, "certkey"]) => certkey::certkey(s, id),
         ("GET", ["v3", "tasks", id, "passphrase"]) => certkey::passphrase(s, id),
         _ => return None,

@@ -190,7 +190,8 @@ pub(super) fn delete(s: &mut Store, id: &str) -> Reply {
 }
 
 /// `POST /v3/tasks/{id}/action`: `operation` becomes the agent's command (start and
-/// restart: START; stop, skip); the service-side operations are accepted and ignored.
+/// restart: START; stop, skip; network_check: NETWORK_CHECK); the service-side operations are
+/// accepted and ignored.
 /// The operations are those of ref. §5.4.7 line 12922; there is no `sync` among them
 /// although the section's introduction says it manages "同步任务". The emulator models a
 /// sync the way the reference allows: `start` of a task whose copy has completed
@@ -215,7 +216,12 @@ pub(super) fn action(s: &mut Store, id: &str, v: &Value) -> Reply {
         }
         "stop" => Some("STOP"),
         "skip" => Some("SKIP"),
-        "test" | "clone_test" | "network_check" | "clear" | "migration_test" => None,
+        // The reference names no command for it (§5.5.1 lists START, STOP, DELETE, SYNC,
+        // SKIP), yet only the agent can measure from the source and it hears of the service
+        // only through commands; the emulator queues NETWORK_CHECK (an assumption), and the
+        // agent answers with update-network-check-info (§5.9.1).
+        "network_check" => Some("NETWORK_CHECK"),
+        "test" | "clone_test" | "clear" | "migration_test" => None,
         other => return bad("SMS.6011", format!("operation {other:?} is not one of start, stop, test, clone_test, restart, network_check, clear, skip, migration_test")),
     };
     let (src, tid) = (t.source_id.clone(), t.id.clone());
