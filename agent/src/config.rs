@@ -231,6 +231,8 @@ struct RawTransferSection {
     port: u16,
     streams: Option<u16>,
     exclude: Vec<String>,
+    freeze: Vec<String>,
+    freeze_window: Interval,
 }
 
 impl Default for RawTransferSection {
@@ -239,9 +241,15 @@ impl Default for RawTransferSection {
             port: DEFAULT_PORT,
             streams: None,
             exclude: Vec::new(),
+            freeze: Vec::new(),
+            freeze_window: Interval(DEFAULT_FREEZE_WINDOW),
         }
     }
 }
+
+/// How long a daemon cutover may hold the filesystems frozen unless `[transfer]
+/// freeze_window` says otherwise.
+pub const DEFAULT_FREEZE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Data port on the target unless `[transfer] port` says otherwise.
 pub const DEFAULT_PORT: u16 = 8900;
@@ -256,6 +264,11 @@ pub struct TransferSection {
     pub streams: Option<NonZeroU16>,
     /// Absolute paths excluded from file-level migration.
     pub exclude: Vec<PathBuf>,
+    /// Mount points the daemon freezes for the pass of an explicit SYNC of a block task (the
+    /// cutover pass); empty: no pass is frozen.
+    pub freeze: Vec<PathBuf>,
+    /// Longest time they stay frozen; the thaw guard thaws them at its end whatever happens.
+    pub freeze_window: Duration,
 }
 
 impl Default for TransferSection {
@@ -264,6 +277,8 @@ impl Default for TransferSection {
             port: NonZeroU16::MIN.saturating_add(DEFAULT_PORT - 1),
             streams: None,
             exclude: Vec::new(),
+            freeze: Vec::new(),
+            freeze_window: DEFAULT_FREEZE_WINDOW,
         }
     }
 }
@@ -645,6 +660,26 @@ fn transfer_section(raw: &RawTransferSection, problems: &mut Vec<String>) -> Tra
             problems.push(format!("[transfer] exclude {e:?} is not an absolute path"));
         }
     }
+    for f in &raw.freeze {
+        let p = PathBuf::from(f);
+        if !f.starts_with('/') {
+            problems.push(format!("[transfer] freeze {f:?} is not an absolute path"));
+        } else if t.freeze.contains(&p) {
+            problems.push(format!("[transfer] freeze names {f:?} twice"));
+        } else {
+            t.freeze.push(p);
+        }
+    }
+    let w = raw.freeze_window.0;
+    if w.is_zero() || w > crate::freeze::MAX_WINDOW {
+        problems.push(format!(
+            "[transfer] freeze_window must be more than 0 and at most {} s, not {} ms",
+            crate::freeze::MAX_WINDOW.as_secs(),
+            w.as_millis()
+        ));
+    } else {
+        t.freeze_window = w;
+    }
     t
 }
 
@@ -948,6 +983,8 @@ sync_interval = "500ms"
 port = 0
 streams = 0
 exclude = ["/tmp", "var/cache", "relative"]
+freeze = ["/srv", "srv", "/srv"]
+freeze_window = "31s"
 "#,
             Purpose::Daemon,
         );
@@ -966,13 +1003,16 @@ exclude = ["/tmp", "var/cache", "relative"]
             "[transfer] streams must be 1..=64, not 0",
             "[transfer] exclude \"var/cache\"",
             "[transfer] exclude \"relative\"",
+            "[transfer] freeze \"srv\" is not an absolute path",
+            "[transfer] freeze names \"/srv\" twice",
+            "[transfer] freeze_window must be more than 0 and at most 30 s",
         ] {
             assert!(
                 got.iter().any(|p| p.starts_with(key)),
                 "{key} not named in {got:#?}"
             );
         }
-        assert_eq!(got.len(), 14, "{got:#?}");
+        assert_eq!(got.len(), 17, "{got:#?}");
     }
 
     #[test]
@@ -1002,7 +1042,7 @@ exclude = ["/tmp", "var/cache", "relative"]
         let p = write(
             t.path(),
             "c.toml",
-            "[transfer]\nport = 9000\nstreams = 3\nexclude = [\"/srv/cache\"]\n",
+            "[transfer]\nport = 9000\nstreams = 3\nexclude = [\"/srv/cache\"]\nfreeze = [\"/srv\"]\nfreeze_window = \"5s\"\n",
             0o600,
         );
         let c = Config::load(&p, false, &BTreeMap::new(), Purpose::Local).unwrap();
@@ -1010,6 +1050,8 @@ exclude = ["/tmp", "var/cache", "relative"]
         assert_eq!(c.transfer.port.get(), 9000);
         assert_eq!(c.transfer.streams.map(NonZeroU16::get), Some(3));
         assert_eq!(c.transfer.exclude, [PathBuf::from("/srv/cache")]);
+        assert_eq!(c.transfer.freeze, [PathBuf::from("/srv")]);
+        assert_eq!(c.transfer.freeze_window, Duration::from_secs(5));
         assert_eq!(TransferSection::default().port.get(), DEFAULT_PORT);
         let e = Config::load(&p, false, &BTreeMap::new(), Purpose::Daemon)
             .unwrap_err()

@@ -134,6 +134,24 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         if let Some(l) = st.replication_lag_secs {
             println!("lag:       {l:.1} s (oldest change not yet on the target)");
         }
+        if let Some(f) = &st.last_freeze {
+            println!(
+                "freeze:    pass {} held {} frozen {:.3} s ({}, {})",
+                f.pass,
+                f.mounts.join(", "),
+                f.window_secs,
+                if f.within_window {
+                    "within the window"
+                } else {
+                    "past the window: not crash-consistent"
+                },
+                if f.completed {
+                    "pass complete"
+                } else {
+                    "pass did not complete"
+                }
+            );
+        }
     }
     if let Some(e) = &st.last_error {
         println!("last error: {e}");

@@ -372,3 +372,216 @@ fn linux_cpu_limit_holds_the_agent_to_its_share_of_a_cpu() {
         );
     }
 }
+
+/// `cmp` of two ext4 disks but for the primary superblock (bytes 1024..2048), which the
+/// thaw rewrites on the source (ext4 marks its journal in use again).
+fn same_but_superblock(a: &Path, b: &Path) -> bool {
+    let head = |p: &Path| {
+        let mut v = vec![0u8; 1024];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut v, 0)
+            .unwrap();
+        v
+    };
+    let rest = Command::new("cmp")
+        .args(["-s", "-i", "2048"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success();
+    rest && head(a) == head(b)
+}
+
+/// Whether a write and fsync of a new file under `dir` complete within `within` (they
+/// block while the filesystem is frozen). The thread is left to finish on its own if not.
+fn writable(dir: &Path, name: &str, within: Duration) -> bool {
+    let p = dir.join(name);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let f = std::fs::File::create(&p).unwrap();
+        f.write_all_at(b"after the thaw", 0).unwrap();
+        f.sync_all().unwrap();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(within).is_ok()
+}
+
+/// Waits until the agent's log holds `what`.
+fn wait_log(agent: &Agent, what: &str, secs: u64) {
+    let t0 = Instant::now();
+    while !agent.log().contains(what) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "no {what:?} in the log: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_explicit_sync_with_transfer_freeze_is_a_frozen_cutover_that_always_thaws() {
+    require_root();
+    let kit = Kit::new();
+    let mut src = LoopDisk::new(96);
+    // Every group's bitmaps written by mkfs: an uninitialised group's bitmap lives only in
+    // the device's page cache, so a copy read through it need not `cmp` equal to the disk.
+    sms_tests::run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-b",
+            "4096",
+            "-O",
+            "^metadata_csum,^uninit_bg",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            src.path(),
+        ],
+    );
+    let dev = src.dev.clone();
+    let mnt = src.mount(&dev, "m", None);
+    std::fs::write(mnt.join("base"), noise(12 << 20, 1)).unwrap();
+    sms_tests::run("sync", &[]);
+    let dst = kit.dir.path().join("dst.img");
+    std::fs::File::create(&dst)
+        .unwrap()
+        .set_len(size_of(&dev))
+        .unwrap();
+    let port = free_port();
+    let emu = Emulator::start();
+    let extra = format!(
+        "[probe]\ndevices = [\"{}\"]\n[transfer]\nport = {port}\nstreams = 2\nfreeze = [\"{}\"]\nfreeze_window = \"25s\"\n",
+        src.path(),
+        mnt.display()
+    );
+    let mut agent = Agent::start_with(
+        &emu.url(),
+        &format!("access_key = \"{AK}\"\nsecret_key = \"{SK}\"\n"),
+        &extra,
+        &[],
+    );
+    let id = emu.source_id(&agent);
+    // 40 Mbit/s: the frozen pass below takes seconds, long enough to be interrupted.
+    let tid = task(&emu, &id, &src, &json!({"speed_limit": 40}));
+    let mut rx = receiver(&kit, &emu, &tid, port, &dst);
+
+    // The copy runs under writes through the filesystem, fsynced in batches.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, data) = (std::sync::Arc::clone(&stop), mnt.join("base"));
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+            let mut x = 5u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..16 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    f.write_all_at(&noise(4096, x), (x % 3072) * 4096).unwrap();
+                }
+                f.sync_data().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    action(&emu, &tid, "start");
+    emu.wait_task(&tid, "MIGRATE_SUCCESS", 120);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // The copy was no cutover: nothing was frozen.
+    assert!(!agent.log().contains("cutover:"), "{}", agent.log());
+
+    // Buffered and not fsynced: only the freeze's flush puts this on the disk before the
+    // pass reads it.
+    std::fs::write(mnt.join("late"), noise(16 << 20, 2)).unwrap();
+    // `start` of a copied task is SYNC (the emulator, after ref. §5.4.7): the cutover pass.
+    action(&emu, &tid, "start");
+    wait_log(&agent, "cutover: filesystems frozen", 60);
+    // Frozen: a write does not get through.
+    assert!(
+        !writable(&mnt, "during", Duration::from_millis(500)),
+        "the filesystem took a write while the cutover pass ran"
+    );
+    assert!(!agent.log().contains("thawed"), "{}", agent.log());
+    // SIGTERM mid-pass: the daemon stops at a checkpoint and thaws before it exits.
+    let (st, _) = agent.terminate();
+    assert!(st.success(), "{}", agent.log());
+    assert!(
+        writable(&mnt, "between", Duration::from_secs(5)),
+        "the filesystem stayed frozen after the daemon stopped"
+    );
+    assert!(
+        agent.log().contains("cutover: filesystems thawed after"),
+        "{}",
+        agent.log()
+    );
+
+    // The restarted daemon resumes the cutover pass, frozen again, and completes it.
+    agent.restart();
+    let t0 = Instant::now();
+    while syncs_done(&emu) < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the cutover pass did not complete: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        agent.log().matches("cutover: filesystems frozen").count(),
+        2,
+        "{}",
+        agent.log()
+    );
+    // The freeze window is reported: in the final progress report and in status --json.
+    let last = reports(&emu)
+        .into_iter()
+        .rfind(|b| b["subtask_name"] == "SYNC_LINUX_BLOCK" && b["progress"] == 100)
+        .unwrap();
+    assert!(
+        last["process_trace"]
+            .as_str()
+            .unwrap()
+            .contains("cutover: thawed after"),
+        "{last}"
+    );
+    let t0 = Instant::now();
+    let freeze = loop {
+        let s = agent.status();
+        if s["last_freeze"]["completed"] == true {
+            break s["last_freeze"].clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(freeze["within_window"], true, "{freeze}");
+    assert_eq!(freeze["mounts"][0], mnt.to_str().unwrap(), "{freeze}");
+    assert!(freeze["window_secs"].as_f64().unwrap() > 0.0, "{freeze}");
+
+    // The target is the source as frozen: every byte but the superblock the thaw rewrote,
+    // and a clean filesystem holding the same files, the unflushed one too.
+    assert!(same_but_superblock(&dev, &dst), "the target differs");
+    sms_tests::run("e2fsck", &["-fn", dst.to_str().unwrap()]);
+    let tl = LoopDisk::attach(&dst);
+    let tm = tempfile::tempdir().unwrap();
+    sms_tests::run(
+        "mount",
+        &["-o", "ro,noload", tl.path(), tm.path().to_str().unwrap()],
+    );
+    for f in ["base", "late", "during", "between"] {
+        let same = std::fs::read(tm.path().join(f)).ok() == std::fs::read(mnt.join(f)).ok();
+        assert!(same, "{f} differs on the target");
+    }
+    sms_tests::run("umount", &[tm.path().to_str().unwrap()]);
+    // Thawed afterwards.
+    assert!(
+        writable(&mnt, "after", Duration::from_secs(5)),
+        "the filesystem stayed frozen after the cutover pass"
+    );
+    let _ = rx.kill();
+    let _ = rx.wait();
+    agent.kill9();
+}

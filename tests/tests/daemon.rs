@@ -700,6 +700,7 @@ fn bad_configs_are_refused_with_exit_64_naming_the_problem() {
         ("[api]\nendpoint = \"ftp://x\"\n[auth]\naccess_key = \"a\"\nsecret_key = \"b\"\n", 0o600, "endpoint"),
         ("[api]\nendpoint = \"http://127.0.0.1:9\"\n[auth]\naccess_key = \"a\"\nsecret_key = \"b\"\n", 0o644, "chmod 600"),
         ("[api]\nendpoint = \"http://127.0.0.1:9\"\n[auth]\naccess_key = \"a\"\n", 0o600, "secret_key"),
+        ("[api]\nendpoint = \"http://127.0.0.1:9\"\n[auth]\naccess_key = \"a\"\nsecret_key = \"b\"\n[transfer]\nfreeze = [\"srv\"]\n", 0o600, "[transfer] freeze \"srv\" is not an absolute path"),
     ];
     for (i, (text, mode, want)) in cases.iter().enumerate() {
         let p = dir.path().join(format!("c{i}.toml"));

@@ -2,8 +2,9 @@
 //! of it: the `PUT …/progress` body (rate over the last 5 s before compression, ETA,
 //! compression, host and agent CPU, memory and disk I/O) and the speed limit in force.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
@@ -17,6 +18,21 @@ use transfer::{Code, TaskFailure};
 pub mod cpu;
 mod usage;
 use usage::Usage;
+
+use super::state::FreezeReport;
+use crate::freeze::Frozen;
+
+/// Filesystems frozen for a cutover pass, handed to the pass's thread, which thaws them as
+/// soon as the send ends however it ends (a panic drops them: [`Frozen`] thaws on drop; a
+/// dead daemon leaves it to the thaw guard).
+pub struct Cutover {
+    /// The freeze.
+    pub frozen: Frozen,
+    /// When it began.
+    pub at: Instant,
+    /// What is frozen.
+    pub mounts: Vec<PathBuf>,
+}
 
 /// How the threads of a pass are scheduled.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +113,8 @@ pub struct Runner {
     pub pass: u32,
     /// Byte-rate caps (speed limits, CPU pacer) the bucket obeys.
     pub caps: Arc<cpu::Caps>,
+    /// The freeze window of a cutover pass, once its thread has thawed.
+    pub freeze: Arc<Mutex<Option<FreezeReport>>>,
     pacer_stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<Ended>>,
     meter: Option<Meter>,
@@ -147,6 +165,7 @@ impl Runner {
             subtask,
             pass,
             caps,
+            freeze: Arc::default(),
             pacer_stop,
             handle: Some(handle),
             meter: None,
@@ -155,23 +174,63 @@ impl Runner {
         }
     }
 
-    /// Starts block pass `opts.pass` of `disks` against `connector` on a new thread.
+    /// Starts block pass `opts.pass` of `disks` against `connector` on a new thread; with
+    /// `cutover`, the thread thaws the filesystems as soon as the send ends.
     pub fn start_block(
         connector: Connector,
         disks: Vec<SourceDisk>,
         opts: SendOptions,
         sched: Sched,
+        cutover: Option<Cutover>,
     ) -> Self {
         let subtask = if opts.sync {
             "SYNC_LINUX_BLOCK"
         } else {
             "MIGRATE_LINUX_BLOCK"
         };
-        Self::spawn(
-            subtask,
-            opts.pass,
-            sched,
-            move |p, c, _| match transfer::block::send(&connector, &disks, &opts, p, c) {
+        let slot: Arc<Mutex<Option<FreezeReport>>> = Arc::default();
+        let report = Arc::clone(&slot);
+        let pass = opts.pass;
+        let mut runner = Self::spawn(subtask, pass, sched, move |p, c, _| {
+            if let Some(cut) = &cutover {
+                p.note(format!(
+                    "cutover: frozen {}",
+                    cut.mounts
+                        .iter()
+                        .map(|m| m.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            let r = transfer::block::send(&connector, &disks, &opts, p, c);
+            if let Some(cut) = cutover {
+                let within = cut.frozen.thaw();
+                let secs = cut.at.elapsed().as_secs_f64();
+                let completed = r.is_ok();
+                tracing::info!(
+                    pass,
+                    window_secs = secs,
+                    within_window = within,
+                    completed,
+                    "cutover: filesystems thawed after {secs:.3} s frozen"
+                );
+                p.note(if within {
+                    format!("cutover: thawed after {secs:.3} s")
+                } else {
+                    format!("cutover: frozen {secs:.3} s, past the window; the guard thawed at its end, so this pass is not crash-consistent")
+                });
+                let mounts = cut.mounts.iter().map(|m| m.display().to_string()).collect();
+                if let Ok(mut s) = report.lock() {
+                    *s = Some(FreezeReport {
+                        pass,
+                        mounts,
+                        window_secs: secs,
+                        within_window: within,
+                        completed,
+                    });
+                }
+            }
+            match r {
                 Ok(r) => Ended::Done(Summary {
                     bytes_read: r.bytes_read,
                     wire_sent: r.wire_sent,
@@ -179,8 +238,15 @@ impl Runner {
                     ..Summary::default()
                 }),
                 Err(e) => e.into(),
-            },
-        )
+            }
+        });
+        runner.freeze = slot;
+        runner
+    }
+
+    /// The freeze window of this pass, once thawed (cutover passes only).
+    pub fn freeze_report(&self) -> Option<FreezeReport> {
+        self.freeze.lock().ok().and_then(|s| s.clone())
     }
 
     /// Starts file pass `pass` on a new thread, then its consistency check.

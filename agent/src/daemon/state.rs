@@ -68,6 +68,10 @@ pub struct TaskState {
     /// completed pass the next sync pass starts by itself after `[agent] sync_interval`.
     #[serde(default)]
     pub continuous: bool,
+    /// Whether this pass is a cutover pass (an explicit SYNC with `[transfer] freeze` set),
+    /// run between a freeze and a thaw; kept so that its retry or resume is frozen too.
+    #[serde(default)]
+    pub cutover: bool,
 }
 
 /// Phases of a task, as the daemon drives them.
@@ -85,6 +89,22 @@ pub enum Phase {
     Stopped,
     /// Failed; see `error`.
     Failed,
+}
+
+/// How long a cutover pass held the filesystems frozen.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FreezeReport {
+    /// Pass number.
+    pub pass: u32,
+    /// Mount points frozen.
+    pub mounts: Vec<String>,
+    /// Seconds from the freeze to the thaw.
+    pub window_secs: f64,
+    /// Whether the agent thawed within `[transfer] freeze_window` (else the thaw guard did at
+    /// its end, and what the pass read after it was read live: not crash-consistent).
+    pub within_window: bool,
+    /// Whether the pass completed (every chunk durable on the target).
+    pub completed: bool,
 }
 
 /// What `sms-agent status` shows; rewritten by the daemon as things change.
@@ -114,6 +134,9 @@ pub struct Status {
     /// tasks with changed-block tracking).
     #[serde(default)]
     pub replication_lag_secs: Option<f64>,
+    /// The freeze of the last cutover pass (block tasks with `[transfer] freeze`).
+    #[serde(default)]
+    pub last_freeze: Option<FreezeReport>,
     /// Unix time of this snapshot.
     pub updated_at: u64,
 }

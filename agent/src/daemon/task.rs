@@ -57,8 +57,19 @@ impl Daemon {
             })?;
         let prev = self.state.task.take().filter(|t| t.id == task_id);
         let first_start = prev.is_none();
+        // The reference's SYNC command (§5.5.1 line 17025) is the operator's; the reference
+        // says nothing of a final or frozen sync. With `[transfer] freeze` set, the agent makes
+        // the pass of an explicit SYNC of a block task the cutover pass; the passes of
+        // continuous sync (`syncing`, §5.4.1 line 9686) come through `continue_sync` and stay
+        // unfrozen.
+        let cutover =
+            name == "SYNC" && task.kind == "MIGRATE_BLOCK" && !self.transfer.freeze.is_empty();
         let pass = match &prev {
             Some(t) if t.pass_done => t.pass + 1,
+            // A cutover never resumes a checkpoint: what an earlier session sent was read
+            // under no freeze or another one and may have changed since. A new pass number
+            // makes the receiver start afresh (as a sync).
+            Some(t) if cutover && t.pass > 0 => t.pass + 1,
             Some(t) => t.pass,
             None => 0,
         };
@@ -70,6 +81,7 @@ impl Daemon {
             pass_done: false,
             final_report: None,
             error: None,
+            cutover: cutover && pass > 0,
             ..prev.unwrap_or_default()
         });
         self.status.task_id = Some(task_id.to_string());
@@ -115,8 +127,10 @@ impl Daemon {
                 return;
             }
         };
+        // A cutover pass starts afresh under a new number (see `start`).
+        let pass = if t.cutover { t.pass + 1 } else { t.pass };
         // A failure to launch went through `fail_task`, which logged and reported it.
-        let _ = self.launch(&task, t.pass, material, attempt).await;
+        let _ = self.launch(&task, pass, material, attempt).await;
     }
 
     /// Plans pass `pass` (disks or filesystems) and starts it on its own thread; a pass after
@@ -129,7 +143,8 @@ impl Daemon {
         attempt: u32,
     ) -> Result<Value, TaskFailure> {
         let sync = pass > 0;
-        let runner = match self.plan(task, pass, sync, &material).await {
+        let cutover = sync && self.state.task.as_ref().is_some_and(|t| t.cutover);
+        let runner = match self.plan(task, pass, sync, cutover, &material).await {
             Ok(r) => r,
             Err(f) => return Err(self.fail_task(f).await),
         };
@@ -155,16 +170,22 @@ impl Daemon {
         self.set_phase(phase);
         let _ = self.save();
         self.change_state(cs, cycle).await;
-        self.set_activity(if sync { "syncing" } else { "replicating" });
+        self.set_activity(match (sync, cutover) {
+            (true, true) => "cutover: syncing frozen",
+            (true, false) => "syncing",
+            _ => "replicating",
+        });
         Ok(json!({"task_id": task.id, "state": "running", "pass": pass}))
     }
 
-    /// The runner of pass `pass` of `task`, started, or why it cannot start.
+    /// The runner of pass `pass` of `task`, started, or why it cannot start; `cutover`: a
+    /// block pass runs between a freeze and a thaw of `[transfer] freeze`.
     async fn plan(
         &self,
         task: &Task,
         pass: u32,
         sync: bool,
+        cutover: bool,
         material: &Material,
     ) -> Result<Runner, TaskFailure> {
         if task.migration_ip.is_empty() {
@@ -193,6 +214,15 @@ impl Daemon {
         };
         match task.kind.as_str() {
             "MIGRATE_BLOCK" => {
+                // Frozen before the plan and the tracker's drain: every write before the
+                // freeze has then reached the disks and the tracker, and the used blocks
+                // planned are those the frozen filesystems hold. An early return drops the
+                // freeze, which thaws.
+                let freeze = if cutover {
+                    Some(self.freeze(&task.id, pass)?)
+                } else {
+                    None
+                };
                 let disks = plan::block(task).await?;
                 let changed = self.cbt.before_pass(&task.id, &disks, sync);
                 let opts = transfer::block::SendOptions {
@@ -206,7 +236,7 @@ impl Daemon {
                     changed,
                     ..transfer::block::SendOptions::default()
                 };
-                Ok(Runner::start_block(connector, disks, opts, sched))
+                Ok(Runner::start_block(connector, disks, opts, sched, freeze))
             }
             "MIGRATE_FILE" => {
                 let skip = self.state.task.as_ref().is_some_and(|t| t.skip_consistency);
@@ -225,6 +255,24 @@ impl Daemon {
                 ))
             }
         }
+    }
+
+    /// Freezes `[transfer] freeze` for the cutover pass `pass` of `task_id`, at most
+    /// `[transfer] freeze_window` (the thaw guard's deadline).
+    fn freeze(&self, task_id: &str, pass: u32) -> Result<engine::Cutover, TaskFailure> {
+        let mounts = self.transfer.freeze.clone();
+        let window = self.transfer.freeze_window;
+        let at = Instant::now();
+        let frozen = crate::freeze::Frozen::freeze(&mounts, window).map_err(|e| {
+            // §6.1 SMS.1801 "Migration or synchronization task failed" (line 25037); the
+            // reference has no code of its own for a freeze.
+            TaskFailure::new(
+                Code::parse("SMS.1801"),
+                format!("cutover pass {pass}: {e}; check [transfer] freeze"),
+            )
+        })?;
+        tracing::info!(task_id, pass, window_secs = window.as_secs_f64(), mounts = ?mounts, "cutover: filesystems frozen; this pass sends the last changes, then thaws");
+        Ok(engine::Cutover { frozen, at, mounts })
     }
 
     /// Reports progress every 5 s, re-reads the speed limits every minute, and finishes the
@@ -264,8 +312,19 @@ impl Daemon {
             }
         }
         let sync = runner.subtask.starts_with("SYNC");
+        let freeze = ended.as_ref().and_then(|_| runner.freeze_report());
         if ended.is_some() {
             self.activity = Activity::Idle;
+        }
+        if let Some(f) = freeze {
+            if !f.within_window {
+                tracing::error!(task_id = %task_id, pass = f.pass, window_secs = f.window_secs, "cutover: the frozen pass outlasted [transfer] freeze_window; the guard thawed the filesystems at its end, so the target is complete but not crash-consistent: SYNC again (it sends only what changed)");
+                self.status.last_error = Some(format!(
+                    "cutover pass {} outlasted the freeze window ({:.1} s): not crash-consistent; SYNC again",
+                    f.pass, f.window_secs
+                ));
+            }
+            self.status.last_freeze = Some(f);
         }
         self.last_report = Instant::now();
         self.status.bytes_done = done;
@@ -349,7 +408,8 @@ impl Daemon {
             return;
         }
         tracing::info!(task_id = %id, "continuous sync: next pass");
-        if let Err(f) = self.start("SYNC", &id).await {
+        // Not "SYNC": only the operator's SYNC makes a cutover pass.
+        if let Err(f) = self.start("continuous SYNC", &id).await {
             tracing::error!(task_id = %id, code = %f.code, "continuous sync pass not started: {}", f.message);
         }
     }
