@@ -371,6 +371,8 @@ fn prepare_refuses_a_used_disk_then_wipes_it_and_lays_out_the_source() {
     let (ok, err) = migrate_file(&kit, &rx.addr, &src.root, src.disk.path());
     assert!(ok, "{err}");
     assert!(rx.wait());
+    // Done, the receiver has unmounted the prepared filesystems (they can be booted now).
+    assert_eq!(mounted_under(&staging), Vec::<String>::new());
     let table: serde_json::Value =
         serde_json::from_str(&run("sfdisk", &["-J", target.path()])).unwrap();
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
@@ -435,6 +437,21 @@ fn configuration_refuses_an_fstab_record_naming_a_missing_filesystem() {
             && err.contains("UUID=0badc0de-0000-4000-8000-000000000000 /data xfs"),
         "{err}"
     );
+    // Stopped after a failed session, the receiver unmounts what it prepared.
+    sms_tests::procs::signal(&rx.child, nix::sys::signal::Signal::SIGTERM);
+    let _ = rx.wait();
+    assert_eq!(mounted_under(&staging), Vec::<String>::new());
+}
+
+/// Mount points at or below `dir`.
+fn mounted_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
