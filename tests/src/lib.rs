@@ -293,6 +293,28 @@ pub fn size_of(dev: &Path) -> u64 {
         .unwrap()
 }
 
+/// `cmp` of two ext4 disks but for the primary superblock (bytes 1024..2048), which a freeze's
+/// thaw rewrites on the source (ext4 marks its journal in use again).
+pub fn same_but_superblock(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let head = |p: &Path| {
+        let mut v = vec![0u8; 1024];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut v, 0)
+            .unwrap();
+        v
+    };
+    let rest = Command::new("cmp")
+        .args(["-s", "-i", "2048"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success();
+    rest && head(a) == head(b)
+}
+
 /// `stat -f -c FMT PATH` as a number.
 pub fn statfs(path: &Path, fmt: &str) -> u64 {
     run("stat", &["-f", "-c", fmt, path.to_str().unwrap()])

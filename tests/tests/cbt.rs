@@ -19,7 +19,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use sms_tests::procs::{Kit, Receiver};
-use sms_tests::{run, sms_agent, LoopDisk};
+use sms_tests::{run, same_but_superblock, sms_agent, LoopDisk};
 
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;
@@ -180,26 +180,6 @@ fn same(a: &Path, b: &Path) -> bool {
         .status()
         .unwrap()
         .success()
-}
-
-/// `cmp` of two ext4 disks but for the primary superblock (bytes 1024..2048).
-fn same_but_superblock(a: &Path, b: &Path) -> bool {
-    let head = |p: &Path| {
-        let mut v = vec![0u8; 1024];
-        std::fs::File::open(p)
-            .unwrap()
-            .read_exact_at(&mut v, 0)
-            .unwrap();
-        v
-    };
-    let rest = Command::new("cmp")
-        .args(["-s", "-i", "2048"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success();
-    rest && head(a) == head(b)
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sms_tests::procs::{Agent, Emulator, Kit, AK, SK};
-use sms_tests::{require_root, size_of, sms_agent, LoopDisk};
+use sms_tests::{require_root, same_but_superblock, size_of, sms_agent, LoopDisk};
 
 fn noise(n: usize, mut x: u64) -> Vec<u8> {
     (0..n)
@@ -371,27 +371,6 @@ fn linux_cpu_limit_holds_the_agent_to_its_share_of_a_cpu() {
             "the limited copy ({w1:.1} s) was not slower than the free one ({w0:.1} s)"
         );
     }
-}
-
-/// `cmp` of two ext4 disks but for the primary superblock (bytes 1024..2048), which the
-/// thaw rewrites on the source (ext4 marks its journal in use again).
-fn same_but_superblock(a: &Path, b: &Path) -> bool {
-    let head = |p: &Path| {
-        let mut v = vec![0u8; 1024];
-        std::fs::File::open(p)
-            .unwrap()
-            .read_exact_at(&mut v, 0)
-            .unwrap();
-        v
-    };
-    let rest = Command::new("cmp")
-        .args(["-s", "-i", "2048"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success();
-    rest && head(a) == head(b)
 }
 
 /// Whether a write and fsync of a new file under `dir` complete within `within` (they
